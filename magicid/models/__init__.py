@@ -1,0 +1,1 @@
+"""Generation models: backbone loading, ID encoder, MGMICA attention, MMF ControlNet, MagicIDPipeline."""

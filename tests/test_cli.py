@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from magicid.cli import app
+
+runner = CliRunner()
+
+
+def _commands():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return sorted(group.commands)
+
+
+def test_top_level_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    for command in ("info", "generate", "demo"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_generate_writes_png_of_configured_size_and_is_deterministic(tmp_path, repo_root):
+    params = str(repo_root / "params.yaml")
+    outs = []
+    for name in ("a.png", "b.png"):
+        out = tmp_path / name
+        result = runner.invoke(
+            app,
+            ["--params", params, "--set", "model.resolution=128", "--set", "model.num_inference_steps=3",
+             "generate", "--prompt", "a photo of a person", "--seed", "3", "--out", str(out)],
+        )
+        assert result.exit_code == 0, result.output
+        outs.append(np.asarray(Image.open(out)))
+    assert outs[0].shape == (128, 128, 3)
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_generate_seed_changes_image(tmp_path, repo_root):
+    images = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}.png"
+        result = runner.invoke(
+            app,
+            ["--params", str(repo_root / "params.yaml"), "--set", "model.resolution=64",
+             "--set", "model.num_inference_steps=2", "generate", "-p", "x", "--seed", str(seed), "--out", str(out)],
+        )
+        assert result.exit_code == 0, result.output
+        images.append(np.asarray(Image.open(out)))
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_bad_override_exits_with_named_key(repo_root):
+    result = runner.invoke(app, ["--params", str(repo_root / "params.yaml"), "--set", "model.nosuch=1", "info"])
+    assert result.exit_code == 2
+    assert "model.nosuch" in result.output
+
+
+def test_missing_params_file_is_named(tmp_path):
+    result = runner.invoke(app, ["--params", str(tmp_path / "x.yaml"), "info"])
+    assert result.exit_code == 2
+    assert "x.yaml: parameter file not found" in result.output
+
+
+def test_info_reports_versions_backends_and_gpu(repo_root):
+    result = runner.invoke(app, ["--params", str(repo_root / "params.yaml"), "info"])
+    assert result.exit_code == 0, result.output
+    assert "version.torch: 2.13.0" in result.output
+    assert "gpu:" in result.output
+    assert "config.model.backbone: tiny" in result.output
