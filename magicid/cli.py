@@ -67,12 +67,21 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text prompt.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG path.")] = Path("outputs/generated.png"),
     seed: Annotated[int, typer.Option("--seed", "-s", help="Random seed (same seed, same image).")] = 0,
+    ref: Annotated[
+        list[Path] | None, typer.Option("--ref", help="Reference face image of one identity (repeatable).")
+    ] = None,
+    boxes: Annotated[
+        str | None, typer.Option("--boxes", help='Face boxes in pixels, one per --ref: "x0,y0,x1,y1;...".')
+    ] = None,
+    skeleton: Annotated[
+        Path | None, typer.Option("--skeleton", help="Skeleton map PNG (output size) placing the people.")
+    ] = None,
 ) -> None:
-    """Generate an image from a prompt (deterministic for a given seed)."""
+    """Generate an image from a prompt (deterministic for a given seed), optionally with identities (--ref)."""
     from magicid.generate import generate_to_file
 
     try:
-        path = generate_to_file(_params(ctx), prompt, seed, out)
+        path = generate_to_file(_params(ctx), prompt, seed, out, refs=ref, boxes=boxes, skeleton=skeleton)
     except MagicIDError as error:
         raise _fail(error) from error
     typer.echo(f"wrote {path}")
@@ -92,6 +101,124 @@ def demo(
         raise _fail(error) from error
     for key, value in summary.items():
         typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="IDZoom dataset version directory (default: data.out_dir).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue exactly from the newest checkpoint in train.out_dir.")
+    ] = False,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="Optimizer steps to reach (default: train.steps).")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Train the MagicID adapter (ID encoder, MGMICA ID projections, MMF ControlNet) on IDZoom, tracked in MLflow."""
+    from magicid.training.trainer import check_data_dir
+    from magicid.training.trainer import train as run_training
+
+    params = _params(ctx)
+    try:
+        data_dir = check_data_dir(data if data is not None else Path(params.data.out_dir))
+        result = run_training(params, data_dir, steps=steps, resume=resume, progress=progress)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    last = result.losses[max(result.losses)] if result.losses else float("nan")
+    typer.echo(f"step: {result.step}")
+    typer.echo(f"loss: {last:.6f}")
+    typer.echo(f"adapter: {result.adapter_dir}")
+    typer.echo(f"mlflow_run_id: {result.run_id}")
+    typer.echo(f"dataset_version: {result.dataset_version}")
+
+
+
+@app.command("sample-data")
+def sample_data(
+    ctx: typer.Context,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: data.raw_dir).")] = None,
+) -> None:
+    """Write a small raw image set from photos shipped in pip packages, plus composited group photos."""
+    from magicid.data.sample import build_sample_set
+
+    params = _params(ctx)
+    try:
+        path = build_sample_set(out if out is not None else Path(params.data.raw_dir), params)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    typer.echo(f"wrote {path}")
+
+
+@app.command("build-data")
+def build_data(
+    ctx: typer.Context,
+    input_dir: Annotated[Path | None, typer.Option("--input", help="Raw images (default: data.raw_dir).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Dataset folder (default: data.out_dir).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Build (or resume) the IDZoom dataset: faces, crops, condition maps, manifests, quarantine, stats."""
+    from magicid.data.builder import build_idzoom
+
+    params = _params(ctx)
+    try:
+        report = build_idzoom(
+            input_dir if input_dir is not None else Path(params.data.raw_dir),
+            out if out is not None else Path(params.data.out_dir),
+            params,
+            progress=progress,
+        )
+    except MagicIDError as error:
+        raise _fail(error) from error
+    for key, value in report.as_dict().items():
+        typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def validate(
+    ctx: typer.Context,
+    dataset: Annotated[Path | None, typer.Argument(help="Dataset folder (default: data.out_dir).")] = None,
+    report_dir: Annotated[
+        Path, typer.Option("--report-dir", help="Where data docs and validation.json go.")
+    ] = Path("reports/validation"),
+) -> None:
+    """Validate an IDZoom dataset with its Great Expectations suite; exits non-zero when it fails."""
+    from magicid.data.validation import validate_idzoom
+
+    params = _params(ctx)
+    try:
+        report = validate_idzoom(dataset if dataset is not None else Path(params.data.out_dir), report_dir)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    typer.echo(report.summary())
+
+@app.command()
+def restore(
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Argument(help="Image whose faces to restore (PNG/JPEG).")],
+    refs: Annotated[
+        list[Path] | None, typer.Option("--ref", help="Reference photo of one identity (repeatable).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG path.")] = Path("outputs/restored.png"),
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt the image was made with.")] = "",
+    faces: Annotated[str, typer.Option("--faces", help="small (below diir.max_face_ratio) | all")] = "small",
+) -> None:
+    """DIIR: restore face identities; writes OUT and OUT_compare (before | after). Background kept exactly."""
+    from magicid.restore.diir import restore_file
+
+    try:
+        result, path, compare = restore_file(_params(ctx), image, refs or [], out, prompt=prompt, faces=faces)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    for i, face in enumerate(result.faces):
+        who = face.identity_name or ("own embedding" if face.identity is None else str(face.identity))
+        typer.echo(f"face {i}: box {[round(float(v)) for v in face.bbox]} bucket {face.bucket} identity {who}")
+    if result.note:
+        typer.echo(f"note: {result.note}")
+    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {compare}")
 
 
 if __name__ == "__main__":

@@ -25,3 +25,16 @@ class DataError(MagicIDError):
 
 class ValidationFailed(MagicIDError):
     """A data validation suite failed."""
+
+
+class ModelInputError(MagicIDError, ValueError):
+    """A tensor, image or argument given to a model or pipeline has the wrong shape, range or combination."""
+
+
+class InputRejected(DataError):
+    """An input file cannot enter the dataset; `reason` is its quarantine reason (corrupt, too_large, ...)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -6,6 +6,7 @@ import importlib.metadata
 import platform
 
 from magicid.config import Params
+from magicid.faces import backend_status
 
 _PACKAGES = ["magicid", "torch", "diffusers", "transformers", "accelerate", "mediapipe", "dlib-bin",
              "insightface", "onnxruntime", "mlflow", "prefect", "dvc", "great_expectations"]
@@ -21,9 +22,10 @@ def _version(name: str) -> str:
 def model_backend_status(params: Params) -> str:
     if params.model.backbone == "tiny":
         return "tiny (built in code, offline)"
+    from pathlib import Path
+
     from magicid.errors import BackboneError
     from magicid.models.backbone import check_sd_folder
-    from pathlib import Path
 
     try:
         check_sd_folder(Path(params.model.backbone).expanduser())
@@ -44,11 +46,6 @@ def collect_info(params: Params) -> dict[str, str]:
     info["config.faces.backend"] = params.faces.backend
     info["config.tracking.uri"] = params.tracking.uri
     info["config.storage.root"] = params.storage.root
-    try:
-        from magicid.faces import backend_status
-    except ImportError:  # faces package not built yet
-        pass
-    else:
-        for name, status in backend_status(params).items():
-            info[f"faces.{name}"] = status
+    for name, status in backend_status(params).items():
+        info[f"faces.{name}"] = status
     return info

@@ -130,7 +130,11 @@ class Backbone:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Backbone:
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            # Only cast what differs: diffusers warns on every `.to(dtype)` of a loaded model.
+            if dtype is not None and module.dtype != dtype:
+                module.to(dtype=dtype)
+            if device is not None and module.device != torch.device(device):
+                module.to(device=device)
         return self
 
     def save_pretrained(self, path: str | Path) -> Path:

@@ -128,7 +128,9 @@ def test_bfloat16_backbone_runs_on_cpu():
     assert backbone.dtype == torch.bfloat16
     latents = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
     with torch.no_grad():
-        out = backbone.unet(latents, 10, torch.zeros(1, 77, backbone.cross_attention_dim, dtype=torch.bfloat16))
+        out = backbone.unet(
+            latents, 10, torch.zeros(1, 77, backbone.cross_attention_dim, dtype=torch.bfloat16)
+        )
     assert out.sample.dtype == torch.bfloat16 and torch.isfinite(out.sample.float()).all()
 
 

@@ -1,0 +1,302 @@
+"""DIIR against an ADetailer-style baseline: restoring 1, 4 and 8 small faces of one image.
+
+Baseline (what ADetailer does): diffusers' `StableDiffusionInpaintPipeline` with the same 4-channel UNet (it
+blends latents with the mask then) and `padding_mask_crop` (crop around the face, zoom to the model size,
+paste back over the mask), one call per face, with the same crop-resolution rule (`choose_bucket`), steps,
+strength and guidance as DIIR. DIIR: fixed-point DDIM inversion + regeneration with identity (MGMICA) and
+landmark (ControlNet) conditioning, all faces batched per resolution bucket.
+
+Faces are composited from scikit-image's astronaut (its face crop, resized to 24-44 px) onto a smooth
+background; boxes and landmarks are given (the tiny backbone draws no detectable faces). Both methods keep
+the background exact, so the background PSNRs (outside every face's crop box) are a sanity check (inf).
+
+Two configs: `tiny` (the default tiny backbone: call overhead matters, batching wins) and `compute` (a 4x
+wider UNet and 512 x 512 crops, where time should follow the UNet-evaluation ratio, also printed as
+`unet_sample_evals_ratio_8faces_compute`). `--quick` times once instead of three times and runs the compute
+config smaller (2x wider, 256 x 256 crops) under the same names.
+
+Prints `name: value` lines only. Targets (CPU, tiny): diir_vs_adetailer_8faces <= 1.5,
+diir_batched_vs_sequential_8faces <= 0.6, inversion_mse_fixed_point <= 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from magicid.config import Params, load_params
+from magicid.faces import Face
+from magicid.models.adapter import MagicIDAdapter
+from magicid.models.backbone import Backbone, TinyBackboneConfig, build_tiny_backbone
+from magicid.restore.diir import DIIR, choose_bucket, ddim_invert, ddim_reconstruct
+from magicid.restore.diir import _to_tensor as to_tensor
+
+# The astronaut's face in skimage's 512 x 512 `astronaut()` (x0, y0, x1, y1), found once with the offline
+# analyzer; a fixed box keeps the benchmark free of the face backend.
+ASTRONAUT_FACE = (168, 48, 288, 180)
+
+
+class CallCounter:
+    """Counts a module's forward calls and the batch rows they evaluate (a forward pre-hook)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self.rows = 0
+        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        self.calls += 1
+        self.rows += int(sample.shape[0])
+
+    def reset(self) -> None:
+        self.calls = self.rows = 0
+
+
+def face_sides(n_faces: int, face_px: int | None) -> list[int]:
+    """Face sizes (px): by default 28-44 px, mixing buckets 128 and 256 (margin 0.5, zoom 2); else all `face_px`."""
+    if face_px is not None:
+        return [face_px] * n_faces
+    return [[28, 40, 32, 44][i % 4] for i in range(n_faces)]
+
+
+def composite(n_faces: int, face_px: int | None = None) -> tuple[np.ndarray, list[Face]]:
+    """A smooth background with `n_faces` astronaut faces on a grid; their `Face`s (box, landmarks)."""
+    from skimage import data
+
+    sides = face_sides(n_faces, face_px)
+    cols = min(n_faces, 4)
+    rows = math.ceil(n_faces / cols)
+    cell = int(max(sides) * 2.2)  # each face's crop (margin 0.5: 2x the face) stays inside its cell
+    width, height = max(512, cols * cell), max(512, rows * cell)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = np.stack(
+        [90 + 60 * np.sin(xx / 97.0), 120 + 50 * np.cos(yy / 71.0), 140 + 0.1 * (xx - yy)], -1
+    )
+    image = np.clip(background, 0, 255).astype(np.uint8)
+    astronaut = data.astronaut()
+    x0, y0, x1, y1 = ASTRONAUT_FACE
+    face_pixels = astronaut[y0:y1, x0:x1]
+    # Landmark-like points of the face (a 22 x 22 grid over the box): drawn into the landmark maps.
+    grid = np.stack(np.meshgrid(np.linspace(0.15, 0.85, 22), np.linspace(0.2, 0.9, 22)), -1).reshape(-1, 2)
+    faces = []
+    for i, side in enumerate(sides):
+        row, col = divmod(i, cols)
+        cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+        fx0, fy0 = int(cx - side / 2), int(cy - side / 2)
+        image[fy0 : fy0 + side, fx0 : fx0 + side] = np.asarray(
+            Image.fromarray(face_pixels).resize((side, side))
+        )
+        bbox = np.array([fx0, fy0, fx0 + side, fy0 + side], np.float32)
+        embedding = np.random.default_rng(i).standard_normal(128).astype(np.float32)
+        faces.append(
+            Face(
+                bbox=bbox,
+                det_score=1.0,
+                kps5=np.zeros((5, 2), np.float32),
+                landmarks=(bbox[:2] + grid * side).astype(np.float32),
+                embedding=embedding / np.linalg.norm(embedding),
+            )
+        )
+    return image, faces
+
+
+def background_psnr(before: np.ndarray, after: np.ndarray, faces: list[Face], params: Params) -> float:
+    """PSNR outside every face's crop box (where neither method may change anything); inf when exact."""
+    from magicid.data.crops import expand_box
+
+    keep = np.ones(before.shape[:2], bool)
+    for face in faces:
+        x0, y0, x1, y1 = expand_box(face.bbox, params.diir.crop_margin, before.shape[1], before.shape[0])
+        keep[y0:y1, x0:x1] = False
+    mse = float(((before[keep].astype(np.float64) - after[keep].astype(np.float64)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params) -> np.ndarray:
+    """ADetailer-style: one inpainting call per face, crop + zoom via `padding_mask_crop`, pasted back."""
+    from magicid.data.crops import expand_box
+
+    cfg = params.diir
+    current = Image.fromarray(image)
+    height, width = image.shape[:2]
+    for face in faces:
+        x0, y0, x1, y1 = (int(round(v)) for v in face.bbox)
+        mask = np.zeros((height, width), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        crop_box = expand_box(face.bbox, cfg.crop_margin, width, height)
+        bucket = choose_bucket(crop_box[2] - crop_box[0], cfg.buckets, cfg.zoom)
+        padding = max(1, int(round(cfg.crop_margin * max(x1 - x0, y1 - y0))))
+        current = pipe(
+            prompt="",
+            image=current,
+            mask_image=Image.fromarray(mask),
+            height=bucket,
+            width=bucket,
+            padding_mask_crop=padding,
+            strength=cfg.strength,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
+    return np.asarray(current)
+
+
+def median_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(config: TinyBackboneConfig, params: Params) -> tuple[Backbone, MagicIDAdapter]:
+    backbone = build_tiny_backbone(config)
+    return backbone, MagicIDAdapter.create(backbone, params)  # installs MGMICA on backbone.unet
+
+
+def inpaint_pipe(backbone: Backbone):
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline(
+        vae=backbone.vae,
+        text_encoder=backbone.text_encoder,
+        tokenizer=backbone.tokenizer,
+        unet=backbone.unet,
+        scheduler=DDIMScheduler.from_config(backbone.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def inversion_figures(backbone: Backbone, params: Params) -> dict[str, float]:
+    """Relative round-trip MSE (MSE / latent variance), plain vs fixed point, on the faces' 128 px crops."""
+    from magicid.data.crops import zoom_crop
+
+    image, faces = composite(4)
+    crops = [zoom_crop(image, f.bbox, 128, params.diir.crop_margin)[0] for f in faces]
+    vae = backbone.vae
+    latents = vae.encode(to_tensor(crops, "cpu", torch.float32)).latent_dist.mean * vae.config.scaling_factor
+    ids = backbone.tokenizer(
+        [""] * len(crops), padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    text = backbone.text_encoder(ids)[0]
+    cfg = params.diir
+    out = {}
+    for name, iters in (("plain", 0), ("fixed_point", cfg.inversion_iters)):
+        inverted = ddim_invert(
+            backbone.unet, backbone.scheduler, latents, text, 10, 0.5, max_iters=iters, tol=cfg.inversion_tol
+        )
+        rec = ddim_reconstruct(backbone.unet, backbone.scheduler, inverted.latents, text, inverted.timesteps)
+        out[f"inversion_mse_{name}"] = float(((rec - latents) ** 2).mean() / latents.var())
+        out[f"inversion_unet_sample_evals_{name}"] = inverted.sample_evals / len(crops)
+    return out
+
+
+def run_config(
+    name: str,
+    config: TinyBackboneConfig,
+    counts: list[int],
+    params: Params,
+    repeats: int,
+    face_px: int | None,
+) -> dict:
+    compute = name == "compute"
+    backbone, adapter = build(config, params)
+    counter = CallCounter(backbone.unet)
+    diir = DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
+                adapter=adapter, params=params)  # fmt: skip
+    sequential = DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
+                      adapter=adapter, params=params.model_copy(update={"diir": params.diir.model_copy(
+                          update={"batch": 1})}))  # fmt: skip
+    pipe = inpaint_pipe(backbone)
+    results: dict[str, float] = {}
+    suffix = "_compute" if compute else ""
+    for n in counts:
+        image, faces = composite(n, face_px)
+        label = f"{n}face" if n == 1 else f"{n}faces"
+        diir_out: dict[str, np.ndarray] = {}
+
+        def run_diir(d=diir, image=image, faces=faces, out=diir_out):
+            out["image"] = np.asarray(d.restore(image, boxes=faces, faces="all").image)
+
+        def run_adetailer(image=image, faces=faces, out=diir_out):
+            out["adetailer"] = adetailer_restore(pipe, image, faces, params)
+
+        t_diir = median_s(run_diir, repeats)
+        t_ad = median_s(run_adetailer, repeats)
+        results[f"diir_s_{label}{suffix}"] = t_diir
+        results[f"adetailer_s_{label}{suffix}"] = t_ad
+        results[f"diir_vs_adetailer_{label}{suffix}"] = t_diir / t_ad
+        counter.reset()
+        run_diir()
+        diir_calls, diir_rows = counter.calls, counter.rows
+        counter.reset()
+        run_adetailer()
+        ad_calls, ad_rows = counter.calls, counter.rows
+        results[f"diir_unet_calls_{label}{suffix}"] = diir_calls
+        results[f"adetailer_unet_calls_{label}{suffix}"] = ad_calls
+        results[f"diir_unet_sample_evals_{label}{suffix}"] = diir_rows
+        results[f"adetailer_unet_sample_evals_{label}{suffix}"] = ad_rows
+        results[f"unet_sample_evals_ratio_{label}{suffix}"] = diir_rows / ad_rows
+        results[f"diir_bg_psnr_{label}{suffix}"] = background_psnr(image, diir_out["image"], faces, params)
+        results[f"adetailer_bg_psnr_{label}{suffix}"] = background_psnr(
+            image, diir_out["adetailer"], faces, params
+        )
+        if n == max(counts):
+            t_seq = median_s(lambda image=image, faces=faces: sequential.restore(image, boxes=faces, faces="all"),
+                             repeats)  # fmt: skip
+            results[f"diir_sequential_s_{label}{suffix}"] = t_seq
+            results[f"diir_batched_vs_sequential_{label}{suffix}"] = t_diir / t_seq
+    if not compute:
+        results.update(inversion_figures(backbone, params))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small version (under a minute)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    params = load_params(None)
+    repeats = 1 if args.quick else 3
+    tiny = run_config("tiny", TinyBackboneConfig(), [1, 4, 8], params, repeats, None)
+    # Compute-bound: a 4x wider UNet and 128 px faces -> 512 x 512 crops (bucket 512). --quick: 2x wider,
+    # 64 px faces -> 256 x 256 crops (same names, smaller config).
+    compute_params = params.model_copy(
+        update={"diir": params.diir.model_copy(update={"buckets": [64, 128, 256, 512]})}
+    )
+    wide = TinyBackboneConfig(block_out_channels=(64, 128, 128) if args.quick else (128, 256, 256))
+    compute = run_config("compute", wide, [8], compute_params, 1, 64 if args.quick else 128)
+    figures = {**tiny, **compute}
+    figures["diir_bg_psnr"] = min(v for k, v in figures.items() if k.startswith("diir_bg_psnr_"))
+    figures["adetailer_bg_psnr"] = min(v for k, v in figures.items() if k.startswith("adetailer_bg_psnr_"))
+    figures["diir_unet_calls"] = figures["diir_unet_calls_8faces"]
+    figures["adetailer_unet_calls"] = figures["adetailer_unet_calls_8faces"]
+    order = [
+        "diir_vs_adetailer_1face", "diir_vs_adetailer_4faces", "diir_vs_adetailer_8faces",
+        "diir_batched_vs_sequential_8faces", "diir_bg_psnr", "adetailer_bg_psnr",
+        "inversion_mse_plain", "inversion_mse_fixed_point", "diir_unet_calls", "adetailer_unet_calls",
+        "diir_vs_adetailer_8faces_compute", "unet_sample_evals_ratio_8faces_compute",
+    ]  # fmt: skip
+    for key in order + sorted(k for k in figures if k not in order):
+        value = figures[key]
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

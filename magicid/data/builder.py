@@ -1,0 +1,582 @@
+"""Build an IDZoom dataset version from a folder of raw images (DESIGN.md §2).
+
+`build_idzoom(input_dir, out_dir, params)`:
+1. List every file under `input_dir` (sorted; the identity sidecar `identities.json` at its root is metadata,
+   not an input) and hash it: `image_id` is the first 16 hex digits of the file's sha256.
+2. Reuse what a previous run finished: rows of the existing manifests and of the journal (`.journal/`, one JSON
+   per finished input, written as results arrive, so an interrupted build resumes). A row is reused when its
+   `(source, image_id)` matches, its files exist and the analysis settings (config hash) are unchanged.
+3. Process the rest in `data.workers` processes (each pinned to one thread, models loaded once per process):
+   decode and normalise (`ingest.load_image`), analyse faces, pose per person, write the image, zoomed crops
+   and condition maps. Any input that cannot be used becomes a quarantine row with a reason.
+4. Assemble: identity labels from the sidecar, splits, manifests, stats.json; delete files no row refers to.
+   Invariant (checked): every input is in exactly one of images.parquet and quarantine.parquet.
+Re-running on the same inputs processes nothing and writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from magicid.config import Params
+from magicid.data import manifest as mf
+from magicid.errors import DataError, InputRejected
+from magicid.utils import atomic_write_bytes, atomic_write_text
+
+IDENTITY_SIDECAR = "identities.json"
+JOURNAL_DIR = ".journal"
+BUILD_VERSION = 1  # bump when the worker's outputs change meaning
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+@dataclass
+class BuildReport:
+    """What one `build_idzoom` call did."""
+
+    out_dir: str
+    n_inputs: int
+    n_images: int
+    n_faces: int
+    n_quarantined: int
+    n_processed: int  # inputs analysed in this run
+    n_reused: int  # inputs taken from a previous run (duplicates are decided afresh, counted in neither)
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the worker: one input file -> one record
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    path: str  # absolute path of the input
+    source: str  # relative to the input root (posix)
+    image_id: str
+    out_dir: str
+
+
+_WORKER: dict = {}
+
+
+def pin_threads() -> None:
+    """One thread per worker process: OpenCV, torch and BLAS/OpenMP pools (numbers of cores are the pool's job)."""
+    import cv2
+
+    for name in _THREAD_ENV:
+        os.environ[name] = "1"
+    cv2.setNumThreads(1)
+    torch = sys.modules.get("torch")  # workers do not need torch; pin it only where something imported it
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+def init_worker(params_json: str, pin: bool = True) -> None:
+    """Pool initializer: pin threads, load the analyzer and the pose model once for this process."""
+    from magicid.faces import get_analyzer
+    from magicid.faces.pose import PoseEstimator
+
+    if pin:
+        pin_threads()
+    params = Params.model_validate_json(params_json)
+    if _WORKER.get("params_json") != params_json:
+        _WORKER.update(
+            params_json=params_json, params=params, analyzer=get_analyzer(params.faces), pose=PoseEstimator()
+        )
+
+
+def _encode_png(array: np.ndarray) -> bytes:
+    import cv2
+
+    ok, encoded = cv2.imencode(
+        ".png", np.ascontiguousarray(array[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    )
+    if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
+        raise RuntimeError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def _flat(array: np.ndarray | None) -> list[float] | None:
+    return None if array is None else [float(v) for v in np.asarray(array, dtype=np.float32).reshape(-1)]
+
+
+def _quarantine(task: Task, reason: str, detail: str) -> dict:
+    return {
+        "status": "quarantine",
+        "source": task.source,
+        "image_id": task.image_id,
+        "reason": reason,
+        "detail": detail[:500],
+    }
+
+
+def process_input(task: Task) -> dict:
+    """Decode, analyse and write one input (runs in a worker; `init_worker` must have run in this process).
+
+    Returns:
+        A record: `{"status": "image", "image": {...}, "faces": [...]}` with manifest rows (identity and split
+        are filled at assembly), or `{"status": "quarantine", ...}` with a reason. Never raises for bad input.
+    """
+    from magicid.data.conditions import render_landmark_map, render_skeleton_map
+    from magicid.data.crops import zoom_crop
+    from magicid.data.ingest import load_image
+
+    params: Params = _WORKER["params"]
+    try:
+        loaded = load_image(task.path, params.data.max_pixels)
+    except InputRejected as rejected:
+        return _quarantine(task, rejected.reason, rejected.detail)
+    except OSError as error:
+        return _quarantine(task, "corrupt", f"cannot read the file: {error}")
+    image = loaded.array
+    height, width = image.shape[:2]
+    try:
+        faces = _WORKER["analyzer"].analyze(image)
+        if not faces:
+            return _quarantine(task, "no_face", f"the {params.faces.backend} face analyser found no face")
+        skeletons = _WORKER["pose"].estimate(image, faces)
+    except Exception as error:  # noqa: BLE001 - an input that breaks a model must not stop the build
+        detail = f"{type(error).__name__}: {error} | {traceback.format_exc(limit=3)}"
+        return _quarantine(task, "analysis_error", detail)
+
+    out = Path(task.out_dir)
+    if loaded.pristine:
+        suffix = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}[loaded.format]
+        image_path = f"{mf.IMAGES_DIR}/{task.image_id}{suffix}"
+        atomic_write_bytes(out / image_path, Path(task.path).read_bytes())
+    else:
+        image_path = f"{mf.IMAGES_DIR}/{task.image_id}.png"
+        atomic_write_bytes(out / image_path, _encode_png(image))
+    conditions = {
+        "skeleton": render_skeleton_map(height, width, skeletons),
+        "landmark": render_landmark_map(height, width, [f.landmarks for f in faces]),
+    }
+    for kind, condition in conditions.items():
+        atomic_write_bytes(out / mf.CONDITIONS_DIR / f"{task.image_id}_{kind}.png", _encode_png(condition))
+    face_rows = []
+    for index, (face, skeleton) in enumerate(zip(faces, skeletons, strict=True)):
+        face_id = f"{task.image_id}_{index:02d}"
+        crop, _ = zoom_crop(image, face.bbox, params.data.crop_size, params.data.crop_margin)
+        crop_path = f"{mf.CROPS_DIR}/{face_id}.png"
+        atomic_write_bytes(out / crop_path, _encode_png(crop))
+        x0, y0, x1, y1 = (float(v) for v in face.bbox)
+        face_rows.append(
+            {
+                "face_id": face_id,
+                "image_id": task.image_id,
+                "person_idx": index,
+                "bbox": _flat(face.bbox),
+                "det_score": float(face.det_score),
+                "kps5": _flat(face.kps5),
+                "landmarks": _flat(face.landmarks),
+                "embedding": _flat(face.embedding),
+                "face_area_ratio": float((x1 - x0) * (y1 - y0) / (width * height)),
+                "crop_path": crop_path,
+                "identity": None,
+                "skeleton": _flat(skeleton),
+            }
+        )
+    image_row = {
+        "image_id": task.image_id,
+        "path": image_path,
+        "width": width,
+        "height": height,
+        "n_faces": len(faces),
+        "source": task.source,
+        "split": None,
+    }
+    return {
+        "status": "image",
+        "source": task.source,
+        "image_id": task.image_id,
+        "image": image_row,
+        "faces": face_rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------------------------
+def config_hash(params: Params) -> str:
+    """Hash of every setting that changes the worker's outputs (a change forces reprocessing)."""
+    relevant = {
+        "version": BUILD_VERSION,
+        "crop_size": params.data.crop_size,
+        "crop_margin": params.data.crop_margin,
+        "max_pixels": params.data.max_pixels,
+        "faces": params.faces.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def list_inputs(input_dir: Path) -> list[tuple[Path, str]]:
+    """`(path, source)` for every file under `input_dir` except the identity sidecar, sorted by source."""
+    found = []
+    for path in input_dir.rglob("*"):
+        if path.is_dir():
+            continue
+        source = path.relative_to(input_dir).as_posix()
+        if source == IDENTITY_SIDECAR:
+            continue
+        found.append((path, source))
+    return sorted(found, key=lambda item: item[1])
+
+
+def file_image_id(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _record_key(source: str, image_id: str) -> str:
+    return hashlib.sha256(f"{source}\0{image_id}".encode()).hexdigest()[:20]
+
+
+def _files_of(record: dict) -> list[str]:
+    if record["status"] != "image":
+        return []
+    image_id = record["image_id"]
+    files = [record["image"]["path"]] + [f["crop_path"] for f in record["faces"]]
+    return files + [f"{mf.CONDITIONS_DIR}/{image_id}_{kind}.png" for kind in ("skeleton", "landmark")]
+
+
+def _previous_records(out_dir: Path, cfg_hash: str) -> dict[tuple[str, str], dict]:
+    """Finished records of earlier runs with the same config hash, keyed by `(source, image_id)`."""
+    records: dict[tuple[str, str], dict] = {}
+    stats_path = out_dir / mf.STATS
+    if stats_path.is_file() and all(
+        (out_dir / name).is_file() for name in (mf.IMAGES, mf.FACES, mf.QUARANTINE)
+    ):
+        try:
+            stats = json.loads(stats_path.read_text())
+        except json.JSONDecodeError:
+            stats = {}
+        if stats.get("config_hash") == cfg_hash:
+            import pyarrow.parquet as pq
+
+            images = pq.read_table(out_dir / mf.IMAGES).to_pylist()
+            faces = pq.read_table(out_dir / mf.FACES).to_pylist()
+            quarantine = pq.read_table(out_dir / mf.QUARANTINE).to_pylist()
+            faces_by_image: dict[str, list[dict]] = {}
+            for row in faces:
+                faces_by_image.setdefault(row["image_id"], []).append(row)
+            for row in images:
+                records[(row["source"], row["image_id"])] = {
+                    "status": "image",
+                    "source": row["source"],
+                    "image_id": row["image_id"],
+                    "image": row,
+                    "faces": sorted(faces_by_image.get(row["image_id"], []), key=lambda f: f["person_idx"]),
+                }
+            for row in quarantine:
+                if row["reason"] != "duplicate":  # duplicates are decided afresh from the input list
+                    records[(row["source"], row["image_id"])] = {"status": "quarantine", **row}
+    journal = out_dir / JOURNAL_DIR
+    if journal.is_dir():
+        for path in sorted(journal.glob("*.json")):
+            try:
+                entry = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue  # a torn write cannot happen (atomic), but a hand-edited file is simply redone
+            if entry.get("config_hash") == cfg_hash:
+                record = entry["record"]
+                records[(record["source"], record["image_id"])] = record
+    return records
+
+
+def load_identity_labels(input_dir: Path) -> dict[str, list[dict]]:
+    """Identity labels from `<input_dir>/identities.json`: `{source: [{"identity": str, "bbox": [4 floats]?}]}`.
+
+    Raises:
+        DataError: the sidecar is not valid JSON or has the wrong shape (the message shows the expected form).
+    """
+    path = input_dir / IDENTITY_SIDECAR
+    if not path.is_file():
+        return {}
+    form = '{"<source path>": [{"identity": "<name>", "bbox": [x0, y0, x1, y1]}, ...], ...}'
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error}); expected {form}") from error
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected {form}")
+    labels = {}
+    for source, entries in raw.items():
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict)
+            and isinstance(e.get("identity"), str)
+            and (e.get("bbox") is None or (isinstance(e["bbox"], list) and len(e["bbox"]) == 4))
+            for e in entries
+        ):
+            raise DataError(f"{path}: entry {source!r} is malformed; expected {form}")
+        labels[source] = entries
+    return labels
+
+
+def _match_identities(faces: list[dict], labels: list[dict]) -> list[str | None]:
+    """Identity per face: each labelled box goes to the face of highest IoU (>= 0.3); a label without a box
+    goes to the image's only face."""
+    from magicid.faces.geometry import box_iou
+
+    identities: list[str | None] = [None] * len(faces)
+    if not faces:
+        return identities
+    boxes = np.array([f["bbox"] for f in faces], dtype=np.float64)
+    for label in labels:
+        if label.get("bbox") is None:
+            if len(faces) == 1 and len(labels) == 1:
+                identities[0] = label["identity"]
+            continue
+        iou, _ = box_iou(np.asarray(label["bbox"], np.float64), boxes)
+        best = int(np.argmax(iou[0]))
+        if iou[0, best] >= 0.3 and identities[best] is None:
+            identities[best] = label["identity"]
+    return identities
+
+
+def _stats(
+    images: list[dict],
+    faces: list[dict],
+    quarantine: list[dict],
+    n_inputs: int,
+    params: Params,
+    cfg_hash: str,
+) -> dict:
+    ratios = np.array([f["face_area_ratio"] for f in faces], dtype=np.float64)
+    sides = np.array(
+        [min(f["bbox"][2] - f["bbox"][0], f["bbox"][3] - f["bbox"][1]) for f in faces], np.float64
+    )
+    quantiles = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
+    ratio_edges = [0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    embedding_dims = {len(f["embedding"]) for f in faces}
+    landmark_counts = {len(f["landmarks"]) // 2 for f in faces}
+
+    def q(values: np.ndarray) -> dict[str, float]:
+        if values.size == 0:
+            return {}
+        return {f"p{int(p * 100)}": round(float(np.quantile(values, p)), 6) for p in quantiles}
+
+    return {
+        "config_hash": cfg_hash,
+        "face_backend": params.faces.backend,
+        "n_inputs": n_inputs,
+        "n_images": len(images),
+        "n_faces": len(faces),
+        "n_quarantined": len(quarantine),
+        "quarantine_reasons": dict(sorted(Counter(r["reason"] for r in quarantine).items())),
+        "splits": dict(sorted(Counter(r["split"] for r in images).items())),
+        "faces_per_image": {str(k): v for k, v in sorted(Counter(r["n_faces"] for r in images).items())},
+        "n_identities": len({f["identity"] for f in faces if f["identity"]}),
+        "n_faces_with_identity": sum(1 for f in faces if f["identity"]),
+        "n_faces_with_skeleton": sum(1 for f in faces if f["skeleton"] is not None),
+        "face_area_ratio": q(ratios),
+        "face_area_ratio_histogram": {
+            "edges": ratio_edges,
+            "counts": np.histogram(ratios, bins=ratio_edges)[0].tolist() if ratios.size else [0] * 10,
+        },
+        "face_side_px": q(sides),
+        "embedding_dim": sorted(embedding_dims)[0] if len(embedding_dims) == 1 else sorted(embedding_dims),
+        "landmark_count": sorted(landmark_counts)[0]
+        if len(landmark_counts) == 1
+        else sorted(landmark_counts),
+        "crop_size": params.data.crop_size,
+    }
+
+
+@contextmanager
+def _single_thread_env():
+    """Children spawned inside inherit one-thread BLAS/OpenMP settings (read when they import numpy/torch)."""
+    saved = {name: os.environ.get(name) for name in _THREAD_ENV}
+    os.environ.update({name: "1" for name in _THREAD_ENV})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def worker_pool(params: Params, workers: int):
+    """A `spawn` pool whose processes each hold one analyzer and are pinned to one thread.
+
+    `spawn`, not `fork`: MediaPipe, onnxruntime and torch keep threads that a fork would copy mid-state.
+    """
+    context = multiprocessing.get_context("spawn")
+    with _single_thread_env():
+        pool = context.Pool(workers, initializer=init_worker, initargs=(params.model_dump_json(),))
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _run(tasks: list[Task], params: Params, progress: bool):
+    """Yield records as they finish (unordered)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="build-data", unit="img", disable=not progress or not tasks)
+    try:
+        if params.data.workers == 1 or len(tasks) <= 1:
+            init_worker(params.model_dump_json(), pin=False)
+            for task in tasks:
+                yield process_input(task)
+                bar.update()
+        else:
+            with worker_pool(params, min(params.data.workers, len(tasks))) as pool:
+                for record in pool.imap_unordered(process_input, tasks):
+                    yield record
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def build_idzoom(
+    input_dir: str | Path, out_dir: str | Path, params: Params, progress: bool = True
+) -> BuildReport:
+    """Build (or resume, or update) an IDZoom dataset version.
+
+    Args:
+        input_dir: folder of raw images (any depth), optionally with an `identities.json` sidecar.
+        out_dir: the dataset directory (created; earlier results there are reused).
+        params: `data.*` (crop, workers, max_pixels, split) and `faces.*` (backend) settings.
+        progress: show a progress bar.
+
+    Returns:
+        `BuildReport` with counts.
+
+    Raises:
+        DataError: the input folder is missing or empty, the output is inside it, or the sidecar is malformed.
+    """
+    started = time.perf_counter()
+    input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
+    if not input_dir.is_dir():
+        raise DataError(
+            f"{input_dir}: input folder not found (create it, e.g. `magicid sample-data --out {input_dir}`)"
+        )
+    if out_dir == input_dir or input_dir in out_dir.parents:
+        raise DataError(f"{out_dir}: the output must not be inside the input folder {input_dir}")
+    labels = load_identity_labels(input_dir)
+    inputs = list_inputs(input_dir)
+    if not inputs:
+        raise DataError(f"{input_dir}: no input files (put images there, or run `magicid sample-data`)")
+    cfg_hash = config_hash(params)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _previous_records(out_dir, cfg_hash)
+
+    # 1. ids, duplicates, what is already done
+    records: dict[str, dict] = {}
+    first_by_id: dict[str, str] = {}
+    tasks: list[Task] = []
+    n_reused = 0
+    for path, source in inputs:
+        image_id = file_image_id(path)
+        if image_id in first_by_id:
+            records[source] = {
+                "status": "quarantine",
+                "source": source,
+                "image_id": image_id,
+                "reason": "duplicate",
+                "detail": f"same bytes as {first_by_id[image_id]}",
+            }
+            continue
+        first_by_id[image_id] = source
+        old = previous.get((source, image_id))
+        if old is not None and all((out_dir / name).is_file() for name in _files_of(old)):
+            records[source] = old
+            n_reused += 1
+        else:
+            tasks.append(Task(str(path), source, image_id, str(out_dir)))
+
+    # 2. process the rest; journal each record as it arrives so an interrupted build resumes
+    journal = out_dir / JOURNAL_DIR
+    for record in _run(tasks, params, progress):
+        records[record["source"]] = record
+        name = _record_key(record["source"], record["image_id"])
+        atomic_write_text(journal / f"{name}.json", json.dumps({"config_hash": cfg_hash, "record": record}))
+
+    # 3. assemble
+    image_records = [r for r in records.values() if r["status"] == "image"]
+    for record in image_records:
+        identities = _match_identities(record["faces"], labels.get(record["source"], []))
+        for face, identity in zip(record["faces"], identities, strict=True):
+            face["identity"] = identity
+    splits = assign_splits_for(image_records, params)
+    images = sorted(
+        (dict(r["image"], split=splits[r["image_id"]]) for r in image_records),
+        key=lambda row: row["image_id"],
+    )
+    faces = sorted((f for r in image_records for f in r["faces"]), key=lambda row: row["face_id"])
+    quarantine = sorted(
+        (
+            {k: r[k] for k in ("source", "image_id", "reason", "detail")}
+            for r in records.values()
+            if r["status"] == "quarantine"
+        ),
+        key=lambda row: row["source"],
+    )
+    taken, rejected = {r["source"] for r in images}, {r["source"] for r in quarantine}
+    all_sources = {source for _, source in inputs}
+    if taken & rejected or (taken | rejected) != all_sources or len(images) + len(quarantine) != len(inputs):
+        raise AssertionError("internal: inputs must be exactly images + quarantine")  # pragma: no cover
+
+    mf.write_table(images, mf.IMAGES_SCHEMA, out_dir / mf.IMAGES)
+    mf.write_table(faces, mf.FACES_SCHEMA, out_dir / mf.FACES)
+    mf.write_table(quarantine, mf.QUARANTINE_SCHEMA, out_dir / mf.QUARANTINE)
+    stats = _stats(images, faces, quarantine, len(inputs), params, cfg_hash)
+    atomic_write_text(out_dir / mf.STATS, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    _collect_garbage(out_dir, {name for r in image_records for name in _files_of(r)})
+    shutil.rmtree(journal, ignore_errors=True)
+
+    return BuildReport(
+        out_dir=str(out_dir),
+        n_inputs=len(inputs),
+        n_images=len(images),
+        n_faces=len(faces),
+        n_quarantined=len(quarantine),
+        n_processed=len(tasks),
+        n_reused=n_reused,
+        quarantine_reasons=stats["quarantine_reasons"],
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def assign_splits_for(image_records: list[dict], params: Params) -> dict[str, str]:
+    from magicid.data.splits import assign_splits
+
+    pairs = [(r["image_id"], [f["identity"] for f in r["faces"] if f["identity"]]) for r in image_records]
+    return assign_splits(pairs, params.data.split, params.seed)
+
+
+def _collect_garbage(out_dir: Path, referenced: set[str]) -> None:
+    """Delete files under images/, crops/ and conditions/ that no manifest row refers to (stale outputs)."""
+    for folder in (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR):
+        for path in sorted((out_dir / folder).glob("*")) if (out_dir / folder).is_dir() else []:
+            if path.is_file() and f"{folder}/{path.name}" not in referenced:
+                path.unlink()

@@ -1,0 +1,132 @@
+"""Condition maps for the MMF ControlNet: skeleton maps (MediaPipe pose) and landmark maps (face mesh).
+
+Both are uint8 (H, W, 3) images the size of the source image, drawn on black. Skeleton maps draw the 35
+pose connections, coloured by body part (left limbs warm, right limbs cool, torso/face white), joints as
+dots, skipping points whose visibility is under `min_visibility`. Landmark maps draw the face-mesh contours
+(eyes, brows, irises, lips, nose, face oval; a colour per part) for 478-point meshes, or the points
+themselves for other landmark sets (insightface's 106). Line widths follow the image size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+_PART_COLOURS = {
+    "face_oval": (255, 255, 255),
+    "lips": (255, 64, 64),
+    "left_eye": (64, 255, 64),
+    "right_eye": (64, 128, 255),
+    "left_eyebrow": (160, 255, 0),
+    "right_eyebrow": (0, 200, 255),
+    "left_iris": (255, 255, 0),
+    "right_iris": (255, 0, 255),
+    "nose": (255, 160, 0),
+}
+
+
+@functools.cache
+def _mesh_parts() -> list[tuple[tuple[int, int, int], np.ndarray]]:
+    from mediapipe.python.solutions import face_mesh_connections as fmc
+
+    parts = []
+    for name, colour in _PART_COLOURS.items():
+        edges = np.array(sorted(getattr(fmc, f"FACEMESH_{name.upper()}")), dtype=np.int64)
+        parts.append((colour, edges))
+    return parts
+
+
+@functools.cache
+def _pose_edges() -> list[tuple[tuple[int, int, int], int, int]]:
+    from mediapipe.python.solutions.pose_connections import POSE_CONNECTIONS
+
+    edges = []
+    for a, b in sorted(POSE_CONNECTIONS):
+        if a <= 10 and b <= 10:
+            colour = (255, 255, 255)  # face
+        elif a % 2 == 1 and b % 2 == 1:
+            colour = (255, 96, 0)  # subject's left side (odd indices)
+        elif a % 2 == 0 and b % 2 == 0:
+            colour = (0, 160, 255)  # subject's right side
+        else:
+            colour = (200, 200, 200)  # across the torso
+        edges.append((colour, a, b))
+    return edges
+
+
+def _thickness(height: int, width: int) -> int:
+    return max(1, int(round(max(height, width) / 256)))
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"condition map size must be positive, got {height}x{width}")
+
+
+def render_skeleton_map(height: int, width: int, skeletons, min_visibility: float = 0.5) -> np.ndarray:
+    """Draw body skeletons.
+
+    Args:
+        height, width: output size (px).
+        skeletons: per person a (33, 2) `x, y` or (33, 3) `x, y, visibility` array in pixels (None entries
+            are skipped: people without a skeleton).
+        min_visibility: points below it (and their edges) are not drawn.
+
+    Returns:
+        uint8 (height, width, 3), black where nothing is drawn.
+    """
+    import cv2
+
+    _check_size(height, width)
+    canvas = np.zeros((height, width, 3), np.uint8)
+    thickness = _thickness(height, width)
+    for skeleton in skeletons:
+        if skeleton is None:
+            continue
+        points = np.asarray(skeleton, dtype=np.float64)
+        if points.ndim != 2 or points.shape[0] != 33 or points.shape[1] not in (2, 3):
+            raise ValueError(f"a skeleton must be (33, 2) or (33, 3), got {points.shape}")
+        visible = points[:, 2] >= min_visibility if points.shape[1] == 3 else np.ones(33, bool)
+        visible &= np.isfinite(points[:, :2]).all(axis=1)
+        xy = np.round(points[:, :2]).astype(np.int64)
+        for colour, a, b in _pose_edges():
+            if visible[a] and visible[b]:
+                cv2.line(
+                    canvas, tuple(map(int, xy[a])), tuple(map(int, xy[b])), colour, thickness, cv2.LINE_AA
+                )
+        for index in np.flatnonzero(visible):
+            cv2.circle(canvas, tuple(map(int, xy[index])), thickness + 1, (255, 255, 255), -1, cv2.LINE_AA)
+    return canvas
+
+
+def render_landmark_map(height: int, width: int, faces_landmarks) -> np.ndarray:
+    """Draw dense face landmarks.
+
+    Args:
+        height, width: output size (px).
+        faces_landmarks: per face an (N, 2) array in pixels; N = 478 draws mesh contours, any other N dots.
+
+    Returns:
+        uint8 (height, width, 3), black where nothing is drawn.
+    """
+    import cv2
+
+    _check_size(height, width)
+    canvas = np.zeros((height, width, 3), np.uint8)
+    thickness = _thickness(height, width)
+    for landmarks in faces_landmarks:
+        points = np.asarray(landmarks, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] == 0:
+            raise ValueError(f"landmarks must be (N, 2) with N > 0, got {points.shape}")
+        if not np.isfinite(points).all():
+            raise ValueError("landmarks contain non-finite coordinates")
+        xy = np.round(points).astype(np.int64)
+        if points.shape[0] == 478:
+            for colour, edges in _mesh_parts():
+                lines = xy[edges].astype(np.int32)  # (E, 2, 2)
+                cv2.polylines(canvas, list(lines), False, colour, thickness, cv2.LINE_AA)
+        else:
+            for x, y in xy:
+                cv2.circle(canvas, (int(x), int(y)), thickness, (255, 255, 255), -1, cv2.LINE_AA)
+    return canvas

@@ -1,0 +1,342 @@
+"""IDZoom validation: a Great Expectations 1.x suite per manifest, run together as one checkpoint.
+
+Checks (DESIGN.md §2): required columns present and typed; ids unique; faces -> images integrity; boxes
+well formed and inside their image; keypoints inside their box; embeddings finite and unit-norm with one
+dimension; landmarks finite; face_area_ratio in (0, 1]; files referenced by the manifests exist and lie
+inside the dataset root; n_faces agrees with faces.parquet; quarantine reasons known and disjoint from images.
+
+Row-wise geometry cannot be expressed on list columns in GE's pandas engine (`UnexpectedRowsExpectation` has
+no pandas provider), so derived columns (`bbox_inside_image`, `kps_inside_box`, `embedding_norm`, ...) are
+computed first and the expectations run on them. The context is ephemeral (nothing written into the dataset,
+which is a DVC output); data docs go to `<report_dir>/data_docs/`, a JSON summary to
+`<report_dir>/validation.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from magicid.data import manifest as mf
+from magicid.errors import DataError, ValidationFailed
+from magicid.utils import atomic_write_text
+
+STRING_TYPES = ["str", "string", "object", "StringDtype"]
+INT_TYPES = ["int32", "int64", "Int32", "Int64"]
+FLOAT_TYPES = ["float32", "float64"]
+PIXEL_TOLERANCE = 0.5  # px: boxes and keypoints may touch the border within rounding
+NORM_TOLERANCE = 1e-3
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of `validate_idzoom`."""
+
+    success: bool
+    n_expectations: int
+    n_failed: int
+    failures: list[str] = field(default_factory=list)
+    docs_path: str = ""
+    summary_path: str = ""
+
+    def summary(self) -> str:
+        head = f"{'PASSED' if self.success else 'FAILED'}: {self.n_expectations - self.n_failed}/{self.n_expectations} expectations met"
+        lines = [head, *[f"  - {failure}" for failure in self.failures]]
+        lines.append(f"data docs: {self.docs_path}")
+        return "\n".join(lines)
+
+
+def _safe_path(value) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    pure = PurePosixPath(value)
+    return not pure.is_absolute() and ".." not in pure.parts and "\\" not in value
+
+
+def _array(value, length: int | None = None) -> np.ndarray | None:
+    if value is None:
+        return None
+    array = np.asarray(value, dtype=np.float64).reshape(-1)
+    return array if length is None or array.size == length else None
+
+
+def derive_frames(root: Path) -> dict[str, pd.DataFrame]:
+    """The three manifests plus the derived check columns the suite expects on.
+
+    Raises:
+        DataError: a manifest is missing or unreadable.
+    """
+    images = mf.read_table(root / mf.IMAGES)
+    faces = mf.read_table(root / mf.FACES)
+    quarantine = mf.read_table(root / mf.QUARANTINE)
+
+    images = images.copy()
+    if {"path", "image_id", "width", "height", "n_faces"} <= set(images.columns):
+        images["path_is_safe"] = images["path"].map(_safe_path)
+        images["file_exists"] = [
+            bool(safe) and (root / p).is_file()
+            for p, safe in zip(images["path"], images["path_is_safe"], strict=True)
+        ]
+        counts = faces["image_id"].value_counts() if "image_id" in faces else pd.Series(dtype="int64")
+        images["n_faces_matches"] = [
+            int(counts.get(i, 0)) == int(n)
+            for i, n in zip(images["image_id"], images["n_faces"], strict=True)
+        ]
+
+    faces = faces.copy()
+    needed = {"image_id", "bbox", "kps5", "embedding", "landmarks", "crop_path"}
+    if needed <= set(faces.columns) and {"image_id", "width", "height"} <= set(images.columns):
+        sizes = images.drop_duplicates("image_id").set_index("image_id")[["width", "height"]]
+        faces["image_id_known"] = faces["image_id"].isin(sizes.index)
+        inside, well_formed, kps_inside, norms, emb_finite, emb_dim, lm_finite = [], [], [], [], [], [], []
+        for row in faces.itertuples(index=False):
+            box = _array(row.bbox, 4)
+            kps = _array(row.kps5, 10)
+            emb = _array(row.embedding)
+            lms = _array(row.landmarks)
+            formed = box is not None and bool(np.isfinite(box).all()) and box[0] < box[2] and box[1] < box[3]
+            well_formed.append(formed)
+            if formed and row.image_id in sizes.index:
+                w, h = sizes.loc[row.image_id]
+                tol = PIXEL_TOLERANCE
+                inside.append(
+                    bool(box[0] >= -tol and box[1] >= -tol and box[2] <= w + tol and box[3] <= h + tol)
+                )
+            else:
+                inside.append(False)
+            if formed and kps is not None and np.isfinite(kps).all():
+                xy = kps.reshape(5, 2)
+                tol = PIXEL_TOLERANCE
+                kps_inside.append(
+                    bool(
+                        (
+                            (xy[:, 0] >= box[0] - tol)
+                            & (xy[:, 0] <= box[2] + tol)
+                            & (xy[:, 1] >= box[1] - tol)
+                            & (xy[:, 1] <= box[3] + tol)
+                        ).all()
+                    )
+                )
+            else:
+                kps_inside.append(False)
+            finite = emb is not None and emb.size > 0 and bool(np.isfinite(emb).all())
+            emb_finite.append(finite)
+            norms.append(float(np.linalg.norm(emb)) if finite else float("nan"))
+            emb_dim.append(int(emb.size) if emb is not None else 0)
+            lm_finite.append(
+                lms is not None and lms.size > 0 and lms.size % 2 == 0 and bool(np.isfinite(lms).all())
+            )
+        faces["bbox_well_formed"] = well_formed
+        faces["bbox_inside_image"] = inside
+        faces["kps_inside_box"] = kps_inside
+        faces["embedding_finite"] = emb_finite
+        faces["embedding_norm"] = pd.Series(norms, index=faces.index, dtype="float64")
+        faces["embedding_dim"] = pd.Series(emb_dim, index=faces.index, dtype="int64")
+        faces["landmarks_finite"] = lm_finite
+        faces["crop_path_is_safe"] = faces["crop_path"].map(_safe_path)
+        faces["crop_exists"] = [
+            bool(safe) and (root / p).is_file()
+            for p, safe in zip(faces["crop_path"], faces["crop_path_is_safe"], strict=True)
+        ]
+
+    quarantine = quarantine.copy()
+    if "source" in quarantine and "source" in images:
+        quarantine["source_in_images"] = quarantine["source"].isin(images["source"]).astype(bool)
+    frames = {"images": images, "faces": faces, "quarantine": quarantine}
+    for frame in frames.values():
+        # pandas 3 reads Parquet strings as dtype `str`, which GE's type expectations do not recognise;
+        # as object columns GE checks each value's Python type (`str`) instead.
+        for column in frame.columns:
+            if pd.api.types.is_string_dtype(frame[column].dtype) and frame[column].dtype != object:
+                frame[column] = frame[column].astype(object)
+    return frames
+
+
+def _suites():
+    """The expectations per manifest (a function so importing this module does not import GE)."""
+    import great_expectations.expectations as gxe
+
+    from magicid.data.ingest import REASONS
+
+    true = {"value_set": [True]}
+    images = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *[
+            gxe.ExpectColumnToExist(column=c)
+            for c in ("image_id", "path", "width", "height", "n_faces", "source", "split")
+        ],
+        gxe.ExpectColumnValuesToBeInTypeList(column="image_id", type_list=STRING_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="path", type_list=STRING_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="source", type_list=STRING_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="width", type_list=INT_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="height", type_list=INT_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="n_faces", type_list=INT_TYPES),
+        gxe.ExpectColumnValuesToNotBeNull(column="image_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="image_id"),
+        gxe.ExpectColumnValuesToNotBeNull(column="source"),
+        gxe.ExpectColumnValuesToBeUnique(column="source"),
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="n_faces", min_value=1),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test"]),
+        gxe.ExpectColumnValuesToBeInSet(column="path_is_safe", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="file_exists", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="n_faces_matches", **true),
+    ]
+    faces = [
+        *[
+            gxe.ExpectColumnToExist(column=c)
+            for c in (
+                "face_id",
+                "image_id",
+                "person_idx",
+                "bbox",
+                "det_score",
+                "kps5",
+                "landmarks",
+                "embedding",
+                "face_area_ratio",
+                "crop_path",
+                "identity",
+            )
+        ],
+        gxe.ExpectColumnValuesToBeInTypeList(column="face_id", type_list=STRING_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="image_id", type_list=STRING_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="person_idx", type_list=INT_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="det_score", type_list=FLOAT_TYPES),
+        gxe.ExpectColumnValuesToBeInTypeList(column="face_area_ratio", type_list=FLOAT_TYPES),
+        gxe.ExpectColumnValuesToNotBeNull(column="face_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="face_id"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "person_idx"]),
+        gxe.ExpectColumnValuesToBeInSet(column="image_id_known", **true),
+        gxe.ExpectColumnValuesToBeBetween(column="person_idx", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="det_score", min_value=0, max_value=1),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="face_area_ratio", min_value=0, max_value=1, strict_min=True
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="bbox_well_formed", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="bbox_inside_image", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="kps_inside_box", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="embedding_finite", **true),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="embedding_norm", min_value=1 - NORM_TOLERANCE, max_value=1 + NORM_TOLERANCE
+        ),
+        gxe.ExpectColumnUniqueValueCountToBeBetween(column="embedding_dim", min_value=0, max_value=1),
+        gxe.ExpectColumnValuesToBeInSet(column="landmarks_finite", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="crop_path_is_safe", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="crop_exists", **true),
+    ]
+    quarantine = [
+        *[gxe.ExpectColumnToExist(column=c) for c in ("source", "image_id", "reason", "detail")],
+        gxe.ExpectColumnValuesToNotBeNull(column="source"),
+        gxe.ExpectColumnValuesToBeUnique(column="source"),
+        gxe.ExpectColumnValuesToBeInSet(column="reason", value_set=[*REASONS, "analysis_error"]),
+        gxe.ExpectColumnValuesToBeInSet(column="source_in_images", value_set=[False]),
+    ]
+    return {"images": images, "faces": faces, "quarantine": quarantine}
+
+
+def _describe(result) -> str:
+    config = result.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id",)}
+    details = result.result or {}
+    unexpected = details.get("partial_unexpected_list") or details.get("observed_value")
+    tail = f" (unexpected/observed: {unexpected!r})" if unexpected not in (None, []) else ""
+    if result.exception_info and result.exception_info.get("raised_exception"):
+        tail = f" (error: {result.exception_info.get('exception_message')})"
+    return f"{config.type} {kwargs}{tail}"
+
+
+def validate_idzoom(
+    root: str | Path, report_dir: str | Path = "reports/validation", raise_on_failure: bool = True
+) -> ValidationReport:
+    """Run the IDZoom suite as a Great Expectations checkpoint.
+
+    Args:
+        root: the dataset directory.
+        report_dir: where data docs (`data_docs/index.html`) and `validation.json` are written.
+        raise_on_failure: raise `ValidationFailed` (summary + data-docs path) when an expectation fails.
+
+    Returns:
+        `ValidationReport`.
+
+    Raises:
+        DataError: the dataset or a manifest is missing/unreadable.
+        ValidationFailed: an expectation failed and `raise_on_failure`.
+    """
+    import great_expectations as gx
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found (build it with `magicid build-data`)")
+    report_dir = Path(report_dir).resolve()
+    docs_dir = report_dir / "data_docs"
+    frames = derive_frames(root)
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    context.add_data_docs_site(
+        site_name="idzoom",
+        site_config={
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        },
+    )
+    source = context.data_sources.add_pandas("idzoom")
+    definitions, batches = [], {}
+    for name, expectations in _suites().items():
+        asset = source.add_dataframe_asset(name=name)
+        batch_definition = asset.add_batch_definition_whole_dataframe(f"{name}_all")
+        suite = context.suites.add(gx.ExpectationSuite(name=f"idzoom_{name}"))
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        definitions.append(
+            context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"idzoom_{name}", data=batch_definition, suite=suite)
+            )
+        )
+        batches[name] = frames[name]
+    failures, total = [], 0
+    # A pandas dataframe asset takes its dataframe at run time and a checkpoint passes one set of batch
+    # parameters to all its definitions, so each manifest runs as its own checkpoint; results are kept in
+    # the context's store and rendered into one data-docs site afterwards.
+    for definition in definitions:
+        name = definition.name.removeprefix("idzoom_")
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=definition.name,
+                validation_definitions=[definition],
+                result_format="SUMMARY",
+            )
+        )
+        run = checkpoint.run(batch_parameters={"dataframe": batches[name]})
+        for validation in run.run_results.values():
+            for result in validation.results:
+                total += 1
+                if not result.success:
+                    failures.append(f"{name}: {_describe(result)}")
+    context.build_data_docs(site_names=["idzoom"])  # once for all three results (each build costs ~2 s)
+    report = ValidationReport(
+        success=not failures,
+        n_expectations=total,
+        n_failed=len(failures),
+        failures=failures,
+        docs_path=str(docs_dir / "index.html"),
+        summary_path=str(report_dir / "validation.json"),
+    )
+    atomic_write_text(
+        report_dir / "validation.json",
+        json.dumps({"dataset": str(root), **asdict(report)}, indent=2, sort_keys=True) + "\n",
+    )
+    if raise_on_failure and not report.success:
+        raise ValidationFailed(f"{root}: IDZoom validation {report.summary()}")
+    return report

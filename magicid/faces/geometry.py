@@ -1,0 +1,70 @@
+"""Box geometry for detection: tiling an image and fusing overlapping detections (NMS)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def tile_grid(
+    height: int, width: int, rows: int, cols: int, overlap: float
+) -> list[tuple[int, int, int, int]]:
+    """Overlapping tiles covering the image.
+
+    Args:
+        height, width: image size (px).
+        rows, cols: tile grid.
+        overlap: fraction of a tile shared with its neighbour, in [0, 1).
+
+    Returns:
+        `(x0, y0, x1, y1)` integer tiles, row-major; they cover every pixel.
+    """
+    if rows < 1 or cols < 1:
+        raise ValueError(f"tile grid must be at least 1x1, got {rows}x{cols}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"tile overlap must be in [0, 1), got {overlap}")
+    tile_h = height / (rows - (rows - 1) * overlap)
+    tile_w = width / (cols - (cols - 1) * overlap)
+    tiles = []
+    for r in range(rows):
+        y0 = int(np.floor(r * tile_h * (1 - overlap)))
+        y1 = height if r == rows - 1 else min(height, int(np.ceil(y0 + tile_h)))
+        for c in range(cols):
+            x0 = int(np.floor(c * tile_w * (1 - overlap)))
+            x1 = width if c == cols - 1 else min(width, int(np.ceil(x0 + tile_w)))
+            tiles.append((x0, y0, x1, y1))
+    return tiles
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU and intersection-over-smaller of (N, 4) and (M, 4) boxes -> two (N, M) arrays."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
+    union = np.maximum(area_a + area_b - inter, 1e-9)
+    smaller = np.maximum(np.minimum(area_a, area_b), 1e-9)
+    return inter / union, inter / smaller
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, containment: float = 0.7) -> list[int]:
+    """Greedy non-maximum suppression.
+
+    A box is suppressed by a higher-scoring kept box when their IoU exceeds `iou`, or when most of the smaller
+    one lies inside the other (`containment`): a tile that cuts a face yields a partial box inside the full one.
+
+    Returns:
+        Indices of kept boxes, highest score first.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    keep: list[int] = []
+    for index in order:
+        if keep:
+            overlap_iou, overlap_small = box_iou(boxes[index], boxes[keep])
+            if (overlap_iou > iou).any() or (overlap_small > containment).any():
+                continue
+        keep.append(int(index))
+    return keep

@@ -1,0 +1,486 @@
+"""MGMICA: Masked Group Multi-Identity Cross-Attention (MagicID's multi-identity attention, DESIGN §3).
+
+A diffusers attention processor for the UNet's cross-attention layers (`attn2`). For identities 1..n with ID
+tokens T_i (B, n, T, C) and face masks M_i resized to the layer's token grid, a layer computes
+
+    out = to_out(text_attn + scale * Σ_i w_i ⊙ attn(Q, K_id(T_i), V_id(T_i)))
+
+- The text branch *is* diffusers' `AttnProcessor2_0` (called, not copied), so with scale 0, no identities or
+  empty masks the layer is bit-identical to the stock one.
+- The ID attention is decoupled (IP-Adapter style): own projections `to_k_id` / `to_v_id`, the layer's own
+  query and output projection. Two hooks that live only during the stock call take the query `to_q` already
+  computed and add the ID term to the input of `to_out[0]` (where IP-Adapter adds it), so neither projection
+  runs twice.
+- Gather -> attend -> scatter: only query rows inside some mask are gathered, and each identity attends only at
+  its own positions, all identities in one batched SDPA over (batch x identity, positions): the extra cost
+  follows face area, not image area. Rows outside every mask are never written.
+
+Masks (`w_i`): given at any size (pixels, latents, anything), (B, n, H, W) in [0, 1], hard or soft. Each layer
+finds its grid from its query length: the latent (h, w) halved with ceil-division per UNet level (stride-2 convs
+give ceil(h / 2)); the latent size is recorded by a forward pre-hook on the UNet (`install_mgmica`), else taken
+from the masks' own size. Masks are resized to the grid by area (`adaptive_avg_pool2d`): a cell's weight is the
+mask's mean over the cell, so nothing leaks outside the mask's cells (bicubic would).
+
+Overlap rule: where masks overlap so that Σ_i M_i > 1 at a cell, the weights are renormalised to sum to 1
+(w_i = M_i / Σ_j M_j); elsewhere w_i = M_i. So the identity contributions form a convex (or sub-convex) blend:
+two hard masks overlapping give each identity 0.5 there, a lone soft mask keeps its feathering. Changing T_i
+never changes the output at a cell where M_i = 0 (the weights depend on masks only).
+
+Classifier-free guidance: tokens and masks may have batch B_h (the hidden-states batch), B_h / 2 (repeated to
+both CFG halves, i.e. the identity is part of both the conditional and the unconditional branch) or 1
+(broadcast). To let guidance amplify identity, pass 2B tokens whose first half is the unconditional identity
+(IP-Adapter style: the ID encoder applied to a zero embedding and blank crop); `MagicIDPipeline` does that.
+
+Identity state lives on the processors (`set_identities` / `clear_identities` / `identities(...)`), so no
+`cross_attention_kwargs` are passed and diffusers never warns about unused ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from magicid.errors import ModelInputError
+
+__all__ = [
+    "MGMICAAttnProcessor",
+    "MGMICAContext",
+    "clear_identities",
+    "identities",
+    "install_mgmica",
+    "layer_grids",
+    "mgmica_processors",
+    "resize_masks",
+    "overlap_weights",
+    "set_identities",
+]
+
+
+def layer_grids(height: int, width: int) -> list[tuple[int, int]]:
+    """The token grids of a UNet on an (height, width) latent: each level ceil-divides by 2, down to 1x1.
+
+    Example: (9, 13) -> [(9, 13), (5, 7), (3, 4), (2, 2), (1, 1)].
+    """
+    grids = [(int(height), int(width))]
+    while grids[-1] != (1, 1):
+        h, w = grids[-1]
+        grids.append((math.ceil(h / 2), math.ceil(w / 2)))
+    return grids
+
+
+def grid_for_length(length: int, base: tuple[int, int]) -> tuple[int, int]:
+    """The grid of `layer_grids(*base)` holding `length` tokens.
+
+    Raises:
+        ModelInputError: no level of that chain has `length` tokens.
+    """
+    for h, w in layer_grids(*base):
+        if h * w == length:
+            return h, w
+    raise ModelInputError(
+        f"MGMICA: a layer has {length} query tokens, which is no level of the grid chain from {base[0]}x{base[1]} "
+        f"({', '.join(f'{h}x{w}' for h, w in layer_grids(*base))}); call the UNet through its forward (which records "
+        "the latent size) or pass latent_size= to set_identities"
+    )
+
+
+def resize_masks(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize masks (B, n, H, W) in [0, 1] to `grid` (h, w) by area: each cell gets the mask's mean over it.
+
+    Works for shrinking and enlarging and for any (odd) sizes; a cell whose window holds no mask pixel stays 0.
+
+    Returns:
+        (B, n, h, w) float32.
+    """
+    masks = masks.float()
+    if tuple(masks.shape[-2:]) == tuple(grid):
+        return masks
+    return F.adaptive_avg_pool2d(masks, grid)
+
+
+def overlap_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Apply the overlap rule to masks (B, n, ...): where Σ_i M_i > 1, w_i = M_i / Σ_j M_j, else w_i = M_i."""
+    total = masks.sum(dim=1, keepdim=True)
+    return masks / total.clamp(min=1.0)
+
+
+def _expand_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """Broadcast a (b, ...) tensor to `batch`: b == batch as is, b == batch / 2 repeated (CFG halves), b == 1."""
+    b = tensor.shape[0]
+    if b == batch:
+        return tensor
+    if b == 1 or b * 2 == batch:
+        return tensor.repeat(batch // b, *([1] * (tensor.ndim - 1)))
+    raise ModelInputError(
+        f"MGMICA: {what} have batch {b} but the hidden states have batch {batch}; give batch {batch}, "
+        f"{batch // 2 if batch % 2 == 0 else batch} (classifier-free guidance halves) or 1"
+    )
+
+
+@dataclass
+class _Pairs:
+    """Gather/scatter indices of one (grid, batch): which query positions attend to which identity."""
+
+    positions: torch.Tensor  # (B * n, L) long: flat query row (into B * N) of each (sample, identity) slot
+    pair_weight: torch.Tensor  # (B * n, L) float32: overlap-ruled mask weight; 0 on padding slots
+    n_rows: int  # distinct query rows inside some mask (the gathered area)
+
+
+@dataclass
+class MGMICAContext:
+    """Identity state shared by the MGMICA processors of one UNet (or owned by a lone processor).
+
+    tokens: (B, n, T, C) identity tokens; masks: (B, n, H, W) in [0, 1]; latent_size: the UNet input's (h, w),
+    recorded by the UNet forward pre-hook that `install_mgmica` registers.
+    """
+
+    tokens: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    latent_size: tuple[int, int] | None = None
+    fixed_latent_size: bool = False
+    version: int = 0  # bumped by every `set`: invalidates cached identity K/V
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def set(self, tokens: torch.Tensor | None, masks: torch.Tensor | None, latent_size=None) -> None:
+        if (tokens is None) != (masks is None):
+            raise ModelInputError(
+                "MGMICA: give both id_tokens and id_masks, or neither (None clears identities)"
+            )
+        if tokens is not None:
+            if tokens.ndim != 4:
+                raise ModelInputError(
+                    f"MGMICA: id_tokens must be (B, n_ids, T, C), got shape {tuple(tokens.shape)}"
+                )
+            if masks.ndim != 4:
+                raise ModelInputError(
+                    f"MGMICA: id_masks must be (B, n_ids, H, W), got shape {tuple(masks.shape)}"
+                )
+            if masks.shape[1] != tokens.shape[1]:
+                raise ModelInputError(
+                    f"MGMICA: {tokens.shape[1]} identities in id_tokens but {masks.shape[1]} masks in id_masks; "
+                    "give one mask per identity"
+                )
+            if masks.is_floating_point():
+                bad = ~torch.isfinite(masks) | (masks < 0) | (masks > 1)
+                if bool(bad.any()):
+                    raise ModelInputError(
+                        f"MGMICA: id_masks must be finite and in [0, 1]; got min {masks.min().item():g}, max "
+                        f"{masks.max().item():g} (scale uint8 masks by 1/255)"
+                    )
+            elif masks.dtype == torch.bool:
+                masks = masks.float()
+            else:
+                raise ModelInputError(f"MGMICA: id_masks must be float in [0, 1] or bool, got {masks.dtype}")
+        self.tokens, self.masks = tokens, masks
+        self.fixed_latent_size = latent_size is not None
+        if latent_size is not None:
+            self.latent_size = (int(latent_size[0]), int(latent_size[1]))
+        self._cache.clear()
+        self.version += 1
+
+    def record_latent_size(self, size: tuple[int, int]) -> None:
+        if not self.fixed_latent_size and size != self.latent_size:
+            self.latent_size = size
+
+    def grid(self, length: int) -> tuple[int, int]:
+        base = self.latent_size or tuple(self.masks.shape[-2:])
+        return grid_for_length(length, base)
+
+    def pairs(self, grid: tuple[int, int], batch: int, device: torch.device) -> _Pairs | None:
+        """Gather/scatter indices for one layer grid and hidden-states batch (cached until identities change)."""
+        key = (grid, batch, device)
+        if key not in self._cache:
+            self._cache[key] = self._build_pairs(grid, batch, device)
+        return self._cache[key]
+
+    def _build_pairs(self, grid: tuple[int, int], batch: int, device: torch.device) -> _Pairs | None:
+        masks = _expand_batch(self.masks, batch, "id_masks").to(device)
+        weights = overlap_weights(resize_masks(masks, grid)).flatten(2)  # (B, n, N) float32
+        n_tokens = weights.shape[-1]
+        active = weights > 0  # (B, n, N)
+        counts = active.sum(-1)  # (B, n)
+        longest = int(counts.max())
+        if longest == 0:
+            return None
+        # Each (b, i) row's active positions first (stable: in raster order), truncated to the longest row.
+        order = torch.sort(active.to(torch.uint8), dim=-1, descending=True, stable=True).indices[
+            ..., :longest
+        ]
+        valid = torch.arange(longest, device=device) < counts.unsqueeze(-1)  # (B, n, L)
+        base = (torch.arange(batch, device=device) * n_tokens).view(batch, 1, 1)
+        # Padding slots point at the row's first position with weight 0: they add exactly +0 there.
+        positions = base + torch.where(valid, order, order[..., :1])
+        pair_weight = torch.where(valid, weights.gather(-1, order), 0.0)
+        n_rows = int(active.any(dim=1).sum())
+        return _Pairs(positions.flatten(0, 1), pair_weight.flatten(0, 1), n_rows)
+
+
+class MGMICAAttnProcessor(nn.Module):
+    """Masked multi-identity cross-attention processor (the diffusers processor contract).
+
+    Args:
+        hidden_size: the attention's inner width (`attn.to_k.out_features`; SD 1.5: 320/640/1280).
+        cross_attention_dim: width of the ID tokens (the UNet's cross-attention width; SD 1.5: 768).
+        scale: weight of the identity branch; 0 gives exactly the stock `AttnProcessor2_0` output.
+
+    Owns only `to_k_id` and `to_v_id` (C -> hidden_size, no bias). Identity state: `set_identities(...)`.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim
+        self.scale = float(scale)
+        self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.text_processor = AttnProcessor2_0()
+        self.context = MGMICAContext()
+        self.last_grid: tuple[int, int] | None = None  # grid of the latest call with identities (for checks)
+        self._kv_cache = None
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, cross_attention_dim={self.cross_attention_dim}, scale={self.scale}"
+
+    def set_identities(
+        self,
+        id_tokens: torch.Tensor | None,
+        id_masks: torch.Tensor | None,
+        scale: float | None = None,
+        latent_size: tuple[int, int] | None = None,
+    ) -> None:
+        """Set this processor's identities (see module `set_identities` for shapes)."""
+        self.context.set(id_tokens, id_masks, latent_size)
+        if scale is not None:
+            self.scale = float(scale)
+
+    def clear_identities(self) -> None:
+        self.context.set(None, None)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (B, N, C) or (B, C, H, W); encoder_hidden_states (B, 77, C_text) -> like hidden_states.
+
+        Runs `AttnProcessor2_0` unchanged. With identities, two hooks live for the duration of that call only:
+        one keeps the query `attn.to_q` computes anyway (no second `to_q`), one adds the masked ID attention to
+        the input of `attn.to_out[0]` at the gathered rows (as IP-Adapter adds before `to_out`: no second
+        output projection). Rows outside every mask are never written.
+        """
+        if self.scale == 0 or self.context.tokens is None:
+            return self.text_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if self.context.tokens.shape[-1] != self.cross_attention_dim:
+            raise ModelInputError(
+                f"MGMICA: id_tokens have width {self.context.tokens.shape[-1]}, this layer expects "
+                f"{self.cross_attention_dim} (the UNet's cross_attention_dim)"
+            )
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_query(module, args, output):
+            captured["query"] = output  # (B, N, inner)
+
+        def add_identities(module, args):
+            (attended,) = args  # (B, N, inner): text attention output, before the output projection
+            found = self._identity_attention(attn, captured.pop("query"))
+            if found is None:
+                return None
+            positions, delta = found
+            flat = attended.reshape(-1, attended.shape[-1])
+            if torch.is_grad_enabled() and (flat.requires_grad or delta.requires_grad):
+                return (flat.index_add(0, positions, delta.to(flat.dtype)).view(attended.shape),)
+            flat.index_add_(0, positions, delta.to(flat.dtype))
+            return None
+
+        query_hook = attn.to_q.register_forward_hook(keep_query)
+        out_hook = attn.to_out[0].register_forward_pre_hook(add_identities)
+        try:
+            return self.text_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        finally:
+            query_hook.remove()
+            out_hook.remove()
+
+    def _identity_attention(
+        self, attn: Attention, query: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Masked ID attention from the layer's query (B, N, inner).
+
+        Gathers, for every (sample, identity), the query rows inside that identity's mask (padded to the
+        longest mask L with weight-0 slots), attends them to the identity's K/V in one SDPA over
+        (B * n, heads, L, d), and weights them by the overlap-ruled mask values times `scale`.
+
+        Returns:
+            (flat query rows (B * n * L,) into B * N, their ID terms (B * n * L, inner)) to scatter-add, or None
+            when every mask is empty at this layer's grid.
+        """
+        context = self.context
+        batch, length, inner = query.shape
+        grid = context.grid(length)
+        self.last_grid = grid
+        pairs = context.pairs(grid, batch, query.device)
+        if pairs is None:
+            return None
+        heads = attn.heads
+        head_dim = inner // heads
+        groups, slots = pairs.positions.shape  # B * n, L
+
+        # Gather: the query rows inside each identity's mask.  (B * n, heads, L, d)
+        q = query.reshape(batch * length, inner)[pairs.positions.flatten()]
+        if attn.norm_q is not None:
+            q = attn.norm_q(q.view(-1, heads, head_dim))
+        q = q.view(groups, slots, heads, head_dim).transpose(1, 2)
+        key, value = self._identity_kv(attn, batch, query.dtype, query.device)
+
+        # Attend: every identity at its own positions, one SDPA; weight by mask value x scale.
+        attended = F.scaled_dot_product_attention(q, key, value, dropout_p=0.0, is_causal=False)
+        attended = attended.transpose(1, 2).reshape(groups * slots, inner)
+        weight = pairs.pair_weight.to(attended.dtype).view(-1, 1) * self.scale
+        return pairs.positions.flatten(), attended * weight
+
+    def _identity_kv(self, attn: Attention, batch: int, dtype: torch.dtype, device: torch.device):
+        """Identity keys and values (B * n, heads, T, d); reused across calls while the tokens are unchanged
+        (denoising steps), recomputed when gradients flow (training)."""
+        tokens = self.context.tokens
+        weights = (self.to_k_id.weight, self.to_v_id.weight)  # in-place updates bump `_version`
+        key_ = (id(tokens), self.context.version, batch, dtype, device)
+        key_ += tuple((w.data_ptr(), w._version) for w in weights)
+        cacheable = not (
+            torch.is_grad_enabled() and (tokens.requires_grad or self.to_k_id.weight.requires_grad)
+        )
+        if cacheable and self._kv_cache is not None and self._kv_cache[0] == key_:
+            return self._kv_cache[1]
+        heads, n_ids = attn.heads, tokens.shape[1]
+        tokens = tokens.to(device=device, dtype=dtype)
+        key = _expand_batch(self.to_k_id(tokens), batch, "id_tokens")  # (B, n, T, inner)
+        value = _expand_batch(self.to_v_id(tokens), batch, "id_tokens")
+        key = key.reshape(batch * n_ids, -1, heads, self.hidden_size // heads).transpose(1, 2)
+        value = value.reshape(batch * n_ids, -1, heads, self.hidden_size // heads).transpose(1, 2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        self._kv_cache = (key_, (key, value)) if cacheable else None
+        return key, value
+
+
+def mgmica_processors(unet: nn.Module) -> dict[str, MGMICAAttnProcessor]:
+    """The MGMICA processors of a UNet, keyed by their `attn_processors` name."""
+    return {name: p for name, p in unet.attn_processors.items() if isinstance(p, MGMICAAttnProcessor)}
+
+
+def _module_key(processor_name: str) -> str:
+    """`down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor` -> `down_blocks-1-...-attn2`."""
+    return processor_name.removesuffix(".processor").replace(".", "-")
+
+
+def install_mgmica(unet: nn.Module, scale: float = 1.0) -> nn.ModuleDict:
+    """Put `MGMICAAttnProcessor` on every cross-attention layer (`attn2`), stock `AttnProcessor2_0` elsewhere.
+
+    The new `to_k_id` / `to_v_id` start as copies of the layer's text `to_k` / `to_v` (IP-Adapter's
+    initialisation), in the UNet's dtype and device. All processors share one `MGMICAContext`; a forward
+    pre-hook on the UNet records the latent (h, w) so every layer finds its mask grid. Installing again
+    replaces the previous processors (and hook).
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel` (or any model with `attn_processors` / `set_attn_processor`).
+        scale: identity-branch scale of every layer.
+
+    Returns:
+        The processors (the trainable ID projections) as an `nn.ModuleDict` keyed by layer name with `.` -> `-`.
+    """
+    previous = getattr(unet, "_mgmica_hook", None)
+    if previous is not None:
+        previous.remove()
+    context = MGMICAContext()
+    modules = dict(unet.named_modules())
+    processors: dict[str, object] = {}
+    installed: dict[str, MGMICAAttnProcessor] = {}
+    param = next(unet.parameters())
+    for name in unet.attn_processors:
+        layer = modules[name.removesuffix(".processor")]
+        if name.endswith("attn2.processor") and layer.is_cross_attention:
+            proc = MGMICAAttnProcessor(layer.to_k.out_features, layer.to_k.in_features, scale=scale)
+            with torch.no_grad():
+                proc.to_k_id.weight.copy_(layer.to_k.weight)
+                proc.to_v_id.weight.copy_(layer.to_v.weight)
+            proc.to(device=param.device, dtype=param.dtype)
+            proc.context = context
+            processors[name] = proc
+            installed[_module_key(name)] = proc
+        else:
+            processors[name] = AttnProcessor2_0()
+    if not installed:
+        raise ModelInputError(
+            "install_mgmica: the UNet has no cross-attention (attn2) layer to install MGMICA on"
+        )
+    unet.set_attn_processor(processors)
+
+    def record_latent_size(module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        if sample is not None:
+            context.record_latent_size(tuple(sample.shape[-2:]))
+
+    unet._mgmica_hook = unet.register_forward_pre_hook(record_latent_size, with_kwargs=True)
+    unet._mgmica_context = context
+    return nn.ModuleDict(installed)
+
+
+def _context_of(unet: nn.Module) -> MGMICAContext:
+    context = getattr(unet, "_mgmica_context", None)
+    if context is None:
+        raise ModelInputError("MGMICA is not installed on this UNet: call install_mgmica(unet) first")
+    return context
+
+
+def set_identities(
+    unet: nn.Module,
+    id_tokens: torch.Tensor | None,
+    id_masks: torch.Tensor | None,
+    scale: float | None = None,
+    latent_size: tuple[int, int] | None = None,
+) -> None:
+    """Set the identities every MGMICA layer of `unet` attends to (until changed or cleared).
+
+    Args:
+        id_tokens: (B, n_ids, T, C) identity tokens (C = cross_attention_dim), or None to clear.
+        id_masks: (B, n_ids, H, W) float in [0, 1] (or bool) at any size (pixels, latents, other); each layer
+            resizes them to its grid by area. Batch B may be the UNet batch, half of it (CFG) or 1.
+        scale: if given, sets every layer's identity scale (0 = base model, exactly).
+        latent_size: the UNet input's (h, w); normally recorded by the UNet's forward pre-hook.
+
+    Raises:
+        ModelInputError: bad ranks, counts or mask values (the message gives the shapes).
+    """
+    context = _context_of(unet)
+    context.set(id_tokens, id_masks, latent_size)
+    if scale is not None:
+        for proc in mgmica_processors(unet).values():
+            proc.scale = float(scale)
+
+
+def clear_identities(unet: nn.Module) -> None:
+    """Remove identities: every MGMICA layer then equals the stock processor exactly."""
+    _context_of(unet).set(None, None)
+
+
+@contextlib.contextmanager
+def identities(
+    unet: nn.Module, id_tokens: torch.Tensor | None, id_masks: torch.Tensor | None, scale: float | None = None
+) -> Iterator[None]:
+    """`with identities(unet, tokens, masks): unet(...)` — set for the block, cleared (and scales restored) after."""
+    scales = {name: proc.scale for name, proc in mgmica_processors(unet).items()}
+    set_identities(unet, id_tokens, id_masks, scale)
+    try:
+        yield
+    finally:
+        clear_identities(unet)
+        for name, proc in mgmica_processors(unet).items():
+            proc.scale = scales.get(name, proc.scale)

@@ -1,0 +1,1 @@
+"""Training MagicID's adapters: MMF schedule (mmf.py), Clone Face Tuning (clone_face.py), dataset, trainer."""

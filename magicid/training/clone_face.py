@@ -1,0 +1,228 @@
+"""Clone Face Tuning: training samples holding k copies of one identity's face, and the face-weighted loss.
+
+MagicID's Clone Face Tuning (DESIGN §3) teaches the masked identity attention (MGMICA) to put one identity
+exactly where its mask says, at any position and scale, instead of "somewhere in the picture". A sample is
+built from one identity's zoomed face crop (IDZoom `crops/<face_id>.png`):
+
+1. `k` is drawn uniformly from `[k_min, k_max]` (`train.clone_face`), and each clone's side from
+   `[scale_min, scale_max] * image side`.
+2. Placement rule (non-overlapping by construction): the canvas is split into a `g x g` grid with
+   `g = ceil(sqrt(k))`; the clones take `k` distinct cells drawn at random and a uniformly random position
+   inside their cell. A clone never exceeds its cell, so `scale_max <= 1 / ceil(sqrt(k_max))` is required
+   (checked: `ConfigError` otherwise) and no clone is ever shrunk to fit.
+3. The crop is resized to each clone's side and pasted as a square; clone `i`'s mask is exactly the pixels
+   it covers (`masks[i]`), and `union` is their union. The condition maps (skeleton/landmark) cut out at the
+   same crop box are pasted at the same places, so pose/landmark conditioning stays aligned with the clones.
+
+How the identity is fed to MGMICA: all clones are one person, so the sample carries ONE identity (its
+embedding and crop) whose mask is the union of the clone masks. MGMICA adds
+`sum_i M_i * attn(Q, K(T_i), V(T_i))`; with identical tokens T and disjoint masks this equals
+`union * attn(Q, K(T), V(T))`, i.e. the same output as k identities with equal tokens at a k-th of the cost.
+
+The face-region weighted diffusion loss weights each latent position by
+`1 + (face_loss_weight - 1) * area-downsampled face mask`, so the face pixels count `face_loss_weight`
+times as much as the background (for every sample, clone or not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from magicid.config import CloneFaceParams
+from magicid.errors import ConfigError
+
+
+@dataclasses.dataclass
+class CloneFaceSample:
+    """One Clone Face Tuning sample.
+
+    Attributes:
+        image: the composed image, uint8 (H, W, 3).
+        masks: per-clone masks, float32 (k, H, W), exactly 1 on the pixels clone i covers, 0 elsewhere.
+        union: float32 (H, W), the union of `masks` (clones never overlap, so it is also their sum).
+        boxes: int64 (k, 4), each clone's pixel box x0, y0, x1, y1 (x1, y1 exclusive).
+        layers: extra canvases composed with the same boxes (e.g. `skeleton`, `landmark`), uint8 (H, W, C).
+    """
+
+    image: np.ndarray
+    masks: np.ndarray
+    union: np.ndarray
+    boxes: np.ndarray
+    layers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+def check_clone_params(params: CloneFaceParams) -> None:
+    """Raise `ConfigError` when `k_max` clones of side `scale_max` cannot all fit in their grid cells."""
+    grid = math.ceil(math.sqrt(params.k_max))
+    if params.scale_max > 1.0 / grid + 1e-9:
+        raise ConfigError(
+            f"train.clone_face.scale_max={params.scale_max} is too large for k_max={params.k_max}: clones are "
+            f"placed in a {grid}x{grid} grid, so scale_max must be <= 1/{grid} = {1.0 / grid:.4f} "
+            "(lower scale_max or k_max)"
+        )
+
+
+def place_clones(
+    size: int, k: int, scale_min: float, scale_max: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Non-overlapping square boxes for `k` clones on a `size x size` canvas (the grid rule in the module doc).
+
+    Args:
+        size: canvas side in pixels.
+        k: number of clones (>= 1).
+        scale_min, scale_max: clone side as a fraction of `size`; `scale_max <= 1 / ceil(sqrt(k))`.
+        rng: the only source of randomness (same generator state, same boxes).
+
+    Returns:
+        int64 (k, 4) boxes x0, y0, x1, y1 (exclusive ends), pairwise disjoint, inside the canvas.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    grid = math.ceil(math.sqrt(k))
+    cell = size // grid
+    max_side = int(round(scale_max * size))
+    if max_side > cell:
+        raise ConfigError(
+            f"clone side {max_side}px (scale_max={scale_max} of {size}px) exceeds the {cell}px grid cell for k={k}; "
+            f"use scale_max <= {cell / size:.4f}"
+        )
+    cells = rng.permutation(grid * grid)[:k]
+    boxes = np.zeros((k, 4), dtype=np.int64)
+    for i, index in enumerate(cells):
+        side = int(round(rng.uniform(scale_min, scale_max) * size))
+        side = max(1, min(side, cell))
+        row, col = divmod(int(index), grid)
+        x0 = col * cell + int(rng.integers(0, cell - side + 1))
+        y0 = row * cell + int(rng.integers(0, cell - side + 1))
+        boxes[i] = (x0, y0, x0 + side, y0 + side)
+    return boxes
+
+
+def clone_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Per-box masks, float32 (k, height, width): 1 inside `boxes[i]` (exclusive ends), 0 elsewhere."""
+    masks = np.zeros((len(boxes), height, width), dtype=np.float32)
+    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.int64)):
+        masks[i, y0:y1, x0:x1] = 1.0
+    return masks
+
+
+def paste_clones(canvas: np.ndarray, patch: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """A copy of `canvas` (H, W, C) uint8 with `patch` (S, S, C) uint8 resized into each box (bilinear)."""
+    if canvas.dtype != np.uint8 or patch.dtype != np.uint8:
+        raise ValueError(f"canvas and patch must be uint8, got {canvas.dtype} and {patch.dtype}")
+    if canvas.ndim != 3 or patch.ndim != 3 or canvas.shape[2] != patch.shape[2]:
+        raise ValueError(f"canvas {canvas.shape} and patch {patch.shape} must both be (H, W, C) with equal C")
+    out = canvas.copy()
+    source = Image.fromarray(patch.squeeze(-1) if patch.shape[2] == 1 else patch)
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.int64):
+        resized = np.asarray(source.resize((int(x1 - x0), int(y1 - y0)), Image.Resampling.BILINEAR))
+        out[y0:y1, x0:x1] = resized.reshape(y1 - y0, x1 - x0, -1)
+    return out
+
+
+def flat_background(image: np.ndarray, size: int, cells: int = 4) -> np.ndarray:
+    """A face-free background of the image's colours: (size, size, 3) uint8, the image averaged to
+    `cells x cells` blocks and upsampled smoothly (no recognisable face survives)."""
+    small = Image.fromarray(image).resize((cells, cells), Image.Resampling.BOX)
+    return np.asarray(small.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def make_clone_face_sample(
+    crop: np.ndarray,
+    size: int,
+    params: CloneFaceParams,
+    rng: np.random.Generator,
+    background: np.ndarray | None = None,
+    layers: dict[str, np.ndarray] | None = None,
+) -> CloneFaceSample:
+    """Compose one Clone Face Tuning sample from one identity's face crop.
+
+    Args:
+        crop: the identity's zoomed face crop, uint8 (S, S, 3).
+        size: output side (the model resolution).
+        params: `train.clone_face` (k range, scale range).
+        rng: the only source of randomness.
+        background: uint8 (size, size, 3) to paste onto; default mid-grey.
+        layers: patches aligned with `crop` (e.g. the skeleton/landmark maps cut at the crop box), each uint8
+            (S', S', C); each is pasted at the same boxes onto a black canvas and returned in `layers`.
+
+    Returns:
+        A `CloneFaceSample` with k in [k_min, k_max] clones.
+    """
+    check_clone_params(params)
+    if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
+        raise ValueError(f"crop must be uint8 (S, S, 3), got {crop.dtype} {crop.shape}")
+    if background is None:
+        background = np.full((size, size, 3), 127, dtype=np.uint8)
+    if background.shape != (size, size, 3):
+        raise ValueError(f"background must be ({size}, {size}, 3), got {background.shape}")
+    k = int(rng.integers(params.k_min, params.k_max + 1))
+    boxes = place_clones(size, k, params.scale_min, params.scale_max, rng)
+    image = paste_clones(background, crop, boxes)
+    masks = clone_masks(boxes, size, size)
+    composed = {
+        name: paste_clones(np.zeros((size, size, patch.shape[2]), dtype=np.uint8), patch, boxes)
+        for name, patch in (layers or {}).items()
+    }
+    return CloneFaceSample(image=image, masks=masks, union=masks.max(axis=0), boxes=boxes, layers=composed)
+
+
+def face_weight_map(
+    face_mask: torch.Tensor, latent_size: tuple[int, int], face_loss_weight: float
+) -> torch.Tensor:
+    """Per-latent-position loss weights: `1 + (face_loss_weight - 1) * area_downsample(face_mask)`.
+
+    Args:
+        face_mask: (B, H, W) or (B, 1, H, W) in [0, 1] at pixel resolution (the union of the sample's faces).
+        latent_size: (h, w) of the latent grid (H/8, W/8).
+        face_loss_weight: weight of a fully-face position (1 = unweighted; 0 ignores faces).
+
+    Returns:
+        float32 (B, 1, h, w).
+    """
+    if face_mask.ndim == 3:
+        face_mask = face_mask[:, None]
+    if face_mask.ndim != 4 or face_mask.shape[1] != 1:
+        raise ValueError(f"face_mask must be (B, H, W) or (B, 1, H, W), got {tuple(face_mask.shape)}")
+    coverage = F.interpolate(
+        face_mask.float(), size=tuple(latent_size), mode="area"
+    )  # fraction of face pixels
+    return 1.0 + (float(face_loss_weight) - 1.0) * coverage
+
+
+def weighted_diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Face-region weighted MSE: `mean(weight * (prediction - target)^2)`, computed in float32.
+
+    Args:
+        prediction, target: (B, C, h, w) (noise or velocity, as the scheduler's prediction type).
+        weight: (B, 1, h, w) from `face_weight_map`, or None for plain MSE (same as an all-ones weight).
+        reduction: "mean" (a scalar) or "none" (one value a sample, (B,)).
+
+    Returns:
+        The loss; with `weight` all ones it equals `F.mse_loss(prediction, target)`.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ")
+    error = (prediction.float() - target.float()) ** 2
+    if weight is not None:
+        error = error * weight.float()
+    if reduction == "mean":
+        return error.mean()
+    if reduction == "none":
+        return error.flatten(1).mean(dim=1)
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")

@@ -1,0 +1,645 @@
+"""Training MagicID's adapter on IDZoom (DESIGN §3), in the layout of accelerate's examples.
+
+What trains: the ID encoder, MGMICA's ID key/value projections and the MMF ControlNet (`MagicIDAdapter`).
+What is frozen: the backbone's UNet, VAE and text encoder. One optimizer step:
+
+1. the batch's images are encoded to latents (VAE, frozen) and noised at random timesteps;
+2. the ControlNet gets the skeleton/landmark maps of the step's MMF mode (`mmf.MMFSchedule`);
+3. each sample's identities (embedding + zoomed crop -> ID tokens) go to MGMICA with their face masks
+   (a Clone Face sample is one identity with the union of its clone masks, `clone_face.py`);
+4. the loss is the face-region weighted diffusion loss (`clone_face.weighted_diffusion_loss`), accumulated over
+   `train.grad_accum` micro-batches, then AdamW steps.
+
+Exact resume: every random draw of step s (latent sample, noise, timesteps) comes from a generator seeded by
+(seed, s, micro-batch, process); the data order and Clone Face samples are functions of (seed, epoch, index);
+a checkpoint (`accelerator.save_state`: adapter safetensors, optimizer, LR scheduler, grad scaler, RNG states,
+plus `trainer_state.json` with the step and MLflow run id) is written at step boundaries. Resuming loads it and
+skips the data consumed so far (`skip_first_batches`), so step s+1 sees exactly what an uninterrupted run saw.
+
+Tracking (main process only): MLflow run with all params, per-step metrics (`loss`, `loss_<mode>`, `lr`,
+`mmf_mode_id`), the dataset version as an input (DVC md5 from dvc.lock / `<dir>.dvc`, else a hash of the
+manifests), every checkpoint and the final adapter as artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from magicid.config import Params
+from magicid.errors import ConfigError, DataError
+from magicid.models.adapter import MagicIDAdapter
+from magicid.models.backbone import Backbone, load_backbone, resolve_device
+from magicid.models.conditioning import MODE_IDS
+from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
+from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate_idzoom
+from magicid.training.mmf import MMFSchedule
+from magicid.utils import atomic_write_text, set_seed
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "trainer_state.json"
+_METRICS_FLUSH_EVERY = 50  # steps between MLflow metric flushes (also flushed at checkpoints and the end)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a `train` call did.
+
+    Attributes:
+        run_id: the MLflow run id (None when tracking was off).
+        out_dir: `train.out_dir`.
+        adapter_dir: the final adapter (`MagicIDAdapter.save`).
+        step: the optimizer step reached.
+        losses: loss per optimizer step taken in this call (1-based step -> mean loss over its micro-batches).
+        modes: MMF mode per step taken in this call.
+        dataset_version: the dataset version logged as the run's input.
+        steps_per_s: optimizer steps per second of this call (excluding set-up).
+        step_times: `time.perf_counter()` when each step of this call finished (benchmarks skip warm-up steps).
+    """
+
+    run_id: str | None
+    out_dir: Path
+    adapter_dir: Path
+    step: int
+    losses: dict[int, float]
+    modes: dict[int, str]
+    dataset_version: str
+    steps_per_s: float
+    step_times: dict[int, float] = dataclasses.field(default_factory=dict)
+
+
+class MagicIDTrainingModule(nn.Module):
+    """The trainable adapter around the frozen UNet; `forward` predicts the noise (or velocity).
+
+    Only the adapter is a registered submodule: its state dict (what checkpoints hold) and what DDP wraps are
+    the trainable weights. The UNet (which owns the MGMICA processors, i.e. the adapter's ID projections)
+    is held as a plain attribute.
+    """
+
+    def __init__(self, adapter: nn.Module, unet: nn.Module) -> None:
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "unet", unet)  # not a submodule: frozen, not checkpointed
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        condition: torch.Tensor,
+        id_embeddings: torch.Tensor,
+        id_crops: torch.Tensor,
+        id_masks: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict the diffusion target.
+
+        Args:
+            noisy_latents: (B, 4, h, w); timesteps: (B,) long; text: (B, 77, C).
+            condition: (B, 6, H, W) in [0, 1] (`make_condition`).
+            id_embeddings: (B, n, D); id_crops: (B, n, 3, S, S) in [-1, 1];
+            id_masks: (B, n, H, W) in [0, 1], zero for padded identities.
+
+        Returns:
+            (B, 4, h, w) the UNet's prediction with ControlNet residuals and MGMICA identities.
+        """
+        from magicid.models.mgmica import identities
+
+        tokens = self.adapter.encode_identities(id_embeddings, id_crops)  # (B, n, T, C)
+        down, mid = self.adapter.controlnet(
+            noisy_latents, timesteps, encoder_hidden_states=text, controlnet_cond=condition, return_dict=False
+        )
+        with identities(self.unet, tokens, id_masks):
+            return self.unet(
+                noisy_latents,
+                timesteps,
+                encoder_hidden_states=text,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample
+
+
+class TextEncoderCache:
+    """Caption -> text-encoder hidden states (77, C), computed once per caption (captions are few and fixed)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        tokenizer, encoder = self.backbone.tokenizer, self.backbone.text_encoder
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            ids = tokenizer(
+                missing,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(encoder.device)
+            hidden = encoder(ids)[0]
+            for caption, row in zip(missing, hidden, strict=True):
+                self._cache[caption] = row
+        return torch.stack([self._cache[c] for c in captions])  # (B, 77, C)
+
+
+def step_generator(seed: int, step: int, micro: int, process: int = 0) -> torch.Generator:
+    """The CPU generator of every random draw of (optimizer step, micro-batch, process): a pure function."""
+    state = np.random.SeedSequence([seed, step, micro, process]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def diffusion_loss(
+    module: nn.Module,
+    backbone: Backbone,
+    batch: dict[str, Any],
+    condition: torch.Tensor,
+    text: torch.Tensor,
+    generator: torch.Generator,
+    face_loss_weight: float,
+) -> torch.Tensor:
+    """The face-region weighted diffusion loss of one batch (scalar, float32).
+
+    Args:
+        module: `MagicIDTrainingModule` (possibly wrapped by accelerate).
+        backbone: for the VAE and noise scheduler (frozen).
+        batch: a `collate_idzoom` batch on the training device.
+        condition: (B, 6, H, W) ControlNet input for the step's MMF mode.
+        text: (B, 77, C) text-encoder states.
+        generator: CPU generator for the latent sample, noise and timesteps.
+        face_loss_weight: `train.face_loss_weight`.
+    """
+    vae, scheduler = backbone.vae, backbone.scheduler
+    device = backbone.unet.device
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
+        posterior = vae.encode(pixels).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(
+            device=device, dtype=posterior.mean.dtype
+        )
+        latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
+    latents = latents.float()
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    )
+    timesteps = timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ConfigError(f"scheduler prediction_type {scheduler.config.prediction_type!r} is not supported")
+    unet_dtype = backbone.unet.dtype
+    prediction = module(
+        noisy.to(unet_dtype),
+        timesteps,
+        text.to(unet_dtype),
+        condition,
+        batch["id_embeddings"],
+        batch["id_crops"],
+        batch["id_masks"],
+    )
+    weight = face_weight_map(batch["face_mask"], tuple(latents.shape[-2:]), face_loss_weight)
+    return weighted_diffusion_loss(prediction, target, weight)
+
+
+def dataset_version(root: str | Path) -> tuple[str, str]:
+    """The version id of an IDZoom directory and where it came from.
+
+    Looks for the directory's DVC md5: a `dvc.lock` (in the directory's parents) listing it as a stage output, or
+    a `<dir>.dvc` file beside it; else the SHA-256 of `images.parquet` + `faces.parquet` (first 32 hex digits).
+
+    Returns:
+        (version, origin) with origin `dvc.lock`, `.dvc` or `manifest-sha256`.
+    """
+    root = Path(root).resolve()
+    for parent in [root.parent, *root.parent.parents]:
+        lock = parent / "dvc.lock"
+        if lock.is_file():
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) or {}
+            for stage in stages.values():
+                for out in (stage or {}).get("outs", []) or []:
+                    if (parent / str(out.get("path", ""))).resolve() == root and out.get("md5"):
+                        return str(out["md5"]).removesuffix(".dir"), "dvc.lock"
+            break
+    dvc_file = root.parent / f"{root.name}.dvc"
+    if dvc_file.is_file():
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []) or []
+        if outs and outs[0].get("md5"):
+            return str(outs[0]["md5"]).removesuffix(".dir"), ".dvc"
+    digest = hashlib.sha256()
+    for name in ("images.parquet", "faces.parquet"):
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:32], "manifest-sha256"
+
+
+def flatten_params(params: Params) -> dict[str, str]:
+    """`Params` as MLflow params: dotted keys -> string values."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk("", params.model_dump(mode="json"))
+    return flat
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `out_dir/checkpoints`, oldest first."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [
+        path
+        for path in folder.iterdir()
+        if path.is_dir()
+        and path.name.startswith(CHECKPOINT_PREFIX)
+        and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        and (path / STATE_FILE).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def _lr_scheduler(params: Params, optimizer: torch.optim.Optimizer, total_steps: int, processes: int):
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[
+        params.train.lr_scheduler
+    ]
+    # accelerate steps a prepared scheduler once per process per optimizer step (diffusers' examples do the same).
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=params.train.lr_warmup_steps * processes,
+        num_training_steps=total_steps * processes,
+    )
+
+
+class _Tracker:
+    """MLflow logging for one training run (main process only; a no-op elsewhere)."""
+
+    def __init__(self, params: Params, enabled: bool) -> None:
+        self.params = params
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._pending: list[Any] = []
+        self._client = None
+
+    def start(self, run_id: str | None, run_name: str) -> bool:
+        """Open `run_id` (a resumed run) or a new run; True when a new run was created (params to log)."""
+        if not self.enabled:
+            return False
+        from mlflow import MlflowClient
+
+        tracking = self.params.tracking
+        self._client = client = MlflowClient(tracking_uri=tracking.uri)
+        experiment = client.get_experiment_by_name(tracking.experiment)
+        if experiment is None:
+            root = tracking.artifact_root
+            location = root if "://" in root else Path(root).resolve().as_uri()
+            experiment_id = client.create_experiment(tracking.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        if run_id is not None:
+            try:
+                client.get_run(run_id)
+            except Exception:  # noqa: BLE001 - a run of another tracking store: start a new one
+                run_id = None
+        if run_id is None:
+            run = client.create_run(
+                experiment_id, run_name=run_name, tags={"mlflow.source.name": "magicid train"}
+            )
+            run_id = run.info.run_id
+            self.run_id = run_id
+            self.log_params(flatten_params(self.params))
+            return True
+        client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        return False
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in values.items()]
+        for start in range(0, len(items), 100):  # MLflow accepts up to 100 params a batch
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_dataset(self, images_df, root: Path, version: str, origin: str) -> None:
+        if not self.enabled:
+            return
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        tags = [InputTag("mlflow.data.context", "training"), InputTag("version_origin", origin)]
+        with warnings.catch_warnings():  # schema-inference hints about integer columns and source resolution
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(images_df, source=str(root), name="idzoom", digest=version)
+            entity = dataset._to_mlflow_entity()  # what mlflow.log_input does; the client API takes entities
+        self._client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
+        self._client.set_tag(self.run_id, "dataset_version", version)
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(key, float(value), now, step) for key, value in values.items())
+
+    def flush(self) -> None:
+        if not self.enabled or not self._pending:
+            return
+        for start in range(0, len(self._pending), 1000):  # MLflow's log_batch limit
+            self._client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+        self._pending = []
+
+    def artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        if self.enabled:
+            self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def end(self, status: str) -> None:
+        if self.enabled and self.run_id is not None:
+            self.flush()
+            self._client.set_terminated(self.run_id, status=status)
+
+
+def train(
+    params: Params,
+    data_dir: str | Path,
+    steps: int | None = None,
+    resume: bool = False,
+    backbone: Backbone | None = None,
+    progress: bool = True,
+    track: bool = True,
+) -> TrainResult:
+    """Train the MagicID adapter on an IDZoom dataset version.
+
+    Args:
+        params: typed parameters (`train`, `model`, `tracking`, `seed`, `data.crop_size`).
+        data_dir: the IDZoom dataset version directory (DESIGN §2).
+        steps: optimizer steps to reach (default `train.steps`); with `resume`, the total including those done.
+            The LR schedule spans `max(train.steps, steps)`, so a run stopped early resumes on the same schedule.
+        resume: continue from the newest checkpoint under `train.out_dir/checkpoints` (error if none).
+        backbone: a freshly loaded backbone to train on (default `load_backbone(params)`); MGMICA is installed on
+            its UNet, so do not share it with another model.
+        progress: show a tqdm progress bar.
+        track: log to MLflow (`tracking.uri`, `tracking.experiment`).
+
+    Returns:
+        `TrainResult`.
+
+    Raises:
+        DataError: a bad dataset row; ConfigError: impossible settings (e.g. `--resume` without a checkpoint).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+    from tqdm.auto import tqdm
+
+    cfg = params.train
+    total_steps = int(steps or cfg.steps)
+    if total_steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {total_steps}")
+    out_dir = Path(cfg.out_dir)
+    data_dir = Path(data_dir)
+    checkpoints = list_checkpoints(out_dir) if resume else []
+    if resume and not checkpoints:
+        raise ConfigError(
+            f"--resume: no checkpoint under {out_dir / 'checkpoints'}; train without --resume first"
+        )
+
+    # 1. Accelerator: mixed precision only on GPU (on CPU it is "no": fp16 autocast is unsupported there).
+    device = resolve_device(params.model.device)
+    mixed_precision = cfg.mixed_precision if device.type == "cuda" else "no"
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.grad_accum, sync_with_dataloader=False
+        ),
+    )
+    set_seed(params.seed)
+
+    # 2. Models: frozen backbone in the compute dtype, trainable adapter in float32.
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    backbone = backbone or load_backbone(params)
+    backbone.to(device=accelerator.device, dtype=weight_dtype)
+    for frozen in (backbone.unet, backbone.vae, backbone.text_encoder):
+        frozen.requires_grad_(False).eval()
+    adapter = MagicIDAdapter.create(backbone, params)
+    adapter.to(device=accelerator.device, dtype=torch.float32).train()
+    module = MagicIDTrainingModule(adapter, backbone.unet)
+    trainable = [p for p in adapter.parameters() if p.requires_grad]
+
+    # 3. Data: a deterministic order (seed, epoch) that resume can replay.
+    dataset = IDZoomDataset(data_dir, params, split="train")
+    sampler = EpochShuffleSampler(len(dataset), params.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_idzoom)
+    version, origin = dataset_version(data_dir)
+
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The LR schedule spans the configured run (`train.steps`), not this call's `--steps`: stopping early and
+    # resuming later must follow the same schedule as one uninterrupted run.
+    horizon = max(cfg.steps, total_steps)
+    lr_scheduler = _lr_scheduler(params, optimizer, horizon, accelerator.num_processes)
+    module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
+
+    # 4. Resume: weights, optimizer, scheduler, scaler, RNG, accumulation counter; then the data position.
+    step, run_id = 0, None
+    if checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
+        step, run_id = int(state["step"]), state.get("run_id")
+        if state.get("lr_horizon") not in (None, horizon):
+            accelerator.print(
+                f"warning: the LR schedule now spans {horizon} steps, the checkpoint's spanned {state['lr_horizon']}; "
+                "set train.steps to the run's total length to resume on the same schedule"
+            )
+        if state.get("dataset_version") not in (None, version):
+            accelerator.print(
+                f"warning: resuming on dataset version {version}, the checkpoint was trained on {state['dataset_version']}"
+            )
+        if step >= total_steps:
+            raise ConfigError(
+                f"--resume: checkpoint {checkpoints[-1].name} is at step {step} >= --steps {total_steps}"
+            )
+
+    tracker = _Tracker(params, enabled=track and accelerator.is_main_process)
+    new_run = tracker.start(run_id, run_name=f"train-{data_dir.name}")
+    if new_run:
+        tracker.log_params(
+            {
+                "data_dir": str(data_dir),
+                "dataset_version": version,
+                "n_train_samples": len(dataset),
+                "n_trainable_params": sum(p.numel() for p in trainable),
+                "backbone_source": backbone.source,
+                "effective_mixed_precision": mixed_precision,
+                "num_processes": accelerator.num_processes,
+            }
+        )
+        tracker.log_dataset(dataset.images_df, data_dir, version, origin)
+
+    schedule = MMFSchedule.from_params(params)
+    texts = TextEncoderCache(backbone)
+    per_epoch = len(loader)
+    micro = step * cfg.grad_accum  # micro-batches consumed so far (checkpoints sit on step boundaries)
+    epoch, skip = divmod(micro, per_epoch)
+    losses: dict[int, float] = {}
+    modes: dict[int, str] = {}
+    step_times: dict[int, float] = {}
+    bar = tqdm(
+        total=total_steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process)
+    )
+    running, micro_in_step = torch.zeros((), device=accelerator.device), 0
+    start_time, start_step = time.perf_counter(), step
+    status = "FAILED"
+    try:
+        while step < total_steps:
+            loader.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            skip = 0
+            for batch in batches:
+                mode = schedule.mode_at(step)
+                generator = step_generator(params.seed, step, micro_in_step, accelerator.process_index)
+                condition = schedule.condition_at(step, batch["skeleton"], batch["landmark"])
+                with accelerator.accumulate(module):
+                    loss = diffusion_loss(
+                        module,
+                        backbone,
+                        batch,
+                        condition,
+                        texts(batch["caption"]),
+                        generator,
+                        cfg.face_loss_weight,
+                    )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running += loss.detach() / cfg.grad_accum
+                micro_in_step += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                step_loss = accelerator.reduce(running, reduction="mean").item()
+                if not math.isfinite(step_loss):
+                    raise FloatingPointError(
+                        f"loss is {step_loss} at step {step}; lower train.lr or check the data"
+                    )
+                running, micro_in_step = torch.zeros((), device=accelerator.device), 0
+                losses[step], modes[step], step_times[step] = step_loss, mode, time.perf_counter()
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", mode=mode)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    tracker.metrics(
+                        {
+                            "loss": step_loss,
+                            f"loss_{mode}": step_loss,
+                            "lr": lr_scheduler.get_last_lr()[0],
+                            "mmf_mode_id": MODE_IDS[mode],
+                        },
+                        step,
+                    )
+                if step % _METRICS_FLUSH_EVERY == 0:
+                    tracker.flush()
+                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                    extra = {"dataset_version": version, "lr_horizon": horizon}
+                    _save_checkpoint(accelerator, module, out_dir, step, tracker, extra, params)
+                if step >= total_steps:
+                    break
+            epoch += 1
+        elapsed = time.perf_counter() - start_time
+        # 5. The final adapter: what inference and the registry load.
+        adapter_dir = out_dir / "adapter"
+        if accelerator.is_main_process:
+            _replace_dir(adapter_dir, lambda tmp: accelerator.unwrap_model(module).adapter.save(tmp))
+            tracker.artifacts(adapter_dir, "adapter")
+        accelerator.wait_for_everyone()
+        status = "FINISHED"
+    finally:
+        bar.close()
+        tracker.end(status)
+        accelerator.end_training()
+    return TrainResult(
+        run_id=tracker.run_id,
+        out_dir=out_dir,
+        adapter_dir=adapter_dir,
+        step=step,
+        losses=losses,
+        modes=modes,
+        dataset_version=version,
+        steps_per_s=(step - start_step) / elapsed if elapsed > 0 else float("nan"),
+        step_times=step_times,
+    )
+
+
+def _replace_dir(target: Path, write) -> None:
+    """Write a directory through `write(tmp_dir)` beside `target`, then swap it in (no half-written folder)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_checkpoint(
+    accelerator, module: nn.Module, out_dir: Path, step: int, tracker: _Tracker, extra: dict, params: Params
+) -> None:
+    """`accelerator.save_state` (safetensors weights) + the adapter + trainer state, atomically; prune old ones."""
+    target = out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = target.with_name(f".{target.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(module).adapter.save(tmp / "adapter")
+        state = {"step": step, "run_id": tracker.run_id, "seed": params.seed, **extra}
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        tracker.flush()
+        tracker.artifacts(target, f"checkpoints/{target.name}")
+        for old in list_checkpoints(out_dir)[: -params.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def check_data_dir(data_dir: str | Path) -> Path:
+    """The dataset directory, or `DataError` saying how to make one."""
+    path = Path(data_dir)
+    if not (path / "images.parquet").is_file():
+        raise DataError(
+            f"--data {path}: no images.parquet there; build a dataset version with `magicid build-data`"
+        )
+    return path

@@ -1,0 +1,305 @@
+"""Invariants of MGMICA (masked multi-identity cross-attention): locality, stock equivalence, overlaps, CFG, grids."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from magicid.errors import ModelInputError
+from magicid.models.mgmica import (
+    MGMICAAttnProcessor,
+    clear_identities,
+    grid_for_length,
+    identities,
+    install_mgmica,
+    layer_grids,
+    mgmica_processors,
+    overlap_weights,
+    resize_masks,
+    set_identities,
+)
+
+QUERY_DIM, CROSS_DIM, HEADS = 32, 16, 4
+
+
+def _layer(seed: int = 0) -> tuple[Attention, MGMICAAttnProcessor]:
+    torch.manual_seed(seed)
+    attn = Attention(
+        query_dim=QUERY_DIM, cross_attention_dim=CROSS_DIM, heads=HEADS, dim_head=QUERY_DIM // HEADS
+    )
+    proc = MGMICAAttnProcessor(QUERY_DIM, CROSS_DIM)
+    torch.nn.init.normal_(proc.to_k_id.weight)
+    torch.nn.init.normal_(proc.to_v_id.weight)
+    attn.set_processor(proc)
+    return attn.eval(), proc
+
+
+def _inputs(batch: int, h: int, w: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, h * w, QUERY_DIM, generator=g)
+    text = torch.randn(batch, 7, CROSS_DIM, generator=g)
+    return hidden, text
+
+
+def _box_masks(batch: int, h: int, w: int, boxes) -> torch.Tensor:
+    masks = torch.zeros(batch, len(boxes), h, w)
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        masks[:, i, y0:y1, x0:x1] = 1.0
+    return masks
+
+
+def _dense_reference(attn, proc, hidden, text, tokens, masks, grid):
+    """The formula computed densely: text_out + scale * to_out_W(Σ_i w_i * attn(Q, K(T_i), V(T_i)))."""
+    out = AttnProcessor2_0()(attn, hidden, text)
+    weights = overlap_weights(resize_masks(masks, grid)).flatten(2)  # (B, n, N)
+    b, n_ids = tokens.shape[:2]
+    q = attn.to_q(hidden).view(b, -1, HEADS, QUERY_DIM // HEADS).transpose(1, 2)
+    total = 0
+    for i in range(n_ids):  # a loop is fine in a reference
+        k = proc.to_k_id(tokens[:, i]).view(b, -1, HEADS, QUERY_DIM // HEADS).transpose(1, 2)
+        v = proc.to_v_id(tokens[:, i]).view(b, -1, HEADS, QUERY_DIM // HEADS).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, QUERY_DIM)
+        total = total + weights[:, i].unsqueeze(-1) * o
+    return out + proc.scale * F.linear(total, attn.to_out[0].weight)
+
+
+@torch.no_grad()
+def test_matches_dense_formula_with_soft_and_overlapping_masks():
+    attn, proc = _layer()
+    h, w = 6, 9
+    hidden, text = _inputs(2, h, w)
+    tokens = torch.randn(2, 3, 4, CROSS_DIM)
+    masks = _box_masks(2, h, w, [(0, 3, 0, 4), (2, 5, 3, 8), (4, 6, 6, 9)])
+    masks[1, 0] *= 0.3  # soft weight in the second sample
+    proc.set_identities(tokens, masks, scale=0.7, latent_size=(h, w))
+    got = attn(hidden, encoder_hidden_states=text)
+    want = _dense_reference(attn, proc, hidden, text, tokens, masks, (h, w))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_changing_one_identity_changes_nothing_outside_its_mask():
+    attn, proc = _layer()
+    h, w = 8, 8
+    hidden, text = _inputs(1, h, w)
+    masks = _box_masks(1, h, w, [(1, 4, 1, 4), (3, 7, 3, 7)])  # overlapping at (3, 3)
+    masks[0, 1] = masks[0, 1] * torch.linspace(0.2, 1.0, w)  # feathered second mask
+    tokens = torch.randn(1, 2, 4, CROSS_DIM)
+    changed = tokens.clone()
+    changed[:, 1] = torch.randn(1, 4, CROSS_DIM) * 5
+    proc.set_identities(tokens, masks, latent_size=(h, w))
+    before = attn(hidden, encoder_hidden_states=text)
+    proc.set_identities(changed, masks, latent_size=(h, w))
+    after = attn(hidden, encoder_hidden_states=text)
+    outside = (masks[0, 1] == 0).flatten()
+    assert torch.equal(before[0, outside], after[0, outside])
+    assert (before[0, ~outside] - after[0, ~outside]).abs().amax(-1).min() > 0  # every inside position moves
+
+
+@torch.no_grad()
+def test_scale_zero_no_identities_and_empty_masks_equal_stock_processor():
+    attn, proc = _layer()
+    hidden, text = _inputs(2, 5, 7)
+    stock = AttnProcessor2_0()(attn, hidden, text)
+    assert torch.equal(attn(hidden, encoder_hidden_states=text), stock)  # no identities
+    tokens = torch.randn(2, 2, 4, CROSS_DIM)
+    masks = _box_masks(2, 5, 7, [(0, 3, 0, 3), (2, 5, 2, 6)])
+    proc.set_identities(tokens, masks, scale=0.0, latent_size=(5, 7))
+    assert torch.equal(attn(hidden, encoder_hidden_states=text), stock)  # scale 0
+    proc.set_identities(tokens, torch.zeros_like(masks), scale=1.0, latent_size=(5, 7))
+    assert torch.equal(attn(hidden, encoder_hidden_states=text), stock)  # empty masks
+    proc.set_identities(tokens, masks, scale=1.0, latent_size=(5, 7))
+    assert not torch.equal(attn(hidden, encoder_hidden_states=text), stock)
+
+
+@torch.no_grad()
+def test_unet_with_mgmica_equals_stock_unet_without_identities_or_at_scale_zero(tiny_backbone):
+    unet = copy.deepcopy(tiny_backbone.unet)
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 64, generator=g)
+    stock = unet(latents, 500, text).sample
+    install_mgmica(unet)
+    assert torch.equal(unet(latents, 500, text).sample, stock)
+    tokens, masks = (
+        torch.randn(2, 2, 4, 64, generator=g),
+        _box_masks(2, 256, 256, [(10, 90, 10, 90), (100, 200, 50, 150)]),
+    )
+    with identities(unet, tokens, masks, scale=0.0):
+        assert torch.equal(unet(latents, 500, text).sample, stock)
+    with identities(unet, tokens, masks):
+        assert not torch.equal(unet(latents, 500, text).sample, stock)
+    assert torch.equal(unet(latents, 500, text).sample, stock)  # cleared on exit
+    assert all(p.scale == 1.0 for p in mgmica_processors(unet).values())
+
+
+@torch.no_grad()
+def test_overlap_rule_blends_identities_and_weights_sum_to_at_most_one():
+    attn, proc = _layer()
+    h, w = 6, 6
+    hidden, text = _inputs(1, h, w)
+    tokens = torch.randn(1, 2, 4, CROSS_DIM)
+    masks = _box_masks(1, h, w, [(0, 4, 0, 4), (2, 6, 2, 6)])  # overlap: rows 2-3, cols 2-3
+    stock = AttnProcessor2_0()(attn, hidden, text)
+    deltas = []
+    for i in range(2):
+        proc.set_identities(tokens[:, i : i + 1], masks[:, i : i + 1], latent_size=(h, w))
+        deltas.append(attn(hidden, encoder_hidden_states=text) - stock)
+    proc.set_identities(tokens, masks, latent_size=(h, w))
+    both = attn(hidden, encoder_hidden_states=text) - stock
+    grid = torch.zeros(h, w, dtype=torch.bool)
+    grid[2:4, 2:4] = True
+    overlap, only_first = grid.flatten(), (masks[0, 0].bool() & ~masks[0, 1].bool()).flatten()
+    torch.testing.assert_close(
+        both[0, overlap], 0.5 * (deltas[0] + deltas[1])[0, overlap], rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(both[0, only_first], deltas[0][0, only_first], rtol=1e-5, atol=1e-6)
+
+    soft = torch.rand(3, 4, 5, 5)
+    weights = overlap_weights(soft)
+    assert bool((weights.sum(1) <= 1 + 1e-6).all())
+    lone = torch.zeros(1, 2, 5, 5)
+    lone[0, 0] = soft[0, 0]
+    assert torch.equal(overlap_weights(lone), lone)  # a lone soft mask keeps its feathering
+
+
+@torch.no_grad()
+def test_cfg_batches_broadcast_tokens_and_masks():
+    attn, proc = _layer()
+    h, w = 4, 6
+    hidden, text = _inputs(4, h, w)  # CFG: 2 uncond + 2 cond
+    tokens = torch.randn(2, 2, 4, CROSS_DIM)
+    masks = _box_masks(2, h, w, [(0, 2, 0, 3), (1, 4, 2, 6)])
+    proc.set_identities(tokens, masks, latent_size=(h, w))
+    half = attn(hidden, encoder_hidden_states=text)
+    proc.set_identities(tokens.repeat(2, 1, 1, 1), masks.repeat(2, 1, 1, 1), latent_size=(h, w))
+    full = attn(hidden, encoder_hidden_states=text)
+    assert torch.equal(half, full)
+
+    # Different unconditional tokens (IP-Adapter style) change only the unconditional half.
+    uncond = torch.zeros_like(tokens)
+    proc.set_identities(torch.cat([uncond, tokens]), masks, latent_size=(h, w))
+    mixed = attn(hidden, encoder_hidden_states=text)
+    torch.testing.assert_close(mixed[2:], full[2:], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(mixed[:2], full[:2])
+
+    proc.set_identities(tokens[:1].repeat(3, 1, 1, 1), masks[:1], latent_size=(h, w))
+    with pytest.raises(ModelInputError, match="batch 3"):
+        attn(hidden, encoder_hidden_states=text)
+
+
+def test_bad_masks_and_tokens_are_rejected_with_shapes():
+    _, proc = _layer()
+    tokens = torch.randn(1, 2, 4, CROSS_DIM)
+    with pytest.raises(ModelInputError, match="2 identities"):
+        proc.set_identities(tokens, torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ModelInputError, match=r"\[0, 1\]"):
+        proc.set_identities(tokens, torch.full((1, 2, 8, 8), 255.0))
+    with pytest.raises(ModelInputError, match="both"):
+        proc.set_identities(tokens, None)
+    with pytest.raises(ModelInputError, match="no level"):
+        grid_for_length(50, (8, 8))
+
+
+def test_layer_grids_follow_stride_two_ceil_division():
+    assert layer_grids(9, 13) == [(9, 13), (5, 7), (3, 4), (2, 2), (1, 1)]
+    assert grid_for_length(35, (9, 13)) == (5, 7)
+    # The ceil-division chain is what a stride-2, padding-1 conv produces.
+    conv = torch.nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    x = torch.zeros(1, 1, 9, 13)
+    for grid in layer_grids(9, 13)[1:4]:
+        x = conv(x)
+        assert tuple(x.shape[-2:]) == grid
+
+
+@pytest.mark.parametrize("mask_size", [(256, 256), (255, 257), (37, 53), (8, 8)])
+def test_area_resize_never_leaks_outside_the_mask(mask_size):
+    H, W = mask_size
+    masks = torch.zeros(1, 1, H, W)
+    masks[..., H // 3 : H // 2 + 1, W // 4 : W // 2 + 1] = 1.0
+    for grid in [(32, 32), (16, 16), (9, 13), (5, 7), (3, 4), (1, 1)]:
+        resized = resize_masks(masks, grid)
+        assert resized.shape == (1, 1, *grid)
+        # A cell is nonzero only if its area window (adaptive pooling bounds) holds a mask pixel.
+        for i in range(grid[0]):
+            y0, y1 = (i * H) // grid[0], -(-((i + 1) * H) // grid[0])
+            for j in range(grid[1]):
+                x0, x1 = (j * W) // grid[1], -(-((j + 1) * W) // grid[1])
+                assert (resized[0, 0, i, j] > 0) == bool(masks[0, 0, y0:y1, x0:x1].any())
+        assert float(resized.max()) <= 1.0
+
+
+def _capture_attn2_inputs(unet, latents, text):
+    captured = {}
+    hooks = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, args, kwargs, out, name=name: captured.__setitem__(
+                        name, (args[0], kwargs["encoder_hidden_states"])
+                    ),
+                    with_kwargs=True,
+                )
+            )
+    unet(latents, 500, text)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+@pytest.mark.parametrize(
+    "latent_size, mask_size",
+    [((32, 32), (256, 256)), ((9, 13), (71, 103)), ((9, 13), (9, 13)), ((7, 5), (56, 40))],
+)
+@torch.no_grad()
+def test_masks_of_any_size_map_to_every_unet_layer_and_stay_local(tiny_backbone, latent_size, mask_size):
+    unet = copy.deepcopy(tiny_backbone.unet)
+    install_mgmica(unet)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, *latent_size, generator=g)
+    text = torch.randn(1, 77, 64, generator=g)
+    H, W = mask_size
+    masks = torch.zeros(1, 2, H, W)
+    masks[0, 0, : H // 2, : W // 3] = 1.0
+    masks[0, 1, H // 2 :, W // 2 :] = 1.0
+    tokens = torch.randn(1, 2, 4, 64, generator=g)
+    set_identities(unet, tokens, masks)
+    inputs = _capture_attn2_inputs(unet, latents, text)  # also records the latent size
+    expected_grids = set(layer_grids(*latent_size)[1:3])  # tiny UNet: attention at the two lower levels
+    seen = set()
+    modules = dict(unet.named_modules())
+    changed = tokens.clone()
+    changed[:, 1] += 3.0
+    for name, (hidden, encoder) in inputs.items():
+        attn, proc = modules[name], modules[name].processor
+        set_identities(unet, tokens, masks)
+        before = attn(hidden, encoder_hidden_states=encoder)
+        grid = proc.last_grid
+        seen.add(grid)
+        set_identities(unet, changed, masks)
+        after = attn(hidden, encoder_hidden_states=encoder)
+        outside = (resize_masks(masks, grid)[0, 1] == 0).flatten()
+        assert torch.equal(before[0, outside], after[0, outside]), name
+        assert not torch.equal(before[0, ~outside], after[0, ~outside]), name
+    assert seen == expected_grids
+    clear_identities(unet)
+
+
+def test_id_projections_are_trainable_and_text_weights_untouched(tiny_backbone):
+    unet = copy.deepcopy(tiny_backbone.unet)
+    projections = install_mgmica(unet)
+    assert len(projections) == 6 and all(k.endswith("attn2") for k in projections)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 1, 4, 64, generator=g, requires_grad=True)
+    masks = torch.zeros(1, 1, 256, 256)
+    masks[..., 64:160, 64:160] = 1
+    with identities(unet, tokens, masks):
+        out = unet(torch.randn(1, 4, 32, 32, generator=g), 500, torch.randn(1, 77, 64, generator=g)).sample
+    out.square().mean().backward()
+    for proc in projections.values():
+        assert proc.to_k_id.weight.grad is not None and proc.to_k_id.weight.grad.abs().sum() > 0
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
