@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench bench-quick lint format clean
+.PHONY: install demo test test-fast bench bench-quick repro lint format clean
 
 # Installs the package with the whole pinned stack (requirements/constraints.txt: a set seen to install
 # together here). Re-runs only when the pins change.
@@ -32,6 +32,10 @@ bench: install
 
 bench-quick: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f --quick || exit 1; done
+
+# The DVC pipeline (sample_data -> build_idzoom -> validate); stage commands call the venv's `magicid`.
+repro: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -149,8 +149,9 @@ def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params
     return np.asarray(current)
 
 
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
+def median_s(fn: Callable[[], object], repeats: int, warmup: bool = False) -> float:
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -236,17 +237,18 @@ def run_config(
         def run_adetailer(image=image, faces=faces, out=diir_out):
             out["adetailer"] = adetailer_restore(pipe, image, faces, params)
 
-        t_diir = median_s(run_diir, repeats)
-        t_ad = median_s(run_adetailer, repeats)
-        results[f"diir_s_{label}{suffix}"] = t_diir
-        results[f"adetailer_s_{label}{suffix}"] = t_ad
-        results[f"diir_vs_adetailer_{label}{suffix}"] = t_diir / t_ad
+        # The counted runs double as warm-up.
         counter.reset()
         run_diir()
         diir_calls, diir_rows = counter.calls, counter.rows
         counter.reset()
         run_adetailer()
         ad_calls, ad_rows = counter.calls, counter.rows
+        t_diir = median_s(run_diir, repeats)
+        t_ad = median_s(run_adetailer, repeats)
+        results[f"diir_s_{label}{suffix}"] = t_diir
+        results[f"adetailer_s_{label}{suffix}"] = t_ad
+        results[f"diir_vs_adetailer_{label}{suffix}"] = t_diir / t_ad
         results[f"diir_unet_calls_{label}{suffix}"] = diir_calls
         results[f"adetailer_unet_calls_{label}{suffix}"] = ad_calls
         results[f"diir_unet_sample_evals_{label}{suffix}"] = diir_rows

@@ -30,8 +30,9 @@ features or landmark conditioning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -52,7 +53,9 @@ class Conditioning:
     Attributes:
         encoder_hidden_states: text embeddings (B, L, C).
         controlnet: a `ControlNetModel` (MMF, `conditioning_channels=6`) or None.
-        control: its condition image (B, 6, H, W) in [0, 1] at pixel resolution (H = 8 x latent height).
+        control: its condition image (B, 6, H, W) in [0, 1] at pixel resolution (H = 8 x latent height),
+            or, with `control_embedded`, the output of `controlnet.controlnet_cond_embedding` on it.
+        control_embedded: `control` is already embedded (see `embed_control`).
         control_scale: ControlNet residual scale.
         id_tokens: MGMICA identity tokens (B, n_ids, T, C), or None (identity attention off).
         id_masks: the identities' masks (B, n_ids, H, W) in [0, 1], any resolution.
@@ -64,6 +67,7 @@ class Conditioning:
     encoder_hidden_states: torch.Tensor
     controlnet: torch.nn.Module | None = None
     control: torch.Tensor | None = None
+    control_embedded: bool = False
     control_scale: float = 1.0
     id_tokens: torch.Tensor | None = None
     id_masks: torch.Tensor | None = None
@@ -119,6 +123,34 @@ def _apply_identities(unet: torch.nn.Module, cond: Conditioning) -> None:
     set_identities(unet, cond.id_tokens, cond.id_masks, scale=cond.id_scale)
 
 
+def embed_control(controlnet: torch.nn.Module, control: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Run the ControlNet's conditioning embedding once for a whole denoising/inversion run.
+
+    The embedding (convs at full pixel resolution: the costliest part of a small ControlNet) depends on the
+    condition map only, not on x_t or t, so DIIR computes it once per batch instead of at every UNet call.
+
+    Returns:
+        (the embedded condition (B, C, h, w), True), or (control, False) where the ControlNet flips channels.
+    """
+    if getattr(controlnet.config, "controlnet_conditioning_channel_order", "rgb") != "rgb":
+        return control, False
+    return controlnet.controlnet_cond_embedding(control), True
+
+
+@contextlib.contextmanager
+def _embedding_precomputed(controlnet: torch.nn.Module, active: bool) -> Iterator[None]:
+    """While active, the ControlNet takes an already embedded condition (its embedding is an identity)."""
+    if not active:
+        yield
+        return
+    original = controlnet.controlnet_cond_embedding
+    controlnet.controlnet_cond_embedding = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        controlnet.controlnet_cond_embedding = original
+
+
 def to_epsilon(
     model_output: torch.Tensor, sample: torch.Tensor, alpha_prod: torch.Tensor, prediction_type: str
 ):
@@ -161,10 +193,11 @@ def predict_noise(
     extra: dict[str, Any] = {}
     if cond.controlnet is not None and cond.control is not None:
         control = torch.cat([cond.control] * repeat).to(sample.dtype)
-        down, mid = cond.controlnet(
-            model_in, t, encoder_hidden_states=hidden, controlnet_cond=control,
-            conditioning_scale=cond.control_scale, return_dict=False,
-        )  # fmt: skip
+        with _embedding_precomputed(cond.controlnet, cond.control_embedded):
+            down, mid = cond.controlnet(
+                model_in, t, encoder_hidden_states=hidden, controlnet_cond=control,
+                conditioning_scale=cond.control_scale, return_dict=False,
+            )  # fmt: skip
         extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     _apply_identities(unet, cond)
     out = unet(model_in, t, encoder_hidden_states=hidden, return_dict=False, **extra)[0]
@@ -920,7 +953,11 @@ class DIIR:
         text = self._encode_prompt(prompt).expand(n, -1, -1)
         cond = Conditioning(encoder_hidden_states=text)
         if self.adapter is not None and any(j.landmarks is not None for j in chunk):
-            cond.controlnet, cond.control = self.adapter.controlnet, self._landmark_condition(chunk, bucket)
+            controlnet = self.adapter.controlnet
+            cond.controlnet = controlnet
+            cond.control, cond.control_embedded = embed_control(
+                controlnet, self._landmark_condition(chunk, bucket)
+            )
         # Invert with landmark conditioning, no identity, no CFG.
         inversion = ddim_invert(
             self.unet, self.scheduler, latents, cond, cfg.num_inference_steps, cfg.strength,

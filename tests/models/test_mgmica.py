@@ -303,3 +303,33 @@ def test_id_projections_are_trainable_and_text_weights_untouched(tiny_backbone):
     for proc in projections.values():
         assert proc.to_k_id.weight.grad is not None and proc.to_k_id.weight.grad.abs().sum() > 0
     assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_image_shaped_hidden_states_give_the_same_result_as_token_shaped_ones():
+    attn, proc = _layer()
+    h, w = 5, 6
+    hidden, text = _inputs(2, h, w)
+    proc.set_identities(
+        torch.randn(2, 2, 4, CROSS_DIM), _box_masks(2, h, w, [(0, 3, 0, 3), (2, 5, 3, 6)]), latent_size=(h, w)
+    )
+    tokens_out = attn(hidden, encoder_hidden_states=text)
+    image = hidden.transpose(1, 2).reshape(2, QUERY_DIM, h, w)  # (B, C, H, W)
+    image_out = attn(image, encoder_hidden_states=text)
+    assert image_out.shape == image.shape
+    torch.testing.assert_close(image_out.flatten(2).transpose(1, 2), tokens_out, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_cached_identity_keys_follow_weight_and_token_updates():
+    attn, proc = _layer()
+    hidden, text = _inputs(1, 4, 4)
+    tokens, masks = torch.randn(1, 1, 4, CROSS_DIM), _box_masks(1, 4, 4, [(0, 2, 0, 2)])
+    proc.set_identities(tokens, masks, latent_size=(4, 4))
+    first = attn(hidden, encoder_hidden_states=text)
+    assert torch.equal(attn(hidden, encoder_hidden_states=text), first)  # cached K/V: same result
+    proc.to_k_id.weight.mul_(2.0)  # e.g. an optimizer step or load_state_dict
+    after_update = attn(hidden, encoder_hidden_states=text)
+    assert not torch.equal(after_update, first)
+    proc.set_identities(tokens.clone(), masks, latent_size=(4, 4))
+    assert torch.equal(attn(hidden, encoder_hidden_states=text), after_update)
