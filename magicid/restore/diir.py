@@ -290,6 +290,7 @@ def ddim_invert(
     tol: float = 1e-4,
     noise_fn: Callable[[torch.Tensor, int, Conditioning], torch.Tensor] | None = None,
     warm_start: bool = True,
+    extrapolate: bool = True,
 ) -> InversionResult:
     """DDIM-invert clean latents up to `strength` of the trajectory, refining each step by fixed point.
 
@@ -328,17 +329,23 @@ def ddim_invert(
     final_update = torch.zeros(n_steps, batch)
     calls = evals = 0
     x = latents
-    last_eps: torch.Tensor | None = None  # the latest eps per sample, evaluated near the step's start
+    history: list[torch.Tensor] = []  # the converged eps of each finished inverse step, per sample
     for step, t in enumerate(reversed(timesteps)):
         alpha_prev = _alpha_prod(scheduler, _previous_timestep(scheduler, t))
         alpha_t = _alpha_prod(scheduler, t)
-        if last_eps is None or not warm_start or max_iters == 0:
+        if not history or not warm_start or max_iters == 0:
             # Plain DDIM inversion step (DDIMInverseScheduler): eps(x_{t_prev}, t).
-            last_eps = noise_fn(x, t, cond)
+            guess = noise_fn(x, t, cond)
             calls, evals = calls + 1, evals + batch
-        # else: the first guess reuses the previous step's last eps ~ eps(x_{t_prev}, t_prev): no UNet call.
+        elif len(history) == 1 or not extrapolate:
+            # The previous step's converged eps ~ eps(x_{t_prev}, t_prev): no UNet call.
+            guess = history[-1].clone()
+        else:
+            # Linear extrapolation along the (uniform) schedule of the last two steps' converged eps: an
+            # O(h^2) guess where the previous eps alone is O(h); no UNet call.
+            guess = 2 * history[-1] - history[-2]
+        last_eps = guess
         x_t = ddim_step(x, last_eps, alpha_prev, alpha_t)
-        last_eps = last_eps.clone()
         active = torch.arange(batch, device=latents.device)
         for _ in range(max_iters):
             sub_cond = cond if len(active) == batch else cond.select(active)
@@ -354,6 +361,7 @@ def ddim_invert(
             active = active[update >= tol]
             if len(active) == 0:
                 break
+        history = (history + [last_eps])[-2:]
         x = x_t
     return InversionResult(x, timesteps, iterations, calls, evals, final_update)
 

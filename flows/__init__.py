@@ -1,0 +1,1 @@
+"""Prefect flows: thin wrappers over `magicid` functions (no science here). Locally they run without a server."""
