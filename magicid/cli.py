@@ -65,7 +65,9 @@ def info(ctx: typer.Context) -> None:
 def generate(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text prompt.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG path.")] = Path("outputs/generated.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG path.")] = Path(
+        "outputs/generated.png"
+    ),
     seed: Annotated[int, typer.Option("--seed", "-s", help="Random seed (same seed, same image).")] = 0,
     ref: Annotated[
         list[Path] | None, typer.Option("--ref", help="Reference face image of one identity (repeatable).")
@@ -90,7 +92,9 @@ def generate(
 @app.command()
 def demo(
     ctx: typer.Context,
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo writes its outputs.")] = Path("outputs/demo"),
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo writes its outputs.")] = Path(
+        "outputs/demo"
+    ),
 ) -> None:
     """Run the main job end to end on the embedded offline defaults."""
     from magicid.demo import run_demo
@@ -135,7 +139,6 @@ def train(
     typer.echo(f"dataset_version: {result.dataset_version}")
 
 
-
 @app.command("sample-data")
 def sample_data(
     ctx: typer.Context,
@@ -155,7 +158,9 @@ def sample_data(
 @app.command("build-data")
 def build_data(
     ctx: typer.Context,
-    input_dir: Annotated[Path | None, typer.Option("--input", help="Raw images (default: data.raw_dir).")] = None,
+    input_dir: Annotated[
+        Path | None, typer.Option("--input", help="Raw images (default: data.raw_dir).")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Dataset folder (default: data.out_dir).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
@@ -194,6 +199,7 @@ def validate(
         raise _fail(error) from error
     typer.echo(report.summary())
 
+
 @app.command()
 def restore(
     ctx: typer.Context,
@@ -214,7 +220,9 @@ def restore(
         raise _fail(error) from error
     for i, face in enumerate(result.faces):
         who = face.identity_name or ("own embedding" if face.identity is None else str(face.identity))
-        typer.echo(f"face {i}: box {[round(float(v)) for v in face.bbox]} bucket {face.bucket} identity {who}")
+        typer.echo(
+            f"face {i}: box {[round(float(v)) for v in face.bbox]} bucket {face.bucket} identity {who}"
+        )
     if result.note:
         typer.echo(f"note: {result.note}")
     typer.echo(f"wrote {path}")

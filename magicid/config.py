@@ -275,7 +275,9 @@ def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] |
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: parameter file not found (run from the project root or pass --params)")
+            raise ConfigError(
+                f"{path}: parameter file not found (run from the project root or pass --params)"
+            )
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -283,7 +285,9 @@ def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] |
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}"
+            )
         raw = loaded
     for override in overrides or []:
         apply_override(raw, override)

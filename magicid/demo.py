@@ -61,7 +61,9 @@ def run_demo(params: Params, out_dir: str | Path, progress: bool = True) -> dict
         f"{report.out_dir} ({report.n_images} images, {report.n_faces} faces, {report.n_quarantined} quarantined)"
     )
     validation = validate_idzoom(out_dir / "idzoom", out_dir / "validation")
-    summary["validation"] = f"{validation.n_expectations - validation.n_failed}/{validation.n_expectations} passed"
+    summary["validation"] = (
+        f"{validation.n_expectations - validation.n_failed}/{validation.n_expectations} passed"
+    )
     summary["data_docs"] = validation.docs_path
 
     # 4. Training (MMF + Clone Face Tuning), tracked in MLflow.
@@ -85,17 +87,26 @@ def run_demo(params: Params, out_dir: str | Path, progress: bool = True) -> dict
         (0.6 * side, 0.2 * side, 0.88 * side, 0.5 * side),
     ]
     group = generate_image(
-        trained, "a photo of two people", params.seed, backbone=load_backbone(trained),
-        progress=progress, identities=references, layout=boxes,
+        trained,
+        "a photo of two people",
+        params.seed,
+        backbone=load_backbone(trained),
+        progress=progress,
+        identities=references,
+        layout=boxes,
     )
     summary["group_photo"] = str(atomic_save_image(group, out_dir / "group_photo.png"))
 
     # 6. DIIR on a real group photo: faces under `diir.max_face_ratio`, each with its own embedding (no refs).
     restored, out_path, compare_path = restore_file(
-        trained, package_photo("t1.jpg"), [], out_dir / "restored_t1.png", prompt="a group photo", faces="small"
+        trained,
+        package_photo("t1.jpg"),
+        [],
+        out_dir / "restored_t1.png",
+        prompt="a group photo",
+        faces="small",
     )
     summary["restored"] = f"{out_path} ({len(restored.faces)} faces; compare: {compare_path})"
     if restored.note:
         summary["restore_note"] = restored.note
     return summary
-

@@ -8,8 +8,21 @@ import platform
 from magicid.config import Params
 from magicid.faces import backend_status
 
-_PACKAGES = ["magicid", "torch", "diffusers", "transformers", "accelerate", "mediapipe", "dlib-bin",
-             "insightface", "onnxruntime", "mlflow", "prefect", "dvc", "great_expectations"]
+_PACKAGES = [
+    "magicid",
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "mediapipe",
+    "dlib-bin",
+    "insightface",
+    "onnxruntime",
+    "mlflow",
+    "prefect",
+    "dvc",
+    "great_expectations",
+]
 
 
 def _version(name: str) -> str:
@@ -42,7 +55,9 @@ def collect_info(params: Params) -> dict[str, str]:
     info.update({f"version.{name}": _version(name) for name in _PACKAGES})
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
     info["config.model.backbone"] = model_backend_status(params)
-    info["config.model"] = f"resolution={params.model.resolution} dtype={params.model.dtype} device={params.model.device}"
+    info["config.model"] = (
+        f"resolution={params.model.resolution} dtype={params.model.dtype} device={params.model.device}"
+    )
     info["config.faces.backend"] = params.faces.backend
     info["config.tracking.uri"] = params.tracking.uri
     info["config.storage.root"] = params.storage.root

@@ -36,8 +36,21 @@ def test_generate_writes_png_of_configured_size_and_is_deterministic(tmp_path, r
         out = tmp_path / name
         result = runner.invoke(
             app,
-            ["--params", params, "--set", "model.resolution=128", "--set", "model.num_inference_steps=3",
-             "generate", "--prompt", "a photo of a person", "--seed", "3", "--out", str(out)],
+            [
+                "--params",
+                params,
+                "--set",
+                "model.resolution=128",
+                "--set",
+                "model.num_inference_steps=3",
+                "generate",
+                "--prompt",
+                "a photo of a person",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+            ],
         )
         assert result.exit_code == 0, result.output
         outs.append(np.asarray(Image.open(out)))
@@ -51,8 +64,21 @@ def test_generate_seed_changes_image(tmp_path, repo_root):
         out = tmp_path / f"s{seed}.png"
         result = runner.invoke(
             app,
-            ["--params", str(repo_root / "params.yaml"), "--set", "model.resolution=64",
-             "--set", "model.num_inference_steps=2", "generate", "-p", "x", "--seed", str(seed), "--out", str(out)],
+            [
+                "--params",
+                str(repo_root / "params.yaml"),
+                "--set",
+                "model.resolution=64",
+                "--set",
+                "model.num_inference_steps=2",
+                "generate",
+                "-p",
+                "x",
+                "--seed",
+                str(seed),
+                "--out",
+                str(out),
+            ],
         )
         assert result.exit_code == 0, result.output
         images.append(np.asarray(Image.open(out)))
@@ -60,7 +86,9 @@ def test_generate_seed_changes_image(tmp_path, repo_root):
 
 
 def test_bad_override_exits_with_named_key(repo_root):
-    result = runner.invoke(app, ["--params", str(repo_root / "params.yaml"), "--set", "model.nosuch=1", "info"])
+    result = runner.invoke(
+        app, ["--params", str(repo_root / "params.yaml"), "--set", "model.nosuch=1", "info"]
+    )
     assert result.exit_code == 2
     assert "model.nosuch" in result.output
 

@@ -16,7 +16,9 @@ def test_stack_imports_together():
     assert cv2.__version__.startswith("4.11.")
     assert numpy.__version__.startswith("1.")
     assert importlib.metadata.version("protobuf").startswith("4.")
-    assert mp.solutions.face_detection is not None  # 0.10.21 still ships the legacy solutions and their models
+    assert (
+        mp.solutions.face_detection is not None
+    )  # 0.10.21 still ships the legacy solutions and their models
 
 
 def test_cv2_wheels_pinned_to_one_version():
@@ -32,5 +34,7 @@ def test_importing_magicid_has_no_side_effects(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.chdir(tmp_path)
-    subprocess.run([sys.executable, "-c", "import magicid, magicid.config, magicid.cli"], check=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-c", "import magicid, magicid.config, magicid.cli"], check=True, cwd=tmp_path
+    )
     assert list(tmp_path.iterdir()) == []

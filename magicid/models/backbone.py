@@ -181,7 +181,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(byte_values, map(chr, chars), strict=True))
 
 
-def build_clip_vocab(corpus: str = _TOKENIZER_CORPUS, n_merges: int = 400) -> tuple[dict[str, int], list[str]]:
+def build_clip_vocab(
+    corpus: str = _TOKENIZER_CORPUS, n_merges: int = 400
+) -> tuple[dict[str, int], list[str]]:
     """Learn a CLIP-style BPE vocabulary (with `</w>` word ends) from `corpus`, deterministically.
 
     Returns:
@@ -325,11 +327,14 @@ def check_sd_folder(path: Path) -> None:
     ]
     if missing:
         raise BackboneError(
-            f"model.backbone={str(path)!r} is not a complete diffusers SD 1.5 folder; missing: " + "; ".join(missing)
+            f"model.backbone={str(path)!r} is not a complete diffusers SD 1.5 folder; missing: "
+            + "; ".join(missing)
         )
     index = json.loads((path / "model_index.json").read_text())
     if "text_encoder_2" in index:
-        raise BackboneError(f"{path}: an SDXL folder (text_encoder_2); only SD 1.x folders are supported so far")
+        raise BackboneError(
+            f"{path}: an SDXL folder (text_encoder_2); only SD 1.x folders are supported so far"
+        )
 
 
 def load_sd_folder(path: str | Path, torch_dtype: torch.dtype = torch.float32) -> Backbone:
@@ -337,9 +342,12 @@ def load_sd_folder(path: str | Path, torch_dtype: torch.dtype = torch.float32) -
     path = Path(path).expanduser()
     check_sd_folder(path)
     common = dict(local_files_only=True, torch_dtype=torch_dtype)
-    variant = "fp16" if not (path / "unet/diffusion_pytorch_model.safetensors").is_file() and (
-        path / "unet/diffusion_pytorch_model.fp16.safetensors"
-    ).is_file() else None
+    variant = (
+        "fp16"
+        if not (path / "unet/diffusion_pytorch_model.safetensors").is_file()
+        and (path / "unet/diffusion_pytorch_model.fp16.safetensors").is_file()
+        else None
+    )
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **common)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **common)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **common)

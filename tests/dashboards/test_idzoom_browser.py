@@ -20,7 +20,9 @@ def _run(root: Path):
 
 
 def test_dashboards_hold_no_science():
-    found = subprocess.run(["grep", "-rlE", "import torch|diffusers", str(APP.parent)], capture_output=True, text=True)
+    found = subprocess.run(
+        ["grep", "-rlE", "import torch|diffusers", str(APP.parent)], capture_output=True, text=True
+    )
     assert found.stdout == ""
 
 

@@ -38,7 +38,10 @@ def test_build_idzoom_flow_builds_and_validates(prefect_home, tmp_path):
     Image.fromarray(np.ascontiguousarray(skdata.astronaut())).save(raw / "astronaut.png")
     (raw / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     report = build_idzoom_flow(
-        str(raw), str(tmp_path / "idzoom"), report_dir=str(tmp_path / "reports"), params_path=None,
+        str(raw),
+        str(tmp_path / "idzoom"),
+        report_dir=str(tmp_path / "reports"),
+        params_path=None,
         overrides=["data.workers=1"],
     )
     assert report["n_images"] == 1 and report["n_quarantined"] == 1 and report["n_faces"] == 1
