@@ -137,11 +137,12 @@ class Backbone:
                 module.to(device=device)
         return self
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write a diffusers Stable Diffusion folder (model_index.json + one subfolder a component)."""
+    def stable_diffusion_pipeline(self):
+        """diffusers' stock `StableDiffusionPipeline` over these components (no safety checker): the baseline
+        MagicID is compared with, and the layout `save_pretrained` writes."""
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline(
+        return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
@@ -151,7 +152,10 @@ class Backbone:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        pipe.save_pretrained(str(path), safe_serialization=True)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a diffusers Stable Diffusion folder (model_index.json + one subfolder a component)."""
+        self.stable_diffusion_pipeline().save_pretrained(str(path), safe_serialization=True)
         write_vocab_files(self.tokenizer, Path(path) / "tokenizer")
         return Path(path)
 

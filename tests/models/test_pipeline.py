@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from magicid.config import load_params
 from magicid.errors import DataError, FaceBackendError, ModelInputError
@@ -53,16 +52,7 @@ def _run(pipe, **kwargs):
 
 def test_without_identities_it_is_stable_diffusion_and_id_scale_zero_is_the_base_model(fresh_backbone):
     pipe, backbone = _pipe(fresh_backbone)
-    sd = StableDiffusionPipeline(
-        vae=backbone.vae,
-        text_encoder=backbone.text_encoder,
-        tokenizer=backbone.tokenizer,
-        unet=backbone.unet,
-        scheduler=backbone.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    sd = backbone.stable_diffusion_pipeline()
     sd.set_progress_bar_config(disable=True)
     base = sd(
         "a photo of a person",
