@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rate = run(
             Path(tmp),
-            ["model.resolution=256", "model.device=cpu", "train.id_crop_size=64"],
+            ["model.resolution=256", "model.device=cpu", "model.id_crop_size=64"],
             steps,
             warmup,
             256,
@@ -91,7 +91,7 @@ def main() -> None:
                 "model.device=cuda",
                 "model.resolution=512",
                 "train.mixed_precision=fp16",
-                "train.id_crop_size=224",
+                "model.id_crop_size=224",
             ],
             steps,
             warmup,
