@@ -21,9 +21,11 @@ import json
 import multiprocessing
 import os
 import shutil
+import struct
 import sys
 import time
 import traceback
+import zlib
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,7 +40,7 @@ from magicid.utils import atomic_write_bytes, atomic_write_text
 
 IDENTITY_SIDECAR = "identities.json"
 JOURNAL_DIR = ".journal"
-BUILD_VERSION = 1  # bump when the worker's outputs change meaning
+BUILD_VERSION = 2  # bump when the worker's outputs change meaning
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -92,13 +94,33 @@ def pin_threads() -> None:
         torch.set_num_threads(1)
 
 
-def init_worker(params_json: str, pin: bool = True) -> None:
-    """Pool initializer: pin threads, load the analyzer and the pose model once for this process."""
+def quiet_native_logs() -> None:
+    """Send this process's C-level stderr (MediaPipe/absl/TFLite graph warnings, printed per process and
+    graph; GLOG_minloglevel does not reach them) to /dev/null, keeping Python's `sys.stderr` (tracebacks,
+    warnings) on the original stream. Set MAGICID_NATIVE_LOGS=1 to keep the native logs."""
+    if os.environ.get("MAGICID_NATIVE_LOGS") == "1":
+        return
+    try:
+        sys.stderr.flush()
+        kept = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = os.fdopen(kept, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - no usable fd 2: nothing to quiet
+        pass
+
+
+def init_worker(params_json: str, pin: bool = True, quiet: bool = True) -> None:
+    """Pool initializer: pin threads, quiet native logs, load the analyzer and the pose model once."""
     from magicid.faces import get_analyzer
     from magicid.faces.pose import PoseEstimator
 
     if pin:
         pin_threads()
+    if quiet and not _WORKER.get("quiet"):
+        quiet_native_logs()
+        _WORKER["quiet"] = True
     params = Params.model_validate_json(params_json)
     if _WORKER.get("params_json") != params_json:
         _WORKER.update(
@@ -106,15 +128,38 @@ def init_worker(params_json: str, pin: bool = True) -> None:
         )
 
 
-def _encode_png(array: np.ndarray) -> bytes:
-    import cv2
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    ok, encoded = cv2.imencode(
-        ".png", np.ascontiguousarray(array[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1]
+
+def _encode_png(array: np.ndarray, photo: bool = True) -> bytes:
+    """Lossless 8-bit RGB PNG of a uint8 (H, W, 3) RGB array, fast and deterministic.
+
+    One PNG filter for every row ("Up" for photographs and crops, "None" for the condition maps, which are
+    mostly black) and zlib's run-length strategy: 2-4x faster than OpenCV/PIL's adaptive filtering at a similar
+    size (a 512x512 condition map: ~1.6 ms instead of ~6 ms; a 256x256 crop: ~2.5 ms instead of ~5 ms).
+    """
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:  # pragma: no cover - callers pass RGB images
+        raise ValueError(f"expected a uint8 (H, W, 3) array, got {array.shape}")
+    height, width = array.shape[:2]
+    rows = array.reshape(height, width * 3)
+    raw = np.empty((height, width * 3 + 1), np.uint8)
+    raw[:, 0] = 2 if photo else 0  # filter type per row: 2 = Up (the row minus the row above), 0 = None
+    if photo:
+        raw[0, 1:] = rows[0]
+        np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+    else:
+        raw[:, 1:] = rows
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = compressor.compress(raw.data) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, truecolour, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", data)
+        + _png_chunk(b"IEND", b"")
     )
-    if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
-        raise RuntimeError("PNG encoding failed")
-    return encoded.tobytes()
 
 
 def _flat(array: np.ndarray | None) -> list[float] | None:
@@ -173,7 +218,9 @@ def process_input(task: Task) -> dict:
         "landmark": render_landmark_map(height, width, [f.landmarks for f in faces]),
     }
     for kind, condition in conditions.items():
-        atomic_write_bytes(out / mf.CONDITIONS_DIR / f"{task.image_id}_{kind}.png", _encode_png(condition))
+        atomic_write_bytes(
+            out / mf.CONDITIONS_DIR / f"{task.image_id}_{kind}.png", _encode_png(condition, photo=False)
+        )
     face_rows = []
     for index, (face, skeleton) in enumerate(zip(faces, skeletons, strict=True)):
         face_id = f"{task.image_id}_{index:02d}"
@@ -444,7 +491,7 @@ def _run(tasks: list[Task], params: Params, progress: bool):
     bar = tqdm(total=len(tasks), desc="build-data", unit="img", disable=not progress or not tasks)
     try:
         if params.data.workers == 1 or len(tasks) <= 1:
-            init_worker(params.model_dump_json(), pin=False)
+            init_worker(params.model_dump_json(), pin=False, quiet=False)
             for task in tasks:
                 yield process_input(task)
                 bar.update()

@@ -3,7 +3,8 @@
 Pipeline per image (`OfflineFaceAnalyzer.analyze`):
 1. Detect: MediaPipe's full-range detector on the whole image and on overlapping tiles (`faces.tiles`,
    `faces.tile_overlap`): the model sees a 192x192 input, so faces under ~6 % of the image side are found
-   only on tiles (t1.jpg: 3/6 whole, 6/6 tiled). Tile and whole-image boxes are fused by NMS. The tiles are
+   only on tiles (t1.jpg: 3/6 whole, 6/6 tiled). Tile and whole-image boxes are fused by NMS. The grid is
+   shrunk where its tiles stay as zoomed (`geometry.fit_grid`: a square image needs 2x2, not 2x3). The tiles are
    skipped when the whole-image pass found only large faces (all >= `faces.tile_below` of the image side).
    dlib's HOG detector is the second opinion (`faces.dlib_hog`): by default it runs only when MediaPipe finds
    nothing (it costs ~100 ms at 1280 px and adds nothing where the tiled pass already found the faces).
@@ -23,7 +24,7 @@ import numpy as np
 
 from magicid.config import FacesParams
 from magicid.errors import FaceBackendError
-from magicid.faces.geometry import nms, tile_grid
+from magicid.faces.geometry import fit_grid, nms, tile_grid
 from magicid.faces.types import Face, check_image, l2_normalise, sort_left_to_right
 
 # Mesh indices (MediaPipe face mesh, refine_landmarks=True: 478 points). "Right" is the subject's right,
@@ -116,7 +117,7 @@ class OfflineFaceAnalyzer:
         """
         image = check_image(image)
         height, width = image.shape[:2]
-        rows, cols = self.params.tiles
+        rows, cols = fit_grid(height, width, *self.params.tiles, self.params.tile_overlap)
         boxes = self._mediapipe_boxes(image)
         # Tiles find faces under ~6 % of the image side; when every face found is large (a portrait), they
         # would cost 6 more detector calls for nothing (DESIGN §2b).
