@@ -10,10 +10,10 @@ Faces are composited from scikit-image's astronaut (its face crop, resized to 24
 background; boxes and landmarks are given (the tiny backbone draws no detectable faces). Both methods keep
 the background exact, so the background PSNRs (outside every face's crop box) are a sanity check (inf).
 
-Two configs: `tiny` (the default tiny backbone: call overhead matters, batching wins) and `compute` (a 4x
+Two configs: `tiny` (the default tiny backbone: call overhead matters, batching wins) and `compute` (a 2x
 wider UNet and 512 x 512 crops, where time should follow the UNet-evaluation ratio, also printed as
 `unet_sample_evals_ratio_8faces_compute`). `--quick` times once instead of three times and runs the compute
-config smaller (2x wider, 256 x 256 crops) under the same names.
+config smaller (256 x 256 crops) under the same names.
 
 Prints `name: value` lines only. Targets (CPU, tiny): diir_vs_adetailer_8faces <= 1.5,
 diir_batched_vs_sequential_8faces <= 0.6, inversion_mse_fixed_point <= 1e-5.
@@ -272,17 +272,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small version (under a minute)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="params override, e.g. diir.inversion_tol=4e-3 (repeatable)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    params = load_params(None)
+    params = load_params(None, args.set)
     repeats = 1 if args.quick else 3
     tiny = run_config("tiny", TinyBackboneConfig(), [1, 4, 8], params, repeats, None)
-    # Compute-bound: a 4x wider UNet and 128 px faces -> 512 x 512 crops (bucket 512). --quick: 2x wider,
+    # Compute-bound: a 2x wider UNet and 128 px faces -> 512 x 512 crops (bucket 512). --quick: 2x wider,
     # 64 px faces -> 256 x 256 crops (same names, smaller config).
     compute_params = params.model_copy(
         update={"diir": params.diir.model_copy(update={"buckets": [64, 128, 256, 512]})}
     )
-    wide = TinyBackboneConfig(block_out_channels=(64, 128, 128) if args.quick else (128, 256, 256))
+    # Full: 2x wider at 512 x 512 crops (4x wider took well over 5 minutes on 2 shared CPU cores).
+    wide = TinyBackboneConfig(block_out_channels=(64, 128, 128))
     compute = run_config("compute", wide, [8], compute_params, 1, 64 if args.quick else 128)
     figures = {**tiny, **compute}
     figures["diir_bg_psnr"] = min(v for k, v in figures.items() if k.startswith("diir_bg_psnr_"))

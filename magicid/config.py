@@ -147,10 +147,10 @@ class DIIRParams(_Section):
     strength: float = Field(0.5, ge=0, le=1)
     num_inference_steps: int = Field(10, ge=1)
     inversion_iters: int = Field(4, ge=0)
-    inversion_tol: float = Field(1e-3, ge=0)
+    inversion_tol: float = Field(5e-3, ge=0)
     guidance_scale: float = Field(1.0, ge=0)
     crop_margin: float = Field(0.5, ge=0)
-    buckets: list[int] = [64, 128, 256]
+    buckets: list[int] = [64, 128, 192, 256]
     zoom: float = Field(2.0, gt=0)
     batch: int = Field(8, ge=1)
     feather: float = Field(0.15, ge=0, le=0.5)

@@ -110,17 +110,33 @@ def _has_mgmica(unet: torch.nn.Module) -> bool:
 
 
 def _apply_identities(unet: torch.nn.Module, cond: Conditioning) -> None:
-    """Put `cond`'s identities (or none) on the UNet's MGMICA processors."""
+    """Put `cond`'s identities (or none) on the UNet's MGMICA processors, only when they change.
+
+    Called before every UNet evaluation. Re-setting the same identities would bump MGMICA's version and throw
+    away its per-layer caches (identity K/V, mask gather indices) at every denoising step, and walk the
+    UNet's processors to set the scale: so a run of calls with the same conditioning sets them once.
+    """
+    context = getattr(unet, "_mgmica_context", None)
     if cond.id_tokens is None:
-        if _has_mgmica(unet):
+        if context is not None and context.tokens is not None:
             from magicid.models.mgmica import clear_identities
 
             clear_identities(unet)
+        return
+    applied = getattr(unet, "_diir_applied_identities", None)
+    if (
+        applied is not None
+        and applied[0] == context.version
+        and applied[1] is cond.id_tokens
+        and applied[2] is cond.id_masks
+        and applied[3] == cond.id_scale
+    ):
         return
     from magicid.models.mgmica import set_identities
 
     # With CFG (batch 2B) MGMICA repeats B identities onto both halves: guidance acts on the text only.
     set_identities(unet, cond.id_tokens, cond.id_masks, scale=cond.id_scale)
+    unet._diir_applied_identities = (context.version, cond.id_tokens, cond.id_masks, cond.id_scale)
 
 
 def embed_control(controlnet: torch.nn.Module, control: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -290,7 +306,6 @@ def ddim_invert(
     tol: float = 1e-4,
     noise_fn: Callable[[torch.Tensor, int, Conditioning], torch.Tensor] | None = None,
     warm_start: bool = True,
-    extrapolate: bool = True,
 ) -> InversionResult:
     """DDIM-invert clean latents up to `strength` of the trajectory, refining each step by fixed point.
 
@@ -329,23 +344,17 @@ def ddim_invert(
     final_update = torch.zeros(n_steps, batch)
     calls = evals = 0
     x = latents
-    history: list[torch.Tensor] = []  # the converged eps of each finished inverse step, per sample
+    last_eps: torch.Tensor | None = None  # the latest eps per sample, evaluated near the step's start
     for step, t in enumerate(reversed(timesteps)):
         alpha_prev = _alpha_prod(scheduler, _previous_timestep(scheduler, t))
         alpha_t = _alpha_prod(scheduler, t)
-        if not history or not warm_start or max_iters == 0:
+        if last_eps is None or not warm_start or max_iters == 0:
             # Plain DDIM inversion step (DDIMInverseScheduler): eps(x_{t_prev}, t).
-            guess = noise_fn(x, t, cond)
+            last_eps = noise_fn(x, t, cond)
             calls, evals = calls + 1, evals + batch
-        elif len(history) == 1 or not extrapolate:
-            # The previous step's converged eps ~ eps(x_{t_prev}, t_prev): no UNet call.
-            guess = history[-1].clone()
-        else:
-            # Linear extrapolation along the (uniform) schedule of the last two steps' converged eps: an
-            # O(h^2) guess where the previous eps alone is O(h); no UNet call.
-            guess = 2 * history[-1] - history[-2]
-        last_eps = guess
+        # else: the first guess reuses the previous step's last eps ~ eps(x_{t_prev}, t_prev): no UNet call.
         x_t = ddim_step(x, last_eps, alpha_prev, alpha_t)
+        last_eps = last_eps.clone()
         active = torch.arange(batch, device=latents.device)
         for _ in range(max_iters):
             sub_cond = cond if len(active) == batch else cond.select(active)
@@ -361,7 +370,6 @@ def ddim_invert(
             active = active[update >= tol]
             if len(active) == 0:
                 break
-        history = (history + [last_eps])[-2:]
         x = x_t
     return InversionResult(x, timesteps, iterations, calls, evals, final_update)
 
@@ -772,7 +780,7 @@ class DIIR:
 
     # -- the mechanism -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()  # lighter than no_grad per op; nothing here needs autograd
     def restore(
         self,
         image: Image.Image | np.ndarray,
