@@ -56,6 +56,7 @@ __all__ = [
     "identities",
     "install_mgmica",
     "layer_grids",
+    "mgmica_context",
     "mgmica_processors",
     "resize_masks",
     "overlap_weights",
@@ -436,8 +437,16 @@ def install_mgmica(unet: nn.Module, scale: float = 1.0) -> nn.ModuleDict:
     return nn.ModuleDict(installed)
 
 
+def mgmica_context(unet: nn.Module) -> MGMICAContext | None:
+    """The identity context `install_mgmica` attached to `unet` (None when MGMICA is not installed).
+
+    A cheap check, unlike walking `unet.attn_processors`: callers may use it on every UNet call.
+    """
+    return getattr(unet, "_mgmica_context", None)
+
+
 def _context_of(unet: nn.Module) -> MGMICAContext:
-    context = getattr(unet, "_mgmica_context", None)
+    context = mgmica_context(unet)
     if context is None:
         raise ModelInputError("MGMICA is not installed on this UNet: call install_mgmica(unet) first")
     return context

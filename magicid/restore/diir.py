@@ -33,13 +33,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from magicid.errors import DataError, MagicIDError
+
+if TYPE_CHECKING:
+    from magicid.config import Params
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. DDIM inversion with fixed-point refinement
@@ -102,11 +106,10 @@ def _as_conditioning(cond: Conditioning | torch.Tensor) -> Conditioning:
 
 
 def _has_mgmica(unet: torch.nn.Module) -> bool:
-    """Whether MGMICA is installed on `unet` (`install_mgmica` attaches its shared identity context).
+    """Whether MGMICA is installed on `unet` (cheap: checked on every UNet call)."""
+    from magicid.models.mgmica import mgmica_context
 
-    Checked on every UNet call, so it must be cheap: walking `unet.attn_processors` costs a module traversal.
-    """
-    return getattr(unet, "_mgmica_context", None) is not None
+    return mgmica_context(unet) is not None
 
 
 def _apply_identities(unet: torch.nn.Module, cond: Conditioning) -> None:
@@ -116,7 +119,9 @@ def _apply_identities(unet: torch.nn.Module, cond: Conditioning) -> None:
     away its per-layer caches (identity K/V, mask gather indices) at every denoising step, and walk the
     UNet's processors to set the scale: so a run of calls with the same conditioning sets them once.
     """
-    context = getattr(unet, "_mgmica_context", None)
+    from magicid.models.mgmica import mgmica_context
+
+    context = mgmica_context(unet)
     if cond.id_tokens is None:
         if context is not None and context.tokens is not None:
             from magicid.models.mgmica import clear_identities
@@ -1073,9 +1078,7 @@ def comparison_image(before: Image.Image, after: Image.Image) -> Image.Image:
     return canvas
 
 
-def _load(path: Any, max_pixels: int, what: str) -> np.ndarray:
-    from pathlib import Path
-
+def _load(path: str | Path, max_pixels: int, what: str) -> np.ndarray:
     from magicid.data.ingest import load_image
     from magicid.errors import InputRejected
 
@@ -1089,13 +1092,13 @@ def _load(path: Any, max_pixels: int, what: str) -> np.ndarray:
 
 
 def restore_file(
-    params: Any,
-    image_path: Any,
-    reference_paths: Sequence[Any],
-    out: Any,
+    params: Params,
+    image_path: str | Path,
+    reference_paths: Sequence[str | Path],
+    out: str | Path,
     prompt: str = "",
     faces: FaceSelection = "small",
-) -> tuple[RestoreResult, Any, Any]:
+) -> tuple[RestoreResult, Path, Path]:
     """Restore the faces of an image file against reference photos; write the result and a comparison.
 
     Loads the configured backbone and adapter (`model.adapter_path`, or a freshly initialised one when
@@ -1107,9 +1110,7 @@ def restore_file(
     Raises:
         DataError: unreadable image or reference, or a reference photo without a face.
     """
-    from pathlib import Path
-
-    from magicid.models.adapter import MagicIDAdapter
+    from magicid.generate import load_adapter
     from magicid.models.backbone import load_backbone
     from magicid.utils import atomic_save_image
 
@@ -1117,10 +1118,7 @@ def restore_file(
     pixels = _load(image_path, params.data.max_pixels, "image")
     references = [_load(p, params.data.max_pixels, f"--ref {i}") for i, p in enumerate(reference_paths)]
     backbone = load_backbone(params)
-    if params.model.adapter_path:
-        adapter = MagicIDAdapter.load(params.model.adapter_path, backbone, params)
-    else:
-        adapter = MagicIDAdapter.create(backbone, params)
+    adapter = load_adapter(params, backbone)
     diir = DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
                 adapter=adapter, params=params)  # fmt: skip
     refs = [
