@@ -6,23 +6,16 @@ Prints `name: value` lines. Target: `tiny_unet_call_ms_256` <= 30 on this machin
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from timing import median_seconds
 
 from magicid.models.backbone import build_tiny_backbone
 
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return median_seconds(fn, repeats, warmup) * 1000
 
 
 @torch.no_grad()

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+from timing import median_seconds
 
 from magicid.config import Params, load_params
 from magicid.faces import Face
@@ -150,14 +149,7 @@ def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params
 
 
 def median_s(fn: Callable[[], object], repeats: int, warmup: bool = False) -> float:
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, repeats, int(warmup))
 
 
 def build(config: TinyBackboneConfig, params: Params) -> tuple[Backbone, MagicIDAdapter]:
