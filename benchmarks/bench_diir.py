@@ -12,8 +12,10 @@ the background exact, so the background PSNRs (outside every face's crop box) ar
 
 Two configs: `tiny` (the default tiny backbone: call overhead matters, batching wins) and `compute` (a 2x
 wider UNet and 512 x 512 crops, where time should follow the UNet-evaluation ratio, also printed as
-`unet_sample_evals_ratio_8faces_compute`). `--quick` times once instead of three times and runs the compute
-config smaller (256 x 256 crops) under the same names.
+`unet_sample_evals_ratio_8faces_compute`). Each tiny-config ratio is the median over pairs of runs (DIIR,
+then the other method; five pairs, `--quick` one): both runs of a pair see the same machine speed, which
+drifts by tens of percent on a shared machine. `--quick` also runs the compute config smaller (256 x 256
+crops) under the same names.
 
 Prints `name: value` lines only. Targets (CPU, tiny): diir_vs_adetailer_8faces <= 1.5,
 diir_batched_vs_sequential_8faces <= 0.6, inversion_mse_fixed_point <= 1e-5.
@@ -23,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
-from timing import median_seconds
+from timing import paired_seconds
 
 from magicid.config import Params, load_params
 from magicid.faces import Face
@@ -148,10 +149,6 @@ def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params
     return np.asarray(current)
 
 
-def median_s(fn: Callable[[], object], repeats: int, warmup: bool = False) -> float:
-    return median_seconds(fn, repeats, int(warmup))
-
-
 def build(config: TinyBackboneConfig, params: Params) -> tuple[Backbone, MagicIDAdapter]:
     backbone = build_tiny_backbone(config)
     return backbone, MagicIDAdapter.create(backbone, params)  # installs MGMICA on backbone.unet
@@ -236,11 +233,10 @@ def run_config(
         counter.reset()
         run_adetailer()
         ad_calls, ad_rows = counter.calls, counter.rows
-        t_diir = median_s(run_diir, repeats)
-        t_ad = median_s(run_adetailer, repeats)
+        t_diir, t_ad, ratio = paired_seconds(run_diir, run_adetailer, repeats)
         results[f"diir_s_{label}{suffix}"] = t_diir
         results[f"adetailer_s_{label}{suffix}"] = t_ad
-        results[f"diir_vs_adetailer_{label}{suffix}"] = t_diir / t_ad
+        results[f"diir_vs_adetailer_{label}{suffix}"] = ratio
         results[f"diir_unet_calls_{label}{suffix}"] = diir_calls
         results[f"adetailer_unet_calls_{label}{suffix}"] = ad_calls
         results[f"diir_unet_sample_evals_{label}{suffix}"] = diir_rows
@@ -251,10 +247,13 @@ def run_config(
             image, diir_out["adetailer"], faces, params
         )
         if n == max(counts):
-            t_seq = median_s(lambda image=image, faces=faces: sequential.restore(image, boxes=faces, faces="all"),
-                             repeats)  # fmt: skip
+            _, t_seq, batched_ratio = paired_seconds(
+                run_diir,
+                lambda image=image, faces=faces: sequential.restore(image, boxes=faces, faces="all"),
+                repeats,
+            )
             results[f"diir_sequential_s_{label}{suffix}"] = t_seq
-            results[f"diir_batched_vs_sequential_{label}{suffix}"] = t_diir / t_seq
+            results[f"diir_batched_vs_sequential_{label}{suffix}"] = batched_ratio
     if not compute:
         results.update(inversion_figures(backbone, params))
     return results
@@ -269,7 +268,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(None, args.set)
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else 5
     tiny = run_config("tiny", TinyBackboneConfig(), [1, 4, 8], params, repeats, None)
     # Compute-bound: a 2x wider UNet and 128 px faces -> 512 x 512 crops (bucket 512). --quick: 2x wider,
     # 64 px faces -> 256 x 256 crops (same names, smaller config).

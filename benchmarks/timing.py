@@ -17,3 +17,21 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 0) -> f
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_seconds(
+    fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int
+) -> tuple[float, float, float]:
+    """Time `fn_a` and `fn_b` in alternation: (median a, median b, median of the per-pair ratios a / b).
+
+    On a shared machine whose speed drifts by tens of percent over minutes, the two runs of a pair see
+    the same speed, so the median pair ratio is steadier than the ratio of two separately taken medians.
+    """
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times_a, times_b, strict=True)]
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)

@@ -147,7 +147,7 @@ class DIIRParams(_Section):
     strength: float = Field(0.5, ge=0, le=1)
     num_inference_steps: int = Field(10, ge=1)
     inversion_iters: int = Field(4, ge=0)
-    inversion_tol: float = Field(5e-3, ge=0)
+    inversion_tol: float = Field(2e-3, ge=0)
     guidance_scale: float = Field(1.0, ge=0)
     crop_margin: float = Field(0.5, ge=0)
     buckets: list[int] = [64, 128, 192, 256]

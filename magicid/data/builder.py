@@ -40,7 +40,7 @@ from magicid.utils import atomic_write_bytes, atomic_write_text
 
 IDENTITY_SIDECAR = "identities.json"
 JOURNAL_DIR = ".journal"
-BUILD_VERSION = 2  # bump when the worker's outputs change meaning
+BUILD_VERSION = 3  # bump when the worker's outputs change (3: embeddings by the torch port of dlib's ResNet)
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -89,9 +89,11 @@ def pin_threads() -> None:
     for name in _THREAD_ENV:
         os.environ[name] = "1"
     cv2.setNumThreads(1)
-    torch = sys.modules.get("torch")  # workers do not need torch; pin it only where something imported it
-    if torch is not None:
-        torch.set_num_threads(1)
+    # torch runs the face-embedding ResNet (faces/dlib_resnet.py); its pool is sized at first use, so pin
+    # it explicitly rather than trusting that the environment above was read in time.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def quiet_native_logs() -> None:

@@ -119,7 +119,7 @@ def test_refinement_evaluates_only_unconverged_samples(tiny_backbone, text):
     assert sum(sizes) == batched.sample_evals and len(sizes) == batched.unet_calls
     assert batched.sample_evals < batched.unet_calls * 3  # converged samples stopped paying
     assert len(set(batched.iterations.sum(0).tolist())) > 1  # samples stopped at different iterations
-    assert (batched.final_update[batched.iterations < 4] < 2e-3).all()  # stopped early only when converged
+    assert (batched.error_estimate[batched.iterations < 4] < 2e-3).all()  # stopped early only when converged
     for i in range(3):
         alone = ddim_invert(unet, scheduler, latents[i : i + 1], cond[:1], 10, 0.5, max_iters=4, tol=2e-3)
         torch.testing.assert_close(alone.latents, batched.latents[i : i + 1], rtol=1e-3, atol=1e-4)
