@@ -10,8 +10,9 @@ anything else:
 3. encode with the VAE and DDIM-invert the latents up to `diir.strength` of the trajectory, conditioned on
    the face's landmark map through the ControlNet. Plain DDIM inversion uses the noise prediction at the
    step's start where the denoising step uses it at the step's end, so it does not round-trip; each
-   inverse step is refined by fixed-point iteration (`ddim_invert`), stopping per face once the update is
-   below `diir.inversion_tol`;
+   inverse step is refined by fixed-point iteration (`ddim_invert`), stopping per face once the estimated
+   distance to the exact inverse (Banach's a-posteriori bound, from the measured contraction) is below
+   `diir.inversion_tol`;
 4. denoise from there with the identity's global (face-recognition embedding) + local (face crop)
    features through MGMICA, masked to the face, plus the landmark conditioning;
 5. decode, resize back, and blend into the image with a feathered face mask, in uint8, so that every
