@@ -413,10 +413,11 @@ def ddim_invert(
                 iterations[step, rows] += 1
             # Each update shrinks the previous one by L = c * J: measure J where the updates are not noise.
             before = previous_update[rows]
-            measurable = (before > _GAIN_FLOOR) & (update > _GAIN_FLOOR)
+            measurable = (before > _GAIN_FLOOR) & (update > _GAIN_FLOOR) & (coefficient > 0)
             gain[rows[measurable]] = update[measurable] / (coefficient * before[measurable])
             previous_update[rows] = update
             contraction = coefficient * gain[rows]
+            # Not contracting (L >= 1): no bound, so the sample iterates up to max_iters.
             estimate = torch.where(
                 contraction < 1, contraction / (1 - contraction).clamp_min(1e-12) * update, math.inf
             )

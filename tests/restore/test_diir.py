@@ -23,6 +23,7 @@ from magicid.restore.diir import (
     ddim_reconstruct,
     ddim_step,
     hungarian_assign,
+    inverse_step_noise_coefficient,
     predict_noise,
     strength_timesteps,
 )
@@ -99,6 +100,28 @@ def test_fixed_point_inversion_round_trips(tiny_backbone, text, astronaut, defau
           f"UNet evals per face: {figures['plain_evals']:.1f} vs {figures['fixed_point_evals']:.1f}")  # fmt: skip
     assert figures["fixed_point"] <= 1e-5
     assert figures["plain"] > 100 * figures["fixed_point"]  # the refinement is what makes it exact
+    # The first inverse step (1 timestep from the clean end: noise coefficient ~0.01) is within tolerance
+    # after its plain step; the later ones (coefficient ~0.2-0.3) are refined.
+    assert inverted.iterations[0].eq(0).all() and inverted.iterations[1:].gt(0).all()
+
+
+def test_noise_coefficient_is_the_steps_sensitivity_to_eps(tiny_backbone):
+    scheduler = tiny_backbone.scheduler
+    timesteps = strength_timesteps(scheduler, 10, 0.5)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    nudge = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    coefficients = []
+    for t in reversed(timesteps):
+        alpha_from = (
+            scheduler.alphas_cumprod[t - 100] if t >= 100 else torch.as_tensor(scheduler.final_alpha_cumprod)
+        )
+        alpha_to = scheduler.alphas_cumprod[t]
+        moved = ddim_step(x, eps + nudge, alpha_from, alpha_to) - ddim_step(x, eps, alpha_from, alpha_to)
+        coefficient = inverse_step_noise_coefficient(alpha_from, alpha_to)
+        torch.testing.assert_close(moved, coefficient * nudge, rtol=1e-4, atol=1e-6)
+        coefficients.append(coefficient)
+    assert coefficients[0] < 0.05 and min(coefficients[1:]) > 0.15
 
 
 @pytest.mark.slow
