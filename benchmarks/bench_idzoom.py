@@ -25,10 +25,9 @@ from magicid.data.builder import Task, process_input, worker_pool
 from magicid.data.sample import package_photo
 
 
-def warm_up(pool, tasks: list[Task], workers: int) -> None:
-    """Two inputs per worker, untimed: models are loaded and caches filled before timing."""
-    warm = [Task(t.path, t.source, f"warm{i}", t.out_dir) for i, t in enumerate(tasks[: 2 * workers])]
-    pool.map(process_input, warm, chunksize=1)
+def warm_up(pool, tasks: list[Task]) -> None:
+    """Run `tasks` untimed (two per worker): models are loaded and caches filled before timing."""
+    pool.map(process_input, tasks, chunksize=1)
 
 
 def timed_rate(pool, tasks: list[Task]) -> tuple[float, int]:
@@ -66,8 +65,8 @@ def main() -> None:
         # CPU): the machine's speed drifts between minutes, and each round's ratio sees one speed.
         one_worker, two_workers = [], []
         with worker_pool(params, 1) as pool_1, worker_pool(params, 2) as pool_2:
-            warm_up(pool_1, tasks(astronaut, 2, "w1_"), 1)
-            warm_up(pool_2, tasks(astronaut, 4, "w2_"), 2)
+            warm_up(pool_1, tasks(astronaut, 2, "w1_"))
+            warm_up(pool_2, tasks(astronaut, 4, "w2_"))
             for round_index in range(rounds):
                 one_worker.append(
                     timed_rate(pool_1, tasks(astronaut, n_astronaut // 2, f"a1r{round_index}_"))[0]

@@ -83,7 +83,6 @@ class OfflineFaceAnalyzer:
             static_image_mode=True, refine_landmarks=True, max_num_faces=3, min_detection_confidence=0.3
         )
         self._hog = dlib.get_frontal_face_detector() if params.dlib_hog != "never" else None
-        self._shape_predictor = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
         # dlib's ResNet in PyTorch: dlib's own recognizer (no BLAS in the wheel) is ~8x slower on one thread.
         from magicid.faces.dlib_resnet import DlibFaceResNet
 
