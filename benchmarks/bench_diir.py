@@ -14,8 +14,10 @@ Two configs: `tiny` (the default tiny backbone: call overhead matters, batching 
 wider UNet and 512 x 512 crops, where time should follow the UNet-evaluation ratio, also printed as
 `unet_sample_evals_ratio_8faces_compute`). Each tiny-config ratio is the median over pairs of runs (DIIR,
 then the other method; five pairs, `--quick` one): both runs of a pair see the same machine speed, which
-drifts by tens of percent on a shared machine. `--quick` also runs the compute config smaller (256 x 256
-crops) under the same names.
+drifts by tens of percent on a shared machine; `..._pair_min` / `..._pair_max` give the pairs' range. The
+host's speed is gauged before and after the tiny config (`host_unet_ms_batch4_latent24_start` / `_end`, see
+`host_speed_ms`): read the ratios with it. `--quick` also runs the compute config smaller (256 x 256 crops)
+under the same names.
 
 Prints `name: value` lines only. Targets (CPU, tiny): diir_vs_adetailer_8faces <= 1.5,
 diir_batched_vs_sequential_8faces <= 0.6, inversion_mse_fixed_point <= 1e-5.
@@ -29,7 +31,7 @@ import math
 import numpy as np
 import torch
 from PIL import Image
-from timing import paired_seconds
+from timing import median_seconds, paired_seconds
 
 from magicid.config import Params, load_params
 from magicid.faces import Face
@@ -149,6 +151,22 @@ def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params
     return np.asarray(current)
 
 
+@torch.inference_mode()
+def host_speed_ms(backbone: Backbone, repeats: int = 20) -> float:
+    """Median ms of one tiny-UNet call at batch 4 on 24 x 24 latents (four 192 px crops): a gauge of the host.
+
+    About 34 ms on an idle 2-core machine of the kind the targets were set on and 50-65 ms when the host is
+    busy; the DIIR ratios rise with it, because contention takes the second core from DIIR's batched calls
+    more than from the baseline's batch-1 calls.
+    """
+    latents = torch.randn(4, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+    text = torch.zeros(4, 77, backbone.unet.config.cross_attention_dim)
+    timestep = torch.tensor(101)
+    return 1000 * median_seconds(
+        lambda: backbone.unet(latents, timestep, encoder_hidden_states=text), repeats, warmup=2
+    )
+
+
 def build(config: TinyBackboneConfig, params: Params) -> tuple[Backbone, MagicIDAdapter]:
     backbone = build_tiny_backbone(config)
     return backbone, MagicIDAdapter.create(backbone, params)  # installs MGMICA on backbone.unet
@@ -206,14 +224,18 @@ def run_config(
 ) -> dict:
     compute = name == "compute"
     backbone, adapter = build(config, params)
+    results: dict[str, float] = {}
+    if not compute:
+        results["host_unet_ms_batch4_latent24_start"] = host_speed_ms(backbone)
     counter = CallCounter(backbone.unet)
     diir = DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
                 adapter=adapter, params=params)  # fmt: skip
     sequential = DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
                       adapter=adapter, params=params.model_copy(update={"diir": params.diir.model_copy(
                           update={"batch": 1})}))  # fmt: skip
+    for restorer in (diir, sequential):
+        restorer.set_progress_bar_config(disable=True)
     pipe = inpaint_pipe(backbone)
-    results: dict[str, float] = {}
     suffix = "_compute" if compute else ""
     for n in counts:
         image, faces = composite(n, face_px)
@@ -233,10 +255,13 @@ def run_config(
         counter.reset()
         run_adetailer()
         ad_calls, ad_rows = counter.calls, counter.rows
-        t_diir, t_ad, ratio = paired_seconds(run_diir, run_adetailer, repeats)
-        results[f"diir_s_{label}{suffix}"] = t_diir
-        results[f"adetailer_s_{label}{suffix}"] = t_ad
-        results[f"diir_vs_adetailer_{label}{suffix}"] = ratio
+        timing = paired_seconds(run_diir, run_adetailer, repeats)
+        results[f"diir_s_{label}{suffix}"] = timing.seconds_a
+        results[f"adetailer_s_{label}{suffix}"] = timing.seconds_b
+        results[f"diir_vs_adetailer_{label}{suffix}"] = timing.ratio
+        if repeats > 1:
+            results[f"diir_vs_adetailer_{label}{suffix}_pair_min"] = timing.ratio_min
+            results[f"diir_vs_adetailer_{label}{suffix}_pair_max"] = timing.ratio_max
         results[f"diir_unet_calls_{label}{suffix}"] = diir_calls
         results[f"adetailer_unet_calls_{label}{suffix}"] = ad_calls
         results[f"diir_unet_sample_evals_{label}{suffix}"] = diir_rows
@@ -247,15 +272,16 @@ def run_config(
             image, diir_out["adetailer"], faces, params
         )
         if n == max(counts):
-            _, t_seq, batched_ratio = paired_seconds(
+            timing = paired_seconds(
                 run_diir,
                 lambda image=image, faces=faces: sequential.restore(image, boxes=faces, faces="all"),
                 repeats,
             )
-            results[f"diir_sequential_s_{label}{suffix}"] = t_seq
-            results[f"diir_batched_vs_sequential_{label}{suffix}"] = batched_ratio
+            results[f"diir_sequential_s_{label}{suffix}"] = timing.seconds_b
+            results[f"diir_batched_vs_sequential_{label}{suffix}"] = timing.ratio
     if not compute:
         results.update(inversion_figures(backbone, params))
+        results["host_unet_ms_batch4_latent24_end"] = host_speed_ms(backbone)
     return results
 
 

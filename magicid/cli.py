@@ -210,12 +210,15 @@ def restore(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG path.")] = Path("outputs/restored.png"),
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt the image was made with.")] = "",
     faces: Annotated[str, typer.Option("--faces", help="small (below diir.max_face_ratio) | all")] = "small",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """DIIR: restore face identities; writes OUT and OUT_compare (before | after). Background kept exactly."""
     from magicid.restore.diir import restore_file
 
     try:
-        result, path, compare = restore_file(_params(ctx), image, refs or [], out, prompt=prompt, faces=faces)
+        result, path, compare = restore_file(
+            _params(ctx), image, refs or [], out, prompt=prompt, faces=faces, progress=progress
+        )
     except MagicIDError as error:
         raise _fail(error) from error
     for i, face in enumerate(result.faces):

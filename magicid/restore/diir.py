@@ -335,6 +335,7 @@ def ddim_invert(
     tol: float = 1e-4,
     noise_fn: Callable[[torch.Tensor, int, Conditioning], torch.Tensor] | None = None,
     warm_start: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> InversionResult:
     """DDIM-invert clean latents up to `strength` of the trajectory, refining each step by fixed point.
 
@@ -363,6 +364,7 @@ def ddim_invert(
         tol: per-sample tolerance on the estimated relative distance to the exact inverse.
         noise_fn: `(x, t, cond) -> eps` (default: `predict_noise` with `unet` and `scheduler`).
         warm_start: start steps after the first from the previous step's last eps (False: from x_{t_prev}).
+        progress: called with the inverse step's index after each inverse step.
 
     Returns:
         An `InversionResult`; `ddim_reconstruct(..., result.latents, ...)` walks back to `latents`.
@@ -427,6 +429,8 @@ def ddim_invert(
             if len(active) == 0:
                 break
         x = x_t
+        if progress is not None:
+            progress(step)
     return InversionResult(x, timesteps, iterations, calls, evals, final_update, error_estimate)
 
 
@@ -740,6 +744,11 @@ class DIIR:
         self.adapter = adapter
         self._analyzer = analyzer
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._progress_bar_config: dict[str, Any] = {}
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm options for `restore`'s progress bar (as diffusers pipelines: `disable=True` hides it)."""
+        self._progress_bar_config = dict(kwargs)
 
     @classmethod
     def from_pipe(cls, pipe: Any, adapter: torch.nn.Module | None = None, analyzer: Any | None = None,
@@ -759,9 +768,12 @@ class DIIR:
                 f"DIIR.from_pipe: {type(pipe).__name__} lacks {', '.join(missing)} (an SD pipeline is needed)"
             )
         adapter = adapter if adapter is not None else getattr(pipe, "adapter", None)
-        return cls(
+        diir = cls(
             pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, adapter, analyzer, params
         )
+        # A diffusers pipeline keeps its progress-bar options here; restoring follows them.
+        diir.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+        return diir
 
     @property
     def analyzer(self) -> Any:
@@ -930,16 +942,26 @@ class DIIR:
                 "some faces have no landmarks (given as bare boxes): their landmark condition is empty"
             )
         # 5. restore batched: group by bucket, chunk by diir.batch
+        from tqdm.auto import tqdm
+
         out = pixels.copy()
         mask = empty_mask.copy()
         stats = {"faces_detected": len(found), "faces_restored": len(jobs), "batches": 0, "unet_calls": 0,
                  "unet_sample_evals": 0, "inversion_sample_evals": 0}  # fmt: skip
         restored: dict[int, RestoredFace] = {}
+        chunks = []
         for bucket in sorted({j.bucket for j in jobs}):
             group = [j for j in jobs if j.bucket == bucket]
-            for start in range(0, len(group), cfg.batch):
-                chunk = group[start : start + cfg.batch]
-                patches, iterations = self._restore_chunk(pixels, chunk, refs, prompt, stats)
+            chunks += [group[start : start + cfg.batch] for start in range(0, len(group), cfg.batch)]
+        # Each chunk runs its inverse steps, then as many denoising steps: a fixed total, whatever the
+        # number of fixed-point refinements.
+        n_steps = int(cfg.num_inference_steps * cfg.strength)
+        bar = tqdm(total=2 * n_steps * len(chunks), desc="DIIR", unit="step", **self._progress_bar_config)
+        with bar:
+            for chunk in chunks:
+                bar.set_postfix_str(f"{len(chunk)} face(s) at {chunk[0].bucket} px")
+                patches, iterations = self._restore_chunk(pixels, chunk, refs, prompt, stats, bar.update)
+                bucket = chunk[0].bucket
                 for job, patch, iters in zip(chunk, patches, iterations, strict=True):
                     side = job.crop_box[2] - job.crop_box[0]
                     alpha = blend_alpha(job.crop_box, job.bbox, cfg.feather, (width, height))
@@ -1003,8 +1025,18 @@ class DIIR:
         face = max(found, key=lambda f: f.width * f.height)
         return np.asarray(face.embedding, np.float32)
 
-    def _restore_chunk(self, pixels, chunk: list[_Job], refs, prompt: str, stats: dict[str, int]):
+    def _restore_chunk(
+        self,
+        pixels,
+        chunk: list[_Job],
+        refs,
+        prompt: str,
+        stats: dict[str, int],
+        step_done: Callable[[], Any],
+    ):
         """Crop, encode, invert, denoise with identity, decode one batch of same-bucket faces.
+
+        `step_done` is called after each inverse and each denoising step.
 
         Returns:
             (patches uint8 (bucket, bucket, 3) per face, fixed-point iterations per inverse step per face).
@@ -1033,7 +1065,7 @@ class DIIR:
         # Invert with landmark conditioning, no identity, no CFG.
         inversion = ddim_invert(
             self.unet, self.scheduler, latents, cond, cfg.num_inference_steps, cfg.strength,
-            max_iters=cfg.inversion_iters, tol=cfg.inversion_tol,
+            max_iters=cfg.inversion_iters, tol=cfg.inversion_tol, progress=lambda _: step_done(),
         )  # fmt: skip
         # Denoise with identity (MGMICA, masked to the face) + landmarks, CFG as configured.
         denoise_cond = dataclasses.replace(cond, guidance_scale=cfg.guidance_scale)
@@ -1044,8 +1076,9 @@ class DIIR:
             denoise_cond.id_scale = self.params.model.id_scale
         try:
             clean = ddim_reconstruct(
-                self.unet, self.scheduler, inversion.latents, denoise_cond, inversion.timesteps
-            )
+                self.unet, self.scheduler, inversion.latents, denoise_cond, inversion.timesteps,
+                progress=lambda _: step_done(),
+            )  # fmt: skip
         finally:
             if self.adapter is not None:
                 from magicid.models.mgmica import clear_identities
@@ -1149,11 +1182,13 @@ def restore_file(
     out: str | Path,
     prompt: str = "",
     faces: FaceSelection = "small",
+    progress: bool = True,
 ) -> tuple[RestoreResult, Path, Path]:
     """Restore the faces of an image file against reference photos; write the result and a comparison.
 
     Loads the configured backbone and adapter (`model.adapter_path`, or a freshly initialised one when
     null) and the configured face backend. Writes `out` and `<out stem>_compare<suffix>` (before | after).
+    `progress` shows the restore's progress bar (inverse and denoising steps of each face batch).
 
     Returns:
         (the `RestoreResult`, the output path, the comparison path).
@@ -1172,6 +1207,7 @@ def restore_file(
     adapter = load_adapter(params, backbone)
     diir = DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
                 adapter=adapter, params=params)  # fmt: skip
+    diir.set_progress_bar_config(disable=not progress)
     refs = [
         diir.reference_from_image(r, Path(p).name) for r, p in zip(references, reference_paths, strict=True)
     ]

@@ -3,6 +3,7 @@ Hungarian assignment, the bucket rule, and batching (grouping, unconverged-subse
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 
@@ -138,7 +139,10 @@ def test_refinement_evaluates_only_unconverged_samples(tiny_backbone, text):
         sizes.append(x.shape[0])
         return predict_noise(unet, scheduler, x, t, c)
 
-    batched = ddim_invert(unet, scheduler, latents, cond, 10, 0.5, max_iters=4, tol=2e-3, noise_fn=counting)
+    steps_done: list[int] = []
+    batched = ddim_invert(unet, scheduler, latents, cond, 10, 0.5, max_iters=4, tol=2e-3, noise_fn=counting,
+                          progress=steps_done.append)  # fmt: skip
+    assert steps_done == [0, 1, 2, 3, 4]  # one progress call per inverse step, however many refinements
     assert sum(sizes) == batched.sample_evals and len(sizes) == batched.unet_calls
     assert batched.sample_evals < batched.unet_calls * 3  # converged samples stopped paying
     assert len(set(batched.iterations.sum(0).tolist())) > 1  # samples stopped at different iterations
@@ -244,10 +248,19 @@ def test_faces_are_grouped_by_bucket_and_chunked(tiny_backbone, astronaut):
     """Batch 2: buckets {128: 2 faces, 192: 1 face} -> 2 batches; batch 1 -> 3; same pixels either way.
 
     Default buckets [64, 128, 192, 256], margin 0.5, zoom 2: the 28 and 24 px faces need 112 and 96 px
-    (bucket 128), the 40 px face 160 px (bucket 192, not 256)."""
+    (bucket 128), the 40 px face 160 px (bucket 192, not 256). The progress bar counts 5 inverse + 5
+    denoising steps per batch and ends full."""
     boxes = BOXES
-    batched = _diir(tiny_backbone, _params(batch=2)).restore(astronaut, boxes=boxes, faces="all")
-    sequential = _diir(tiny_backbone, _params(batch=1)).restore(astronaut, boxes=boxes, faces="all")
+    bars = {}
+    results = {}
+    for name, batch in (("batched", 2), ("sequential", 1)):
+        diir = _diir(tiny_backbone, _params(batch=batch))
+        bars[name] = io.StringIO()
+        diir.set_progress_bar_config(file=bars[name], mininterval=0)
+        results[name] = diir.restore(astronaut, boxes=boxes, faces="all")
+    batched, sequential = results["batched"], results["sequential"]
+    assert "DIIR: 100%" in bars["batched"].getvalue() and "20/20" in bars["batched"].getvalue()
+    assert "30/30" in bars["sequential"].getvalue()
     buckets = [f.bucket for f in batched.faces]
     assert sorted(buckets) == [128, 128, 192]
     assert batched.stats["batches"] == 2 and sequential.stats["batches"] == 3
@@ -330,7 +343,9 @@ def test_from_pipe_uses_the_pipelines_components(tiny_backbone):
         unet=tiny_backbone.unet, scheduler=tiny_backbone.scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
     diir = DIIR.from_pipe(pipe, params=_params())
+    assert diir._progress_bar_config == {"disable": True}  # restoring follows the pipeline's bar options
     assert diir.unet is pipe.unet and diir.vae is pipe.vae and diir.adapter is None
     assert diir.scheduler is not pipe.scheduler  # its own DDIM scheduler: the pipeline's is never mutated
     assert diir.scheduler.config.steps_offset == pipe.scheduler.config.steps_offset
