@@ -155,9 +155,9 @@ def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params
 def host_speed_ms(backbone: Backbone, repeats: int = 20) -> float:
     """Median ms of one tiny-UNet call at batch 4 on 24 x 24 latents (four 192 px crops): a gauge of the host.
 
-    About 34 ms on an idle 2-core machine of the kind the targets were set on and 50-65 ms when the host is
-    busy; the DIIR ratios rise with it, because contention takes the second core from DIIR's batched calls
-    more than from the baseline's batch-1 calls.
+    About 34 ms on an idle 2-core machine of the kind the targets were set on and 48-68 ms when the host is
+    busy. The DIIR ratios tend to rise with it: contention takes the second core from DIIR's batched calls
+    more than from the baseline's batch-1 calls. A noisy host also widens the pairs' range.
     """
     latents = torch.randn(4, 4, 24, 24, generator=torch.Generator().manual_seed(0))
     text = torch.zeros(4, 77, backbone.unet.config.cross_attention_dim)
