@@ -21,6 +21,10 @@ app = typer.Typer(
 )
 
 
+# The long-running commands (train, build-data, restore) share one progress switch.
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
 def _params(ctx: typer.Context) -> Params:
     return ctx.obj["params"]
 
@@ -119,7 +123,7 @@ def train(
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, help="Optimizer steps to reach (default: train.steps).")
     ] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Train the MagicID adapter (ID encoder, MGMICA ID projections, MMF ControlNet) on IDZoom, tracked in MLflow."""
     from magicid.training.trainer import check_data_dir
@@ -162,7 +166,7 @@ def build_data(
         Path | None, typer.Option("--input", help="Raw images (default: data.raw_dir).")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Dataset folder (default: data.out_dir).")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Build (or resume) the IDZoom dataset: faces, crops, condition maps, manifests, quarantine, stats."""
     from magicid.data.builder import build_idzoom
@@ -210,7 +214,7 @@ def restore(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG path.")] = Path("outputs/restored.png"),
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt the image was made with.")] = "",
     faces: Annotated[str, typer.Option("--faces", help="small (below diir.max_face_ratio) | all")] = "small",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """DIIR: restore face identities; writes OUT and OUT_compare (before | after). Background kept exactly."""
     from magicid.restore.diir import restore_file

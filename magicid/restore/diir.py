@@ -890,7 +890,8 @@ class DIIR:
                                  "faces_restored": 0, "batches": 0, "unet_calls": 0, "unet_sample_evals": 0,
                                  "inversion_sample_evals": 0})  # fmt: skip
 
-        if int(cfg.num_inference_steps * cfg.strength) == 0:
+        n_steps = int(cfg.num_inference_steps * cfg.strength)  # the denoising steps strength runs
+        if n_steps == 0:
             return unchanged(
                 f"diir.strength={cfg.strength} runs no denoising step of {cfg.num_inference_steps}: input returned unchanged"
             )
@@ -955,13 +956,12 @@ class DIIR:
             chunks += [group[start : start + cfg.batch] for start in range(0, len(group), cfg.batch)]
         # Each chunk runs its inverse steps, then as many denoising steps: a fixed total, whatever the
         # number of fixed-point refinements.
-        n_steps = int(cfg.num_inference_steps * cfg.strength)
         bar = tqdm(total=2 * n_steps * len(chunks), desc="DIIR", unit="step", **self._progress_bar_config)
         with bar:
             for chunk in chunks:
-                bar.set_postfix_str(f"{len(chunk)} face(s) at {chunk[0].bucket} px")
-                patches, iterations = self._restore_chunk(pixels, chunk, refs, prompt, stats, bar.update)
                 bucket = chunk[0].bucket
+                bar.set_postfix_str(f"{len(chunk)} face(s) at {bucket} px")
+                patches, iterations = self._restore_chunk(pixels, chunk, refs, prompt, stats, bar.update)
                 for job, patch, iters in zip(chunk, patches, iterations, strict=True):
                     side = job.crop_box[2] - job.crop_box[0]
                     alpha = blend_alpha(job.crop_box, job.bbox, cfg.feather, (width, height))
