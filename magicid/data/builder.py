@@ -9,9 +9,14 @@
 3. Process the rest in `data.workers` processes (each pinned to one thread, models loaded once per process):
    decode and normalise (`ingest.load_image`), analyse faces, pose per person, write the image, zoomed crops
    and condition maps. Any input that cannot be used becomes a quarantine row with a reason.
-4. Assemble: identity labels from the sidecar, splits, manifests, stats.json; delete files no row refers to.
+4. Assemble: identity labels from the sidecar, splits, manifests, stats.json; delete the stale files this
+   builder wrote itself (listed in the ledger `build_files.json` or the journal) that no row refers to now.
    Invariant (checked): every input is in exactly one of images.parquet and quarantine.parquet.
 Re-running on the same inputs processes nothing and writes byte-identical files.
+
+Nothing of the user's is ever deleted: the input and output folders may not overlap in either direction, and
+garbage collection touches only files the builder recorded as written by itself, with builder-shaped names,
+as regular files inside the output's own folders (never through a symlink).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
+import re
+import stat
 import struct
 import sys
 import time
 import traceback
+import warnings
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -40,6 +47,16 @@ from magicid.utils import atomic_write_bytes, atomic_write_text
 
 IDENTITY_SIDECAR = "identities.json"
 JOURNAL_DIR = ".journal"
+# Every file under images/, crops/ and conditions/ this builder has written into the dataset version and not
+# deleted since: the only files garbage collection may delete (a user's own files there are never touched).
+LEDGER = "build_files.json"
+# The names the builder gives its outputs; a ledger entry of any other shape is never deleted.
+_OUTPUT_NAME = re.compile(
+    rf"({mf.IMAGES_DIR}/[0-9a-f]{{16}}\.(png|jpg|webp)"
+    rf"|{mf.CROPS_DIR}/[0-9a-f]{{16}}_[0-9]{{2,}}\.png"
+    rf"|{mf.CONDITIONS_DIR}/[0-9a-f]{{16}}_(skeleton|landmark)\.png)"
+)
+_JOURNAL_NAME = re.compile(r"[0-9a-f]{20}\.json")
 BUILD_VERSION = 3  # bump when the worker's outputs change (3: embeddings by the torch port of dlib's ResNet)
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
@@ -343,17 +360,29 @@ def _previous_records(out_dir: Path, cfg_hash: str) -> dict[tuple[str, str], dic
             for row in quarantine:
                 if row["reason"] != "duplicate":  # duplicates are decided afresh from the input list
                     records[(row["source"], row["image_id"])] = {"status": "quarantine", **row}
+    for entry in _journal_entries(out_dir).values():
+        if entry.get("config_hash") == cfg_hash:
+            record = entry["record"]
+            records[(record["source"], record["image_id"])] = record
+    return records
+
+
+def _journal_entries(out_dir: Path) -> dict[Path, dict]:
+    """The journal's entries (any config hash), by file; entries that do not parse are skipped (redone)."""
     journal = out_dir / JOURNAL_DIR
-    if journal.is_dir():
-        for path in sorted(journal.glob("*.json")):
+    entries = {}
+    if journal.is_dir() and not journal.is_symlink():
+        for path in sorted(journal.iterdir()):
+            if not _JOURNAL_NAME.fullmatch(path.name) or not path.is_file():
+                continue
             try:
                 entry = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                continue  # a torn write cannot happen (atomic), but a hand-edited file is simply redone
-            if entry.get("config_hash") == cfg_hash:
                 record = entry["record"]
-                records[(record["source"], record["image_id"])] = record
-    return records
+                _files_of(record), record["source"], record["image_id"]  # the fields every use reads
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn write cannot happen (atomic), but a hand-edited file is simply redone
+            entries[path] = entry
+    return entries
 
 
 def load_identity_labels(input_dir: Path) -> dict[str, list[dict]]:
@@ -521,7 +550,8 @@ def build_idzoom(
         `BuildReport` with counts.
 
     Raises:
-        DataError: the input folder is missing or empty, the output is inside it, or the sidecar is malformed.
+        DataError: the input folder is missing or empty, the input and output overlap, or the sidecar is
+            malformed.
     """
     started = time.perf_counter()
     input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
@@ -529,8 +559,7 @@ def build_idzoom(
         raise DataError(
             f"{input_dir}: input folder not found (create it, e.g. `magicid sample-data --out {input_dir}`)"
         )
-    if out_dir == input_dir or input_dir in out_dir.parents:
-        raise DataError(f"{out_dir}: the output must not be inside the input folder {input_dir}")
+    check_folders(input_dir, out_dir)
     labels = load_identity_labels(input_dir)
     inputs = list_inputs(input_dir)
     if not inputs:
@@ -600,8 +629,13 @@ def build_idzoom(
     mf.write_table(quarantine, mf.QUARANTINE_SCHEMA, out_dir / mf.QUARANTINE)
     stats = _stats(images, faces, quarantine, len(inputs), params, cfg_hash)
     atomic_write_text(out_dir / mf.STATS, json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    _collect_garbage(out_dir, {name for r in image_records for name in _files_of(r)})
-    shutil.rmtree(journal, ignore_errors=True)
+    referenced = {name for r in image_records for name in _files_of(r)}
+    written = _read_ledger(out_dir) | referenced
+    for entry in _journal_entries(out_dir).values():  # interrupted runs, any settings
+        written.update(_files_of(entry["record"]))
+    _write_ledger(out_dir, written)  # first: a crash during the deletions below leaves every file listed
+    _write_ledger(out_dir, _collect_garbage(out_dir, written, referenced))
+    _clear_journal(out_dir)
 
     return BuildReport(
         out_dir=str(out_dir),
@@ -623,9 +657,102 @@ def assign_splits_for(image_records: list[dict], params: Params) -> dict[str, st
     return assign_splits(pairs, params.data.split, params.seed)
 
 
-def _collect_garbage(out_dir: Path, referenced: set[str]) -> None:
-    """Delete files under images/, crops/ and conditions/ that no manifest row refers to (stale outputs)."""
-    for folder in (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR):
-        for path in sorted((out_dir / folder).glob("*")) if (out_dir / folder).is_dir() else []:
-            if path.is_file() and f"{folder}/{path.name}" not in referenced:
-                path.unlink()
+def check_folders(input_dir: Path, out_dir: Path) -> None:
+    """Refuse an input and output that overlap (either inside the other, or the same), and output folders
+    that are symlinks: the builder writes and cleans `images/`, `crops/` and `conditions/` under the output,
+    so an overlap would put its files among the user's photos (and, before, deleted them).
+
+    Args:
+        input_dir, out_dir: resolved (symlink-free) absolute paths.
+
+    Raises:
+        DataError: naming both folders and what to do.
+    """
+    if out_dir == input_dir:
+        raise DataError(f"{out_dir}: the output folder is the input folder; choose a separate output folder")
+    if input_dir in out_dir.parents:
+        raise DataError(
+            f"{out_dir}: the output must not be inside the input folder {input_dir}; "
+            "choose an output folder outside it"
+        )
+    if out_dir in input_dir.parents:
+        raise DataError(
+            f"{input_dir}: the input folder must not be inside the output folder {out_dir} (the builder writes "
+            "its own images/, crops/ and conditions/ there); choose an output folder that does not contain "
+            "the input, e.g. a sibling of it"
+        )
+    for name in (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR, JOURNAL_DIR, LEDGER):
+        if (out_dir / name).is_symlink():
+            raise DataError(
+                f"{out_dir / name}: is a symlink; the builder writes only into folders of its own "
+                "(remove the link or choose another output folder)"
+            )
+
+
+def _read_ledger(out_dir: Path) -> set[str]:
+    """Files the builder recorded as written by itself; an unreadable ledger lists nothing (so nothing is
+    deleted: the safe direction), and a warning says why."""
+    path = out_dir / LEDGER
+    if not path.exists():
+        return set()
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise TypeError("not a list of file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
+        warnings.warn(
+            f"{path}: unreadable build ledger ({error}); no stale outputs are deleted in this run",
+            stacklevel=2,
+        )
+        return set()
+    return set(entries)
+
+
+def _write_ledger(out_dir: Path, written: set[str]) -> None:
+    atomic_write_text(out_dir / LEDGER, json.dumps(sorted(written), indent=0) + "\n")
+
+
+def _collect_garbage(out_dir: Path, written: set[str], referenced: set[str]) -> set[str]:
+    """Delete the files the builder wrote (`written`) that no manifest row refers to any more.
+
+    A file is deleted only if its name has the shape the builder gives its outputs and it is a regular file
+    (not a link) directly inside the output's own `images/`, `crops/` or `conditions/` folder: a forged or
+    stale ledger entry can never reach a file outside them.
+
+    Returns:
+        The ledger's new content: `referenced`, plus any listed file that could not be deleted.
+    """
+    remaining = set(referenced)
+    for name in sorted(written - referenced):
+        if not _OUTPUT_NAME.fullmatch(name):
+            continue  # not a name the builder gives: never the builder's to delete
+        folder = out_dir / name.split("/", 1)[0]
+        path = out_dir / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            if not stat.S_ISREG(path.lstat().st_mode):
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            warnings.warn(
+                f"{path}: could not delete a stale output ({error}); kept in the ledger", stacklevel=2
+            )
+            remaining.add(name)
+    return remaining
+
+
+def _clear_journal(out_dir: Path) -> None:
+    """Remove the journal's own entries (by name), then the folder if nothing else is in it."""
+    journal = out_dir / JOURNAL_DIR
+    if not journal.is_dir() or journal.is_symlink():
+        return
+    for path in journal.iterdir():
+        if _JOURNAL_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+    try:
+        journal.rmdir()
+    except OSError:
+        pass  # something not the builder's is in there: leave it
