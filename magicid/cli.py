@@ -72,7 +72,9 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG path.")] = Path(
         "outputs/generated.png"
     ),
-    seed: Annotated[int, typer.Option("--seed", "-s", help="Random seed (same seed, same image).")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", "-s", min=0, max=2**64 - 1, help="Random seed (same seed, same image).")
+    ] = 0,
     ref: Annotated[
         list[Path] | None, typer.Option("--ref", help="Reference face image of one identity (repeatable).")
     ] = None,
@@ -84,9 +86,11 @@ def generate(
     ] = None,
 ) -> None:
     """Generate an image from a prompt (deterministic for a given seed), optionally with identities (--ref)."""
-    from magicid.generate import generate_to_file
+    from magicid.generate import check_generate_args, generate_to_file
 
     try:
+        for note in check_generate_args(_params(ctx), ref, boxes, out)[1]:
+            typer.echo(f"note: {note}")
         path = generate_to_file(_params(ctx), prompt, seed, out, refs=ref, boxes=boxes, skeleton=skeleton)
     except MagicIDError as error:
         raise _fail(error) from error
@@ -218,8 +222,12 @@ def restore(
 ) -> None:
     """DIIR: restore face identities; writes OUT and OUT_compare (before | after). Background kept exactly."""
     from magicid.restore.diir import restore_file
+    from magicid.safety import check_output_file
 
     try:
+        if faces not in ("small", "all"):
+            raise MagicIDError(f"--faces {faces!r}: expected small (below diir.max_face_ratio) or all")
+        check_output_file(out, "--out")
         result, path, compare = restore_file(
             _params(ctx), image, refs or [], out, prompt=prompt, faces=faces, progress=progress
         )

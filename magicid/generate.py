@@ -91,15 +91,50 @@ def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
     return boxes
 
 
-def _read_image(path: str | Path, what: str) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path}: file not found")
+def _read_image(path: str | Path, what: str, max_pixels: int) -> np.ndarray:
+    """An untrusted image file -> uint8 (H, W, 3) RGB; size checked from the header before decoding."""
+    from magicid.data.ingest import load_image
+    from magicid.errors import InputRejected
+    from magicid.safety import check_input_file
+
+    path = check_input_file(path, what)
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError as exc:
-        raise DataError(f"{what} {path}: not a readable image ({exc})") from exc
+        return load_image(path, max_pixels).array
+    except InputRejected as exc:
+        raise DataError(f"{what} {str(path)!r}: cannot be used ({exc})") from exc
+
+
+def check_generate_args(
+    params: Params, refs: Sequence | None, boxes: str | None, out: str | Path
+) -> tuple[list | None, list[str]]:
+    """Check `magicid generate`'s arguments before any model loads.
+
+    Returns:
+        (the parsed boxes or None, notes to print: what the arguments mean where it is not obvious).
+
+    Raises:
+        OutputPathError: `out` is a folder, unwritable, or not a .png; ModelInputError: malformed `--boxes`,
+            a box outside the image, or a different number of boxes and `--ref`s.
+    """
+    from magicid.models.pipeline import check_boxes
+    from magicid.safety import check_output_file
+
+    check_output_file(out, "--out")
+    notes = []
+    parsed = parse_boxes(boxes) if boxes is not None else None
+    if parsed is not None:
+        size = params.model.resolution
+        check_boxes(parsed, size, size)
+        if refs and len(parsed) != len(refs):
+            raise ModelInputError(
+                f"--boxes gives {len(parsed)} boxes but {len(refs)} --ref images were given; give one box per "
+                "--ref (matched in order)"
+            )
+        if not refs:
+            notes.append(
+                f"--boxes without --ref: {len(parsed)} faces are placed (landmark layout) with no identity"
+            )
+    return parsed, notes
 
 
 def generate_to_file(
@@ -111,15 +146,21 @@ def generate_to_file(
     boxes: str | None = None,
     skeleton: str | Path | None = None,
 ) -> Path:
-    """`magicid generate`: reference face files, a `--boxes` string and/or a `--skeleton` map file -> one PNG."""
+    """`magicid generate`: reference face files, a `--boxes` string and/or a `--skeleton` map file -> one PNG.
+
+    Every argument is checked (`check_generate_args`, image sizes from their headers) before a model loads.
+    """
     from magicid.models.pipeline import FaceLayout
 
-    identities = [_read_image(path, "--ref") for path in refs or []]
+    parsed_boxes, _ = check_generate_args(params, refs, boxes, out)
+    identities = [_read_image(path, "--ref", params.data.max_pixels) for path in refs or []]
     layout = None
     if boxes is not None or skeleton is not None:
         layout = FaceLayout(
-            boxes=parse_boxes(boxes) if boxes is not None else None,
-            skeleton=_read_image(skeleton, "--skeleton") if skeleton is not None else None,
+            boxes=parsed_boxes,
+            skeleton=_read_image(skeleton, "--skeleton", params.data.max_pixels)
+            if skeleton is not None
+            else None,
         )
     image = generate_image(params, prompt, seed, identities=identities or None, layout=layout)
     return atomic_save_image(image, out)

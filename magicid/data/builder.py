@@ -42,6 +42,7 @@ import numpy as np
 
 from magicid.config import Params
 from magicid.data import manifest as mf
+from magicid.data.inputs import InputEntry, hash_regular_file, list_input_entries
 from magicid.errors import DataError, InputRejected
 from magicid.utils import atomic_write_bytes, atomic_write_text
 
@@ -296,25 +297,15 @@ def config_hash(params: Params) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def list_inputs(input_dir: Path) -> list[tuple[Path, str]]:
-    """`(path, source)` for every file under `input_dir` except the identity sidecar, sorted by source."""
-    found = []
-    for path in input_dir.rglob("*"):
-        if path.is_dir():
-            continue
-        source = path.relative_to(input_dir).as_posix()
-        if source == IDENTITY_SIDECAR:
-            continue
-        found.append((path, source))
-    return sorted(found, key=lambda item: item[1])
+def list_inputs(input_dir: Path) -> list[InputEntry]:
+    """Every entry under `input_dir` except the identity sidecar, sorted by source (`data/inputs.py`): regular
+    files to read, and refusals (FIFO, broken or escaping symlink, unreadable, bad name) that become quarantine
+    rows without being opened."""
+    return list_input_entries(input_dir, skip=frozenset({IDENTITY_SIDECAR}))
 
 
 def file_image_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return hash_regular_file(path)[:16]
 
 
 def _record_key(source: str, image_id: str) -> str:
@@ -391,14 +382,21 @@ def load_identity_labels(input_dir: Path) -> dict[str, list[dict]]:
     Raises:
         DataError: the sidecar is not valid JSON or has the wrong shape (the message shows the expected form).
     """
+    from magicid.safety import file_kind_problem
+
     path = input_dir / IDENTITY_SIDECAR
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return {}
     form = '{"<source path>": [{"identity": "<name>", "bbox": [x0, y0, x1, y1]}, ...], ...}'
+    problem = file_kind_problem(path)
+    if problem is None and path.is_symlink():
+        problem = "is a symlink (the sidecar must be a regular file in the input folder)"
+    if problem is not None:
+        raise DataError(f"{path}: the identity sidecar {problem}")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error}); expected {form}") from error
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise DataError(f"{path}: not valid UTF-8 JSON ({str(error)[:200]}); expected {form}") from error
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected {form}")
     labels = {}
@@ -406,12 +404,24 @@ def load_identity_labels(input_dir: Path) -> dict[str, list[dict]]:
         if not isinstance(entries, list) or not all(
             isinstance(e, dict)
             and isinstance(e.get("identity"), str)
-            and (e.get("bbox") is None or (isinstance(e["bbox"], list) and len(e["bbox"]) == 4))
+            and (e.get("bbox") is None or _is_box(e["bbox"]))
             for e in entries
         ):
-            raise DataError(f"{path}: entry {source!r} is malformed; expected {form}")
+            raise DataError(
+                f"{path}: entry {source!r} is malformed (each bbox: four finite numbers x0 < x1, y0 < y1); "
+                f"expected {form}"
+            )
         labels[source] = entries
     return labels
+
+
+def _is_box(value) -> bool:
+    """Four finite numbers (not booleans) with x0 < x1 and y0 < y1."""
+    if not isinstance(value, list) or len(value) != 4:
+        return False
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in value):
+        return False
+    return value[0] < value[2] and value[1] < value[3]
 
 
 def _match_identities(faces: list[dict], labels: list[dict]) -> list[str | None]:
@@ -573,8 +583,17 @@ def build_idzoom(
     first_by_id: dict[str, str] = {}
     tasks: list[Task] = []
     n_reused = 0
-    for path, source in inputs:
-        image_id = file_image_id(path)
+    for entry in inputs:
+        source = entry.source
+        try:
+            if entry.path is None:
+                raise InputRejected(entry.reason or "not_a_file", entry.detail)
+            image_id = file_image_id(entry.path)
+        except InputRejected as rejected:  # refused while listing, or while hashing: never opened further
+            records[source] = {"status": "quarantine", "source": source, "image_id": None,
+                               "reason": rejected.reason, "detail": rejected.detail}  # fmt: skip
+            continue
+        path = entry.path
         if image_id in first_by_id:
             records[source] = {
                 "status": "quarantine",
@@ -620,7 +639,7 @@ def build_idzoom(
         key=lambda row: row["source"],
     )
     taken, rejected = {r["source"] for r in images}, {r["source"] for r in quarantine}
-    all_sources = {source for _, source in inputs}
+    all_sources = {entry.source for entry in inputs}
     if taken & rejected or (taken | rejected) != all_sources or len(images) + len(quarantine) != len(inputs):
         raise AssertionError("internal: inputs must be exactly images + quarantine")  # pragma: no cover
 

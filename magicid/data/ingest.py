@@ -16,17 +16,25 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from magicid.errors import InputRejected
+from magicid.safety import file_kind_problem, pixel_problem
 
 REASONS = (
     "zero_byte",  # empty file
     "not_an_image",  # no image format recognises it
     "corrupt",  # recognised, but decoding fails
     "truncated",  # the data ends before the image does
-    "too_large",  # more than data.max_pixels pixels (decompression-bomb guard), read from the header
+    "too_large",  # more than data.max_pixels pixels or a side over safety.MAX_SIDE, read from the header
     "unsupported_mode",  # a pixel format with no faithful RGB mapping (e.g. float images)
     "too_small",  # under MIN_SIDE pixels on a side: no face can be analysed
     "no_face",  # decoded fine, the face analyser finds no face
     "duplicate",  # same bytes as another input (the first in path order is kept)
+    # found while listing the input folder (magicid/data/inputs.py); these are never opened:
+    "not_a_file",  # a FIFO, socket or device (opening a FIFO blocks), or a folder where a file was expected
+    "unreadable",  # a file or folder without read permission
+    "broken_link",  # a symlink whose target does not exist
+    "link_outside_input",  # a symlink resolving outside the input folder
+    "linked_folder",  # a symlink to a folder: not followed (put the files in the input folder itself)
+    "bad_name",  # a file name that is not valid UTF-8 (manifests store names as text)
 )
 MIN_SIDE = 16
 
@@ -84,6 +92,10 @@ def load_image(path: str | Path, max_pixels: int) -> LoadedImage:
         InputRejected: with a reason from `REASONS` and a detail naming the problem.
     """
     path = Path(path)
+    problem = file_kind_problem(path)
+    if problem is not None:
+        reason = "unreadable" if "readable" in problem or "inspected" in problem else "not_a_file"
+        raise InputRejected(reason, problem)
     if path.stat().st_size == 0:
         raise InputRejected("zero_byte", "empty file")
     with warnings.catch_warnings():
@@ -100,10 +112,9 @@ def load_image(path: str | Path, max_pixels: int) -> LoadedImage:
             raise InputRejected("corrupt", f"cannot read the header: {error}") from error
         with image:
             width, height = image.size
-            if width * height > max_pixels:
-                raise InputRejected(
-                    "too_large", f"{width}x{height} = {width * height} pixels > data.max_pixels={max_pixels}"
-                )
+            problem = pixel_problem(width, height, max_pixels)
+            if problem is not None:
+                raise InputRejected("too_large", problem)
             if min(width, height) < MIN_SIDE:
                 raise InputRejected("too_small", f"{width}x{height}: under {MIN_SIDE} px on a side")
             fmt = image.format or "unknown"

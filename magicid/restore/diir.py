@@ -1165,10 +1165,9 @@ def comparison_image(before: Image.Image, after: Image.Image) -> Image.Image:
 def _load(path: str | Path, max_pixels: int, what: str) -> np.ndarray:
     from magicid.data.ingest import load_image
     from magicid.errors import InputRejected
+    from magicid.safety import check_input_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {str(path)!r}: file not found")
+    path = check_input_file(path, what)
     try:
         return load_image(path, max_pixels).array
     except InputRejected as error:

@@ -18,7 +18,7 @@ def test_every_input_is_in_exactly_one_manifest(raw_dir, built):
     out, report = built
     images, faces = mf.read_manifest(out)
     quarantine = mf.read_quarantine(out)
-    sources = {source for _, source in list_inputs(raw_dir)}
+    sources = {entry.source for entry in list_inputs(raw_dir)}
     assert sources == set(EXPECTED)  # the sidecar is metadata, not an input
     taken, rejected = set(images["source"]), set(quarantine["source"])
     assert not taken & rejected
