@@ -30,7 +30,9 @@ def _params(ctx: typer.Context) -> Params:
 
 
 def _fail(error: MagicIDError) -> typer.Exit:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    # One line: a reason that spans lines (a YAML parser's context, a list of bad keys) is joined with " | ".
+    reason = " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    typer.secho(f"error: {reason}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
 
 
@@ -73,7 +75,7 @@ def generate(
         "outputs/generated.png"
     ),
     seed: Annotated[
-        int, typer.Option("--seed", "-s", min=0, max=2**64 - 1, help="Random seed (same seed, same image).")
+        int, typer.Option("--seed", "-s", min=0, max=2**63 - 1, help="Random seed (same seed, same image).")
     ] = 0,
     ref: Annotated[
         list[Path] | None, typer.Option("--ref", help="Reference face image of one identity (repeatable).")
@@ -106,8 +108,10 @@ def demo(
 ) -> None:
     """Run the main job end to end on the embedded offline defaults."""
     from magicid.demo import run_demo
+    from magicid.safety import check_output_folder
 
     try:
+        check_output_folder(out_dir, "--out-dir")
         summary = run_demo(_params(ctx), out_dir)
     except MagicIDError as error:
         raise _fail(error) from error
@@ -154,10 +158,12 @@ def sample_data(
 ) -> None:
     """Write a small raw image set from photos shipped in pip packages, plus composited group photos."""
     from magicid.data.sample import build_sample_set
+    from magicid.safety import check_output_folder
 
     params = _params(ctx)
     try:
-        path = build_sample_set(out if out is not None else Path(params.data.raw_dir), params)
+        target = check_output_folder(out if out is not None else Path(params.data.raw_dir), "--out")
+        path = build_sample_set(target, params)
     except MagicIDError as error:
         raise _fail(error) from error
     typer.echo(f"wrote {path}")

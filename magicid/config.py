@@ -7,25 +7,105 @@ Overrides use dotted keys (`--set model.resolution=128`); values are parsed as Y
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from magicid.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+# params.yaml is a page of settings: a larger file is not a parameter file (and is never parsed).
+MAX_PARAMS_BYTES = 1 << 20
+# Seeds fit a signed 64-bit integer: what torch generators, NumPy's SeedSequence, MLflow params and SQLite
+# all store without overflow (the data order adds the epoch to the seed).
+MAX_SEED = 2**63 - 1
+# Diffusion step counts cannot exceed the scheduler's training timesteps (1000 for SD 1.5/SDXL and tiny).
+MAX_INFERENCE_STEPS = 1000
+# Error text quotes at most this much of an offending value (a YAML alias bomb expands to megabytes).
+_MAX_QUOTE = 120
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (a 364-byte alias bomb expands to hundreds of MB) and without duplicate keys
+    (the later one silently won)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "YAML aliases (*name) are not allowed in parameters; write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _numeric(annotation: Any) -> bool:
+    """True for int/float annotations (also inside Annotated/Optional): booleans are refused for them."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _numeric(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_numeric(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    return False
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no setting means anything at inf/nan (guidance=.inf passes every >= 0 check).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `true` as 1: `train.steps=true` would train one step.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _numeric(annotation):
+            raise ValueError(f"expected a number, got the boolean {value}")
+        if isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value):
+            args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+            if args and all(_numeric(a) for a in args):
+                raise ValueError("expected numbers, got a boolean in the list")
+        return value
 
 
 class SplitParams(_Section):
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
+    train: float = Field(0.8, ge=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitParams:
@@ -43,7 +123,7 @@ class DataParams(_Section):
     max_pixels: int = Field(40_000_000, gt=0)
     workers: int = Field(2, ge=1)
     split: SplitParams = SplitParams()
-    sample_scales: list[float] = [1.0, 0.5, 0.3, 0.2]
+    sample_scales: list[Annotated[float, Field(gt=0, le=1)]] = [1.0, 0.5, 0.3, 0.2]
 
 
 class FacesParams(_Section):
@@ -52,7 +132,7 @@ class FacesParams(_Section):
     insightface_model: str = "buffalo_l"
     det_size: int = Field(640, gt=0)
     det_threshold: float = Field(0.5, ge=0, le=1)
-    tiles: tuple[int, int] = (2, 3)
+    tiles: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (2, 3)
     tile_overlap: float = Field(0.2, ge=0, lt=1)
     # offline: the tiled pass runs unless every face of the whole-image pass is at least this fraction of
     # the image's longer side (no face found -> tiles too); 1.0 = always tile. Always by default: the
@@ -75,7 +155,7 @@ class ModelParams(_Section):
     id_crop_size: int = Field(128, ge=16)
     mask_feather: float = Field(0.1, ge=0, le=0.5)
     adapter_path: str | None = None
-    num_inference_steps: int = Field(20, ge=1)
+    num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float = Field(5.0, ge=0)
 
     @field_validator("resolution")
@@ -145,7 +225,7 @@ class TrainParams(_Section):
 class DIIRParams(_Section):
     max_face_ratio: float = Field(0.05, gt=0, le=1)
     strength: float = Field(0.5, ge=0, le=1)
-    num_inference_steps: int = Field(10, ge=1)
+    num_inference_steps: int = Field(10, ge=1, le=MAX_INFERENCE_STEPS)
     inversion_iters: int = Field(4, ge=0)
     inversion_tol: float = Field(2e-3, ge=0)
     guidance_scale: float = Field(1.0, ge=0)
@@ -166,7 +246,7 @@ class DIIRParams(_Section):
 class EvalParams(_Section):
     out_dir: str = "reports/eval"
     n_prompts: int = Field(4, ge=1)
-    seeds: list[int] = [0, 1]
+    seeds: list[Seed] = [0, 1]
     prompts: list[str] = ["a photo of a person smiling", "a group photo of friends at the beach"]
 
 
@@ -198,7 +278,7 @@ class ReviewParams(_Section):
 class Params(_Section):
     """All of params.yaml. Build it once at the entry point (`load_params`) and pass it down."""
 
-    seed: int = 0
+    seed: Seed = 0
     data: DataParams = DataParams()
     faces: FacesParams = FacesParams()
     model: ModelParams = ModelParams()
@@ -211,15 +291,22 @@ class Params(_Section):
     review: ReviewParams = ReviewParams()
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def _quote(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_QUOTE else f"{text[:_MAX_QUOTE]}... ({len(text)} characters)"
+
+
+def _describe(error: ValidationError, source: str, max_items: int = 10) -> str:
     lines = [f"{source}: invalid parameters"]
-    for item in error.errors():
+    items = error.errors()
+    for item in items[:max_items]:
         key = ".".join(str(part) for part in item["loc"]) or "<root>"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling against params.yaml)")
         else:
-            got = item.get("input")
-            lines.append(f"  {key}: {item['msg']} (got {got!r})")
+            lines.append(f"  {key}: {item['msg'][: _MAX_QUOTE * 2]} (got {_quote(item.get('input'))})")
+    if len(items) > max_items:
+        lines.append(f"  ... and {len(items) - max_items} more")
     return "\n".join(lines)
 
 
@@ -246,7 +333,13 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         annotation = fields[part].annotation
         is_last = depth == len(parts) - 1
         if is_last:
-            node[part] = yaml.safe_load(text)
+            try:
+                node[part] = _parse_yaml(text)
+            except yaml.YAMLError as exc:
+                problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+                raise ConfigError(
+                    f"override {_quote(override)}: the value is not valid YAML ({problem})"
+                ) from exc
         else:
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                 raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a section")
@@ -274,14 +367,27 @@ def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] |
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(
                 f"{path}: parameter file not found (run from the project root or pass --params)"
             )
+        if not path.is_file():  # a folder, or a FIFO/device (reading a FIFO would block)
+            raise ConfigError(f"{path}: not a regular file; pass a params.yaml file with --params")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            size = path.stat().st_size
+            if size > MAX_PARAMS_BYTES:
+                raise ConfigError(f"{path}: {size} bytes is not a parameter file (limit {MAX_PARAMS_BYTES})")
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text (UTF-8) parameter file; pass a params.yaml") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from exc
+        if "\x00" in text:
+            raise ConfigError(f"{path}: contains NUL bytes: not a YAML parameter file")
+        try:
+            loaded = _parse_yaml(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {str(exc)[: _MAX_QUOTE * 4]}") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

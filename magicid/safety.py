@@ -93,3 +93,21 @@ def check_output_file(path: str | Path, what: str, suffixes: tuple[str, ...] = (
     if path.exists() and not os.access(path, os.W_OK) and not os.access(parent, os.W_OK):
         raise OutputPathError(f"{what} {str(path)!r}: exists and cannot be replaced; choose another path")
     return path
+
+
+def check_output_folder(path: str | Path, what: str) -> Path:
+    """Check a folder the command will create or write into, before any work is done.
+
+    Raises:
+        OutputPathError: the path (or an ancestor) is a file, or the nearest existing folder is not writable.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise OutputPathError(f"{what} {str(path)!r}: {where}, not a folder; choose a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} {str(path)!r}: {existing} is not writable; choose another folder")
+    return path

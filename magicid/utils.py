@@ -54,7 +54,9 @@ def set_seed(seed: int) -> None:
     import torch
 
     random.seed(seed)
-    np.random.seed(seed)
+    # NumPy's legacy seed takes 32-bit words: a 64-bit seed is given as two (low, high), so distinct seeds
+    # stay distinct; seeds below 2**32 keep their historical single-word state.
+    np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
     torch.manual_seed(seed)
 
 

@@ -105,3 +105,80 @@ def test_params_file_is_not_modified_by_overrides(repo_root, tmp_path):
     copy.write_text(text)
     load_params(copy, ["model.resolution=128"])
     assert Path(copy).read_text() == text
+
+
+# --- issue 11, item 4: values that make no sense fail at load, with a short message naming the key ---------
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.steps=true", "train.steps"),
+        ("data.split.train=1.5", "data.split.train"),
+        ("data.split.val=-0.1", "data.split.val"),
+        ("data.split={train: 0.5, val: 0.1, test: 0.1}", "split fractions must sum to 1"),
+        ("faces.tiles=[0, 3]", "faces.tiles"),
+        ("faces.tiles=[true, 2]", "faces.tiles"),
+        ("model.guidance_scale=.inf", "model.guidance_scale"),
+        ("diir.guidance_scale=.nan", "diir.guidance_scale"),
+        ("model.id_scale=-1", "model.id_scale"),
+        ("data.sample_scales=[1.0, -0.5]", "data.sample_scales"),
+        ("model.num_inference_steps=5000", "model.num_inference_steps"),
+        ("diir.num_inference_steps=1001", "diir.num_inference_steps"),
+        ("seed=18446744073709551616", "seed"),
+        ("seed=-1", "seed"),
+        ("eval.seeds=[0, 99999999999999999999]", "eval.seeds"),
+        ("train.mmf.schedule=[{mode: fused, steps: true}]", "train.mmf.schedule.0.steps"),
+    ],
+)
+def test_nonsense_values_fail_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_params(None, [override])
+    assert key in str(info.value)
+    assert len(str(info.value)) < 500
+
+
+@pytest.mark.parametrize(
+    "override", ["model.resolution=[unclosed", "model.resolution={a: b", "seed=*a", "x", "=1"]
+)
+def test_malformed_overrides_are_short_config_errors(override):
+    with pytest.raises(ConfigError) as info:
+        load_params(None, [override])
+    assert len(str(info.value)) < 500
+
+
+def test_yaml_alias_bomb_is_refused_in_a_few_hundred_bytes_of_error(tmp_path):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in "bcdefghi":
+        previous = chr(ord(level) - 1)
+        lines.append(f"{level}: &{level} [{', '.join(['*' + previous] * 9)}]")
+    bomb = "\n".join(lines).replace("a: &a", "seed: &a", 1) + "\n"
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb)
+    with pytest.raises(ConfigError, match="aliases") as info:
+        load_params(path)
+    assert len(str(info.value)) < 1000
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  steps: 10\n  steps: 20\n")
+    with pytest.raises(ConfigError, match="duplicate key 'steps'"):
+        load_params(path)
+
+
+def test_binary_params_file_is_a_short_error(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a text") as info:
+        load_params(path)
+    assert len(str(info.value)) < 300
+
+
+def test_long_wrong_values_are_quoted_short(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["model.backbone=[" + ", ".join(["x" * 50] * 1000) + "]"])
+    assert len(str(info.value)) < 500
+
+
+def test_valid_bounds_still_load():
+    params = load_params(None, ["seed=9223372036854775807", "data.split={train: 1, val: 0, test: 0}"])
+    assert params.seed == 2**63 - 1

@@ -642,4 +642,7 @@ def check_data_dir(data_dir: str | Path) -> Path:
         raise DataError(
             f"--data {path}: no images.parquet there; build a dataset version with `magicid build-data`"
         )
+    from magicid.data.manifest import read_manifest
+
+    read_manifest(path, arrays=False)  # unreadable manifests fail here, before any model loads
     return path
