@@ -41,7 +41,7 @@ def file_kind_problem(path: str | Path) -> str | None:
     try:
         info = path.stat()
     except FileNotFoundError:
-        return "not found" if not path.is_symlink() else "a symlink whose target does not exist"
+        return "file not found" if not path.is_symlink() else "a symlink whose target does not exist"
     except OSError as error:
         return f"cannot be inspected ({error.strerror or error})"
     if stat.S_ISDIR(info.st_mode):

@@ -58,6 +58,73 @@ def _safe_path(value) -> bool:
     return not pure.is_absolute() and ".." not in pure.parts and "\\" not in value
 
 
+def _file_inside(root: Path, relative: str) -> bool:
+    """True when `root/relative` is a regular file whose real path (symlinks resolved) lies inside `root`:
+    a crop that is a symlink to `/etc/passwd` or to another dataset does not count as present."""
+    path = root / relative
+    try:
+        real, real_root = path.resolve(strict=True), root.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        return False
+    return real_root in real.parents and real.is_file()
+
+
+def _type_family(arrow_type) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "string"
+    if pa.types.is_integer(arrow_type):
+        return "integer"
+    if pa.types.is_floating(arrow_type):
+        return "float"
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        value = _type_family(arrow_type.value_type)
+        return f"list<{value}>" if value != "integer" else "list<float>"  # integer lists read as floats
+    if pa.types.is_null(arrow_type):
+        return "null"  # an all-null column (e.g. no identities known) carries no type
+    return str(arrow_type)
+
+
+def check_column_types(root: Path) -> None:
+    """Each manifest column the contract defines has the contract's type family (string, integer, float,
+    list<float>), read from the Parquet schema before any value is interpreted.
+
+    Raises:
+        ValidationFailed: naming the file, the column, its type and the expected one.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    problems = []
+    for name, schema in (
+        (mf.IMAGES, mf.IMAGES_SCHEMA),
+        (mf.FACES, mf.FACES_SCHEMA),
+        (mf.QUARANTINE, mf.QUARANTINE_SCHEMA),
+    ):
+        path = root / name
+        if not path.is_file():
+            continue  # reported as missing by the reader
+        try:
+            found = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not a readable Parquet file: {error}") from error
+        for column in schema:
+            if column.name not in found.names:
+                continue  # a missing column is the suite's "required columns" expectation
+            got, want = _type_family(found.field(column.name).type), _type_family(column.type)
+            if got not in (want, "null"):
+                problems.append(
+                    f"{name} column {column.name!r} has type {found.field(column.name).type} ({got}), expected {want}"
+                )
+    if problems:
+        raise ValidationFailed(
+            f"{root}: IDZoom validation FAILED: "
+            + "; ".join(problems)
+            + " (rebuild with `magicid build-data`)"
+        )
+
+
 def _array(value, length: int | None = None) -> np.ndarray | None:
     if value is None:
         return None
@@ -71,6 +138,7 @@ def derive_frames(root: Path) -> dict[str, pd.DataFrame]:
     Raises:
         DataError: a manifest is missing or unreadable.
     """
+    check_column_types(root)
     images = mf.read_table(root / mf.IMAGES)
     faces = mf.read_table(root / mf.FACES)
     quarantine = mf.read_table(root / mf.QUARANTINE)
@@ -79,7 +147,7 @@ def derive_frames(root: Path) -> dict[str, pd.DataFrame]:
     if {"path", "image_id", "width", "height", "n_faces"} <= set(images.columns):
         images["path_is_safe"] = images["path"].map(_safe_path)
         images["file_exists"] = [
-            bool(safe) and (root / p).is_file()
+            bool(safe) and _file_inside(root, p)
             for p, safe in zip(images["path"], images["path_is_safe"], strict=True)
         ]
         counts = faces["image_id"].value_counts() if "image_id" in faces else pd.Series(dtype="int64")
@@ -140,7 +208,7 @@ def derive_frames(root: Path) -> dict[str, pd.DataFrame]:
         faces["landmarks_finite"] = lm_finite
         faces["crop_path_is_safe"] = faces["crop_path"].map(_safe_path)
         faces["crop_exists"] = [
-            bool(safe) and (root / p).is_file()
+            bool(safe) and _file_inside(root, p)
             for p, safe in zip(faces["crop_path"], faces["crop_path_is_safe"], strict=True)
         ]
 

@@ -44,6 +44,7 @@ from magicid.errors import ConfigError, DataError
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
+from magicid.training.checkpoints import check_resume_checkpoint
 from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
 from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate_idzoom
 from magicid.training.mmf import MMFSchedule
@@ -422,7 +423,8 @@ def train(
         raise ConfigError(f"--steps must be >= 1, got {total_steps}")
     out_dir = Path(cfg.out_dir)
     data_dir = Path(data_dir)
-    checkpoints = list_checkpoints(out_dir) if resume else []
+    # The newest checkpoint, checked (a damaged one is an error naming it, never skipped for an older one).
+    checkpoints = [c for c in [check_resume_checkpoint(out_dir)] if c is not None] if resume else []
     if resume and not checkpoints:
         raise ConfigError(
             f"--resume: no checkpoint under {out_dir / 'checkpoints'}; train without --resume first"

@@ -52,3 +52,40 @@ def test_planted_broken_manifest_fails_with_each_problem_named(built, tmp_path):
     ):
         assert expected in message, expected
     assert str(tmp_path / "report" / "data_docs" / "index.html") in message
+
+
+@pytest.mark.slow
+def test_crop_and_image_symlinked_out_of_the_root_fail_validation(built, tmp_path):
+    out, _ = built
+    broken = tmp_path / "linked"
+    shutil.copytree(out, broken)
+    outside = tmp_path / "outside.png"
+    faces = pq.read_table(broken / mf.FACES).to_pylist()
+    images = pq.read_table(broken / mf.IMAGES).to_pylist()
+    crop, image = broken / faces[0]["crop_path"], broken / images[0]["path"]
+    shutil.copyfile(crop, outside)
+    crop.unlink()
+    crop.symlink_to(outside)  # same bytes, but outside the dataset root
+    image.unlink()
+    image.symlink_to("/etc/hostname")
+    with pytest.raises(ValidationFailed) as info:
+        validate_idzoom(broken, tmp_path / "report")
+    assert "crop_exists" in str(info.value) and "file_exists" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "manifest, column, value",
+    [(mf.FACES, "bbox", "1,2,3,4"), (mf.IMAGES, "width", "wide"), (mf.FACES, "embedding", 0.5)],
+)
+def test_wrong_column_type_fails_naming_the_column(built, tmp_path, manifest, column, value):
+    import pyarrow as pa
+
+    out, _ = built
+    broken = tmp_path / "typed"
+    shutil.copytree(out, broken)
+    table = pq.read_table(broken / manifest)
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, column, pa.array([value] * table.num_rows))
+    pq.write_table(table, broken / manifest)
+    with pytest.raises(ValidationFailed, match=rf"{manifest} column '{column}' has type"):
+        validate_idzoom(broken, tmp_path / "report")
