@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_save_image(image: Image.Image, path: str | Path) -> Path:
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     return atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)` on a fresh folder beside `path`, then swap it in for `path`.
+
+    A crash mid-write leaves the old folder (or none) under `path`, never a half-written one: readers see a
+    complete model folder or the previous one (the swap is two renames; between them `path` is absent, and
+    the previous folder is still whole under `.<name>.old`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        write(tmp)
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def set_seed(seed: int) -> None:

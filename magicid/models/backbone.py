@@ -154,10 +154,15 @@ class Backbone:
         )
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a diffusers Stable Diffusion folder (model_index.json + one subfolder a component)."""
-        self.stable_diffusion_pipeline().save_pretrained(str(path), safe_serialization=True)
-        write_vocab_files(self.tokenizer, Path(path) / "tokenizer")
-        return Path(path)
+        """Write a diffusers Stable Diffusion folder (model_index.json + one subfolder a component), atomically:
+        a crash leaves the previous folder or none, never a half-written model."""
+        from magicid.utils import atomic_write_dir
+
+        def write(folder: Path) -> None:
+            self.stable_diffusion_pipeline().save_pretrained(str(folder), safe_serialization=True)
+            write_vocab_files(self.tokenizer, folder / "tokenizer")
+
+        return atomic_write_dir(path, write)
 
 
 def write_vocab_files(tokenizer: CLIPTokenizer, folder: Path) -> None:

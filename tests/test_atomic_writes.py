@@ -1,0 +1,71 @@
+"""Atomic writes, tested by killing the writer (issue 11, item 6): after a SIGKILL at any moment the target
+holds a complete old or new version, never a torn one (build-data kill/resume: tests/data/test_data_kill_resume.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+WRITER = r"""
+import sys, pathlib
+from magicid.utils import atomic_write_bytes, atomic_write_dir
+from magicid.data import manifest as mf
+kind, target = sys.argv[1], pathlib.Path(sys.argv[2])
+blobs = [bytes([65]) * (8 << 20), bytes([66]) * (8 << 20)]  # two 8 MiB versions: writes take a while
+rows = [{"source": f"s{i}", "image_id": None, "reason": "corrupt", "detail": "x" * 200} for i in range(20000)]
+print("ready", flush=True)
+i = 0
+while True:
+    blob = blobs[i % 2]
+    if kind == "bytes":
+        atomic_write_bytes(target, blob)
+    elif kind == "parquet":
+        mf.write_table(rows[: 10000 + (i % 2) * 10000], mf.QUARANTINE_SCHEMA, target)
+    else:
+        def write(folder, blob=blob):
+            (folder / "a.bin").write_bytes(blob)
+            (folder / "b.bin").write_bytes(blob)
+        atomic_write_dir(target, write)
+    i += 1
+"""
+
+
+def _check(kind: str, target: Path) -> None:
+    if kind == "bytes":
+        data = target.read_bytes()
+        assert len(data) == 8 << 20 and data in (b"A" * len(data), b"B" * len(data))
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(target).num_rows in (10000, 20000)
+    else:
+        a, b = (target / "a.bin").read_bytes(), (target / "b.bin").read_bytes()
+        assert a == b and len(a) == 8 << 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bytes", "parquet", "dir"])
+def test_killed_writer_leaves_a_complete_version(tmp_path, kind):
+    target = tmp_path / {"bytes": "blob.bin", "parquet": "q.parquet", "dir": "model"}[kind]
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    kills = 0
+    for delay in (0.35, 0.5, 0.65, 0.8, 0.95):
+        process = subprocess.Popen(
+            [sys.executable, str(script), kind, str(target)], stdout=subprocess.PIPE, env=env, text=True
+        )
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        if target.exists():
+            _check(kind, target)
+    assert kills == 5 and target.exists()
