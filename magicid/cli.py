@@ -173,19 +173,23 @@ def sample_data(
 def build_data(
     ctx: typer.Context,
     input_dir: Annotated[
-        Path | None, typer.Option("--input", help="Raw images (default: data.raw_dir).")
+        str | None,
+        typer.Option("--input", help="Raw images: a folder or s3://bucket/prefix (default: data.raw_dir)."),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Dataset folder (default: data.out_dir).")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", help="Dataset: a folder or s3://bucket/prefix (default: data.out_dir)."),
+    ] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Build (or resume) the IDZoom dataset: faces, crops, condition maps, manifests, quarantine, stats."""
-    from magicid.data.builder import build_idzoom
+    from magicid.data.remote import build_idzoom_at
 
     params = _params(ctx)
     try:
-        report = build_idzoom(
-            input_dir if input_dir is not None else Path(params.data.raw_dir),
-            out if out is not None else Path(params.data.out_dir),
+        report = build_idzoom_at(
+            input_dir if input_dir is not None else params.data.raw_dir,
+            out if out is not None else params.data.out_dir,
             params,
             progress=progress,
         )

@@ -268,6 +268,8 @@ class TrackingParams(_Section):
 class StorageParams(_Section):
     root: str = "."
     s3_endpoint_url: str | None = None
+    s3_max_attempts: int = Field(5, ge=1, le=20)
+    cache_dir: str = ".cache/magicid/s3"
 
 
 class ReviewParams(_Section):
