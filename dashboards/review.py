@@ -112,6 +112,7 @@ def _references(record: reviews.GenerationRecord) -> None:
             [_image(p, max_side=256) for p in record.reference_paths],
             caption=[f"identity {i + 1}" for i in range(len(record.reference_paths))],
             width=96,
+            output_format="PNG",
         )
     else:
         st.caption("no reference faces (text only)")
@@ -148,11 +149,20 @@ def review_page(store: reviews.ReviewStore, reviewer: str, versions: list[str]) 
     st.caption(f"seed {record.seed}, {len(record.reference_paths)} identities, model version {version}")
     _references(record)
     after, before = st.columns(2)
+    # PNG, not Streamlit's default JPEG: compression artefacts on faces would bias the ratings.
     after.image(
-        _image(record.image_path, record.boxes), caption="generation (after DIIR), face boxes in green"
+        _image(record.image_path, record.boxes),
+        caption="generation (after DIIR), face boxes in green",
+        width="stretch",
+        output_format="PNG",
     )
     if record.pre_diir_path:
-        before.image(_image(record.pre_diir_path, record.boxes), caption="before DIIR")
+        before.image(
+            _image(record.pre_diir_path, record.boxes),
+            caption="before DIIR",
+            width="stretch",
+            output_format="PNG",
+        )
     else:
         before.caption("no pre-DIIR image (DIIR did not run for this generation)")
 
@@ -188,7 +198,7 @@ def review_page(store: reviews.ReviewStore, reviewer: str, versions: list[str]) 
         )
         # A callback saves before the script reruns, so the queue below is already the new one.
         st.form_submit_button(
-            "Save rating (Ctrl+Enter)",
+            "Save rating",
             shortcut="Ctrl+Enter",
             type="primary",
             on_click=_save_rating,
@@ -214,8 +224,8 @@ def compare_page(store: reviews.ReviewStore, reviewer: str, champion: str, chall
     revealed = st.session_state.pop("revealed", None)
     if revealed:
         st.success(
-            f"Saved: {revealed['choice']}. Left was model version {revealed['left']}, "
-            f"right was model version {revealed['right']}."
+            f"Saved your choice for the previous pair ({revealed['prompt']!r}): {revealed['choice']}. "
+            f"Left was model version {revealed['left']}, right was model version {revealed['right']}."
         )
     pending = store.unjudged_pairs(reviewer, champion, challenger)
     st.caption(f"{len(pending)} pairs left to judge for these two versions")
@@ -240,12 +250,16 @@ def compare_page(store: reviews.ReviewStore, reviewer: str, champion: str, chall
     st.caption(f"seed {left.seed}, {len(left.reference_paths)} identities")
     _references(left)
     left_column, right_column = st.columns(2)
-    left_column.image(_image(left.image_path, left.boxes), caption="Left")
-    right_column.image(_image(right.image_path, right.boxes), caption="Right")
+    left_column.image(
+        _image(left.image_path, left.boxes), caption="Left", width="stretch", output_format="PNG"
+    )
+    right_column.image(
+        _image(right.image_path, right.boxes), caption="Right", width="stretch", output_format="PNG"
+    )
     choices = st.columns(3)
     for column, (label, shortcut, choice) in zip(
         choices,
-        (("Left is better (1)", "1", "left"), ("Tie (2)", "2", "tie"), ("Right is better (3)", "3", "right")),
+        (("Left is better", "1", "left"), ("Tie", "2", "tie"), ("Right is better", "3", "right")),
         strict=True,
     ):
         column.button(
@@ -263,6 +277,7 @@ def _save_judgement(store: reviews.ReviewStore, reviewer: str, left: str, right:
         "choice": choice,
         "left": saved.left_version,
         "right": saved.right_version,
+        "prompt": saved.prompt,
     }
     st.session_state.pop("blind", None)
 
