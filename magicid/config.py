@@ -275,6 +275,8 @@ class StorageParams(_Section):
 class ReviewParams(_Section):
     db_url: str = "sqlite:///reviews.db"
     generations_dir: str = "reports/eval/generations"
+    # Reviewer name -> scrypt password hash (`magicid review-add-reviewer`); keep it out of git.
+    reviewers_file: str = "reviewers.yaml"
 
 
 class Params(_Section):

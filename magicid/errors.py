@@ -38,3 +38,7 @@ class InputRejected(DataError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class ReviewError(MagicIDError):
+    """A review request cannot be done: bad sign-in file, unknown reviewer or generation, bad score or choice."""
