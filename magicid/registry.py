@@ -558,3 +558,24 @@ def run_tags_for_decision(decision: GateDecision) -> dict[str, Any]:
     for check in decision.checks:
         out[f"check.{check.name}"] = f"{'pass' if check.passed else 'FAIL'}: {check.reason}"
     return out
+
+
+def log_eval_report(params: Params, version, out_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Log an evaluation report folder and its numeric top-level figures to the version's run.
+
+    Figures are logged as `eval.<name>`; the folder goes to `eval/<eval set id>/report`.
+    """
+    from mlflow.entities import Metric
+
+    import time
+
+    client = _client(params)
+    set_id = metrics["eval_set_id"]
+    now = int(time.time() * 1000)
+    numeric = [
+        Metric(f"eval.{key}", float(value), now, 0)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+    ]
+    client.log_batch(version.run_id, metrics=numeric)
+    client.log_artifacts(version.run_id, str(out_dir), f"eval/{set_id}/report")

@@ -12,6 +12,9 @@ from magicid import registry
 from magicid.config import load_params
 from magicid.evaluation.metrics import paired_bootstrap
 
+# Each test registers a few versions in SQLite (about 1 s each after the store's 10 s creation).
+pytestmark = pytest.mark.slow
+
 SET_ID = "evalset-fixture"
 N_ITEMS = 40
 
@@ -218,3 +221,4 @@ def test_champion_without_the_same_eval_set_is_an_error(params, adapter_dir):
     registry.log_eval_items(p, v2, "another-set", items(BASE + 0.1))
     with pytest.raises(registry.RegistryError, match="was not scored on eval set another-set"):
         registry.promote(p)
+
