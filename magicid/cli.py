@@ -132,6 +132,13 @@ def train(
         int | None, typer.Option("--steps", min=1, help="Optimizer steps to reach (default: train.steps).")
     ] = None,
     progress: ProgressOption = True,
+    register: Annotated[
+        bool,
+        typer.Option(
+            "--register/--no-register",
+            help="Log the adapter as an MLflow model version of promotion.model_name (alias challenger).",
+        ),
+    ] = True,
 ) -> None:
     """Train the MagicID adapter (ID encoder, MGMICA ID projections, MMF ControlNet) on IDZoom, tracked in MLflow."""
     from magicid.training.trainer import check_data_dir
@@ -149,6 +156,14 @@ def train(
     typer.echo(f"adapter: {result.adapter_dir}")
     typer.echo(f"mlflow_run_id: {result.run_id}")
     typer.echo(f"dataset_version: {result.dataset_version}")
+    if register:
+        from magicid.registry import register_adapter
+
+        try:
+            version = register_adapter(params, result.adapter_dir, run_id=result.run_id)
+        except MagicIDError as error:
+            raise _fail(error) from error
+        typer.echo(f"model_version: models:/{version.name}/{version.version} (alias challenger)")
 
 
 @app.command("sample-data")
@@ -252,6 +267,74 @@ def restore(
         typer.echo(f"note: {result.note}")
     typer.echo(f"wrote {path}")
     typer.echo(f"wrote {compare}")
+
+
+@app.command()
+def register(
+    ctx: typer.Context,
+    adapter: Annotated[Path, typer.Option("--adapter", help="Adapter folder (train.out_dir/adapter).")],
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="MLflow run to log the model into (default: a new run).")
+    ] = None,
+) -> None:
+    """Log an adapter folder as an MLflow model and register it as a version with alias challenger."""
+    from magicid.registry import register_adapter
+
+    try:
+        version = register_adapter(_params(ctx), adapter, run_id=run_id)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    typer.echo(f"model_version: models:/{version.name}/{version.version} (alias challenger)")
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the challenger)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="IDZoom dataset version (default: data.out_dir).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: eval.out_dir).")] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Generate the evaluation set with and without DIIR, score it, write the report, log it to MLflow."""
+    from magicid.evaluation.run import evaluate_model
+
+    params = _params(ctx)
+    model = model or f"models:/{params.promotion.model_name}@challenger"
+    try:
+        result = evaluate_model(params, model, data, out, progress=progress)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    for key, value in result.metrics.items():
+        if not isinstance(value, dict | list):
+            typer.echo(f"{key}: {value}")
+    typer.echo(f"report: {result.out_dir / 'metrics.json'}")
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Move champion back to the previous version.")
+    ] = False,
+) -> None:
+    """Apply the promotion gate (params.yaml promotion:) to the challenger; exit 1 when it fails."""
+    from magicid import registry
+
+    params = _params(ctx)
+    try:
+        decision = registry.rollback(params) if rollback else registry.promote(params)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    for key, value in registry.run_tags_for_decision(decision).items():
+        typer.echo(f"{key}: {value}")
+    typer.echo(f"aliases: {registry.aliases(params)}")
+    if not decision.passed:
+        raise typer.Exit(code=1)
 
 
 if __name__ == "__main__":

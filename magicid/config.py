@@ -243,20 +243,62 @@ class DIIRParams(_Section):
         return value
 
 
+class EvalFaceSizes(_Section):
+    """Face box side as a fraction of the image side, per face-size slice of the evaluation set."""
+
+    small: float = Field(0.12, gt=0, le=1)
+    medium: float = Field(0.22, gt=0, le=1)
+    large: float = Field(0.36, gt=0, le=1)
+
+
 class EvalParams(_Section):
     out_dir: str = "reports/eval"
     n_prompts: int = Field(4, ge=1)
-    seeds: list[Seed] = [0, 1]
-    prompts: list[str] = ["a photo of a person smiling", "a group photo of friends at the beach"]
+    seeds: list[Seed] = [1000, 1001]
+    prompts: list[str] = [
+        "a photo of a person smiling",
+        "a group photo of friends at the beach",
+        "a portrait in a park, natural light",
+        "people at a wedding, studio photo",
+    ]
+    n_people: list[int] = [1, 2, 4]
+    face_sizes: EvalFaceSizes = EvalFaceSizes()
+    reference_split: Literal["train", "val", "test"] = "train"
+    face_backend: Literal["offline", "insightface"] = "offline"
+    detect_min_iou: float = Field(0.3, gt=0, le=1)
+    batch_size: int = Field(4, ge=1)
+    grid_columns: int = Field(6, ge=1)
+
+    @model_validator(mode="after")
+    def _enough_prompts(self) -> EvalParams:
+        if self.n_prompts > len(self.prompts):
+            raise ValueError(f"n_prompts={self.n_prompts} but only {len(self.prompts)} prompts are listed")
+        if not self.seeds or not self.n_people or min(self.n_people) < 1:
+            raise ValueError("seeds and n_people must be non-empty, n_people >= 1")
+        return self
+
+
+class BootstrapParams(_Section):
+    n_resamples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
 
 
 class PromotionParams(_Section):
     model_name: str = "magicid"
     min_id_similarity: float = 0.0
     max_id_confusion: float = 1.0
+    min_detection_rate: float = Field(0.0, ge=0, le=1)
+    max_landmark_nme: float | None = None
     min_rating: float = 0.0
     min_ratings: int = Field(0, ge=0)
+    min_comparisons: int = Field(0, ge=0)
+    min_win_rate: float | None = Field(None, ge=0, le=1)
     tolerance: float = Field(0.0, ge=0)
+    compare: list[
+        Literal["id_similarity", "id_confusion_rate", "id_top1_accuracy", "face_detection_rate", "landmark_nme"]
+    ] = ["id_similarity", "id_confusion_rate", "face_detection_rate"]
+    bootstrap: BootstrapParams = BootstrapParams()
 
 
 class TrackingParams(_Section):

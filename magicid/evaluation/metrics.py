@@ -1,0 +1,339 @@
+"""Evaluation metrics (DESIGN §5): small pure functions over arrays, each returning `dict[str, float]`.
+
+These are the one place the project's quality figures are defined; the evaluation command, the promotion
+gate and the benchmarks all call them:
+- `id_similarity`: cosine similarity of each reference to the generated face matched to it (Hungarian
+  matching on similarity; a reference left without a detected face scores 0), averaged over references;
+- `id_confusion_rate`: share of faces, placed for identity i, that are nearer to another reference;
+- `id_top1_accuracy`: share of faces whose nearest reference is the intended one;
+- `face_detection_rate`: share of the layout's faces that the detector finds (IoU-matched);
+- `any_face_rate`: share of images in which at least one face is found;
+- `landmark_nme`: mean landmark error against the conditioning landmarks, over the inter-ocular distance;
+- `background_psnr_ssim`: PSNR and SSIM of an edited image against the original outside face masks;
+- `seconds_per_image`: wall time over images;
+- `mean_gain`: mean of after - before (e.g. DIIR's identity-similarity gain).
+
+Embeddings are (N, D) float arrays (normalised here, so any scale works); boxes are (N, 4) `x0, y0, x1, y1`
+pixels; images are uint8 (H, W, 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from magicid.errors import MagicIDError
+
+
+class MetricInputError(MagicIDError, ValueError):
+    """A metric was given arrays of the wrong shape or inconsistent sizes."""
+
+
+# Which way each gated figure improves: the promotion gate orients differences with this.
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "id_similarity": True,
+    "id_confusion_rate": False,
+    "id_top1_accuracy": True,
+    "face_detection_rate": True,
+    "any_face_rate": True,
+    "landmark_nme": False,
+    "background_psnr": True,
+    "background_ssim": True,
+    "eval_seconds_per_image": False,
+}
+
+
+def _unit_rows(array: np.ndarray | Sequence, what: str, dim: int | None = None) -> np.ndarray:
+    """(N, D) float64 with unit-norm rows; (0, D) allowed."""
+    rows = np.asarray(array, dtype=np.float64)
+    if rows.size == 0:
+        return rows.reshape(0, dim or 0)
+    if rows.ndim != 2 or (dim is not None and rows.shape[1] != dim):
+        raise MetricInputError(f"{what}: expected an (N, {dim or 'D'}) array, got shape {rows.shape}")
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    if not np.all(np.isfinite(rows)) or np.any(norms == 0):
+        raise MetricInputError(f"{what}: embeddings must be finite and non-zero")
+    return rows / norms
+
+
+def cosine_matrix(faces: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """(F, R) cosine similarities between face embeddings (F, D) and reference embeddings (R, D)."""
+    refs = _unit_rows(references, "references")
+    found = _unit_rows(faces, "faces", refs.shape[1] if refs.size else None)
+    if found.size == 0 or refs.size == 0:
+        return np.zeros((len(found), len(refs)))
+    return found @ refs.T
+
+
+def id_similarity(face_embeddings: np.ndarray, reference_embeddings: np.ndarray) -> dict[str, float]:
+    """Identity similarity of one generated image with R reference identities.
+
+    Faces and references are matched one-to-one by the Hungarian algorithm (scipy `linear_sum_assignment`)
+    maximising total cosine similarity; each reference scores the cosine with its matched face, and a
+    reference left without a face (the detector found fewer faces than identities) scores 0.
+
+    Args:
+        face_embeddings: (F, D) embeddings of the faces detected in the generated image (F may be 0).
+        reference_embeddings: (R, D) embeddings of the references, R >= 1.
+
+    Returns:
+        `id_similarity` (mean over references, in [-1, 1]), `id_matched` (references with a face).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    refs = _unit_rows(reference_embeddings, "reference_embeddings")
+    if len(refs) == 0:
+        raise MetricInputError("id_similarity: needs at least one reference embedding")
+    similarity = cosine_matrix(face_embeddings, refs)  # (F, R)
+    per_reference = np.zeros(len(refs))
+    if similarity.size:
+        rows, cols = linear_sum_assignment(similarity, maximize=True)
+        per_reference[cols] = similarity[rows, cols]
+        matched = len(cols)
+    else:
+        matched = 0
+    return {"id_similarity": float(per_reference.mean()), "id_matched": float(matched)}
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(A, B) intersection over union of boxes a (A, 4) and b (B, 4), `x0, y0, x1, y1`."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match_boxes(detected: np.ndarray, expected: np.ndarray, min_iou: float) -> list[int | None]:
+    """For each expected box, the index of the detected box matched to it (Hungarian on IoU), or None.
+
+    A pair with IoU below `min_iou` is not a match.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    iou = box_iou(detected, expected)  # (F, E)
+    matches: list[int | None] = [None] * iou.shape[1]
+    if iou.size:
+        rows, cols = linear_sum_assignment(iou, maximize=True)
+        for row, col in zip(rows, cols, strict=True):
+            if iou[row, col] >= min_iou:
+                matches[int(col)] = int(row)
+    return matches
+
+
+def face_detection_rate(
+    detected_boxes: np.ndarray, expected_boxes: np.ndarray, min_iou: float = 0.3
+) -> dict[str, float]:
+    """Share of the faces a layout asked for that the detector finds in the generated image.
+
+    Args:
+        detected_boxes: (F, 4) detected face boxes.
+        expected_boxes: (E, 4) layout boxes, E >= 1.
+        min_iou: a detection counts for a layout box when their IoU (Hungarian-matched) is at least this.
+
+    Returns:
+        `face_detection_rate` in [0, 1], `n_expected`, `n_detected`.
+    """
+    expected = np.asarray(expected_boxes, dtype=np.float64).reshape(-1, 4)
+    if len(expected) == 0:
+        raise MetricInputError("face_detection_rate: needs at least one expected box")
+    matches = match_boxes(detected_boxes, expected, min_iou)
+    found = sum(m is not None for m in matches)
+    return {
+        "face_detection_rate": found / len(expected),
+        "n_expected": float(len(expected)),
+        "n_detected": float(np.asarray(detected_boxes).reshape(-1, 4).shape[0]),
+    }
+
+
+def any_face_rate(faces_per_image: Sequence[int]) -> dict[str, float]:
+    """Share of images in which the detector finds at least one face (`faces_per_image`: one count per image)."""
+    counts = np.asarray(faces_per_image)
+    if counts.size == 0:
+        raise MetricInputError("any_face_rate: no images")
+    return {"any_face_rate": float((counts > 0).mean())}
+
+
+def id_confusion_rate(
+    face_embeddings: np.ndarray, reference_embeddings: np.ndarray, intended: Sequence[int | None]
+) -> dict[str, float]:
+    """Share of faces placed for identity i that are more similar to another reference than to reference i.
+
+    Args:
+        face_embeddings: (F, D) embeddings of detected faces.
+        reference_embeddings: (R, D), R >= 2 for confusion to be possible.
+        intended: per face the reference index it was placed for (its layout box), or None (not counted).
+
+    Returns:
+        `id_confusion_rate` in [0, 1] (NaN when no face has an intended identity), `n_faces` counted.
+    """
+    similarity = cosine_matrix(face_embeddings, reference_embeddings)
+    if len(intended) != similarity.shape[0]:
+        raise MetricInputError(
+            f"id_confusion_rate: {len(intended)} intended entries for {similarity.shape[0]} faces"
+        )
+    counted = [(f, int(r)) for f, r in enumerate(intended) if r is not None]
+    if not counted:
+        return {"id_confusion_rate": float("nan"), "n_faces": 0.0}
+    confused = sum(
+        bool(np.any(np.delete(similarity[f], r) > similarity[f, r])) for f, r in counted
+    )
+    return {"id_confusion_rate": confused / len(counted), "n_faces": float(len(counted))}
+
+
+def id_top1_accuracy(
+    face_embeddings: np.ndarray, reference_embeddings: np.ndarray, target: Sequence[int]
+) -> dict[str, float]:
+    """Share of faces whose nearest reference (cosine) is `target[f]`; chance is 1 / R.
+
+    Returns:
+        `id_top1_accuracy` in [0, 1], `chance` = 1 / R.
+    """
+    similarity = cosine_matrix(face_embeddings, reference_embeddings)
+    if len(target) != similarity.shape[0] or similarity.shape[0] == 0:
+        raise MetricInputError(
+            f"id_top1_accuracy: {len(target)} targets for {similarity.shape[0]} faces (need >= 1)"
+        )
+    hits = similarity.argmax(axis=1) == np.asarray(target)
+    return {"id_top1_accuracy": float(hits.mean()), "chance": 1.0 / similarity.shape[1]}
+
+
+def landmark_nme(
+    predicted: np.ndarray, target: np.ndarray, left_eye: np.ndarray, right_eye: np.ndarray
+) -> dict[str, float]:
+    """Normalised mean error of landmarks: mean point distance / inter-ocular distance (of the target).
+
+    Args:
+        predicted: (N, 2) landmarks found on the generated face (pixels).
+        target: (N, 2) the conditioning landmarks the face was asked to follow (same order).
+        left_eye, right_eye: (2,) the target's eye centres (e.g. `kps5[0]`, `kps5[1]`).
+
+    Returns:
+        `landmark_nme` (0 = perfect; 1 = errors as large as the eye distance).
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if predicted.shape != target.shape or predicted.ndim != 2 or predicted.shape[1] != 2:
+        raise MetricInputError(
+            f"landmark_nme: predicted {predicted.shape} and target {target.shape} must both be (N, 2) "
+            "(use one face backend for conditioning and scoring)"
+        )
+    interocular = float(np.linalg.norm(np.asarray(right_eye, float) - np.asarray(left_eye, float)))
+    if interocular <= 0:
+        raise MetricInputError("landmark_nme: the eye centres coincide (inter-ocular distance 0)")
+    error = np.linalg.norm(predicted - target, axis=1).mean()
+    return {"landmark_nme": float(error / interocular)}
+
+
+def background_psnr_ssim(
+    reference: np.ndarray, edited: np.ndarray, face_mask: np.ndarray
+) -> dict[str, float]:
+    """PSNR and SSIM (scikit-image) of `edited` against `reference` over the pixels outside the face mask.
+
+    SSIM is the mean of scikit-image's SSIM map (7x7 windows, per channel) over the background pixels; PSNR is
+    computed from the background pixels' MSE, and is +inf where they are identical.
+
+    Args:
+        reference, edited: uint8 (H, W, 3) images.
+        face_mask: (H, W), non-zero on faces (e.g. DIIR's blend mask); at least one pixel must be zero.
+
+    Returns:
+        `background_psnr` (dB, inf when identical), `background_ssim` (<= 1), `background_max_abs_diff`
+        (0 = bit-identical), `background_fraction` (share of pixels scored).
+    """
+    from skimage.metrics import structural_similarity
+
+    reference = np.asarray(reference)
+    edited = np.asarray(edited)
+    mask = np.asarray(face_mask)
+    if reference.shape != edited.shape or reference.ndim != 3 or mask.shape != reference.shape[:2]:
+        raise MetricInputError(
+            f"background_psnr_ssim: images {reference.shape} / {edited.shape} and mask {mask.shape} must be "
+            "(H, W, 3), (H, W, 3), (H, W)"
+        )
+    background = mask == 0
+    if not background.any():
+        raise MetricInputError("background_psnr_ssim: the face mask covers the whole image")
+    ref = reference.astype(np.float64)[background]
+    out = edited.astype(np.float64)[background]
+    mse = float(np.mean((ref - out) ** 2))
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    _, ssim_map = structural_similarity(
+        reference, edited, channel_axis=2, data_range=255, full=True, win_size=7
+    )
+    return {
+        "background_psnr": psnr,
+        "background_ssim": float(ssim_map.mean(axis=2)[background].mean()),
+        "background_max_abs_diff": float(np.abs(ref - out).max()),
+        "background_fraction": float(background.mean()),
+    }
+
+
+def seconds_per_image(total_seconds: float, n_images: int) -> dict[str, float]:
+    """`eval_seconds_per_image`: wall time of a (batched) generation run over the images it produced."""
+    if n_images < 1:
+        raise MetricInputError(f"seconds_per_image: n_images must be >= 1, got {n_images}")
+    return {"eval_seconds_per_image": float(total_seconds) / n_images}
+
+
+def mean_gain(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
+    """Mean of after - before over paired values (NaN pairs skipped), e.g. DIIR's identity-similarity gain."""
+    b = np.asarray(before, dtype=np.float64)
+    a = np.asarray(after, dtype=np.float64)
+    if a.shape != b.shape:
+        raise MetricInputError(f"mean_gain: {b.shape} before vs {a.shape} after")
+    keep = np.isfinite(a) & np.isfinite(b)
+    if not keep.any():
+        return {"mean_gain": float("nan"), "n_pairs": 0.0}
+    return {"mean_gain": float((a[keep] - b[keep]).mean()), "n_pairs": float(keep.sum())}
+
+
+def paired_bootstrap(
+    challenger: np.ndarray,
+    champion: np.ndarray,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Percentile bootstrap interval of the mean paired difference challenger - champion.
+
+    Items (rows) are resampled with replacement, the same rows for both models, so the interval reflects
+    how much the difference depends on which prompts, layouts and seeds were drawn.
+
+    Args:
+        challenger, champion: (N,) per-item values on the same N items (NaN pairs are dropped).
+        n_resamples: bootstrap resamples.
+        confidence: interval coverage in (0, 1).
+        seed: seeds the resampling (same inputs, same interval).
+
+    Returns:
+        `mean_diff`, `ci_low`, `ci_high`, `n_items`.
+    """
+    a = np.asarray(challenger, dtype=np.float64)
+    b = np.asarray(champion, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise MetricInputError(f"paired_bootstrap: challenger {a.shape} and champion {b.shape} must be (N,)")
+    if not 0 < confidence < 1:
+        raise MetricInputError(f"paired_bootstrap: confidence must be in (0, 1), got {confidence}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    diff = a[keep] - b[keep]
+    if diff.size == 0:
+        return {"mean_diff": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_items": 0.0}
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, diff.size, size=(n_resamples, diff.size))
+    means = diff[index].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return {
+        "mean_diff": float(diff.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "n_items": float(diff.size),
+    }

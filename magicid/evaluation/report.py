@@ -1,0 +1,158 @@
+"""The evaluation report: `metrics.json` (a DVC metrics file), PNG plots, an image grid, and the generations.
+
+Layout of `out_dir` (`eval.out_dir`):
+- `metrics.json`: run identifiers, notes, overall figures (after DIIR, and `*_no_diir`), `slices`; NaN and
+  infinity are written as null (JSON has neither; `background_psnr_inf_fraction` says how many were infinite);
+- `items.csv`: one row per eval item (the table the promotion gate pairs on);
+- `plots/metrics_by_slice.png`, `plots/diir_before_after.png`, `grid.png`.
+Generations (`review.generations_dir/v<version>/`): `<item_id>.png` (final, after DIIR), `<item_id>_before.png`,
+and `manifest.json`: per generation its stable id, prompt, references, seed, boxes, model name and version,
+which the review app reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from magicid.config import Params
+from magicid.utils import atomic_save_image, atomic_write, atomic_write_text
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN / inf -> None, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def generation_id(model_name: str, version: str, item_id: str) -> str:
+    """The stable id of one model version's image for one eval item."""
+    return f"{model_name}-v{version}-{item_id}"
+
+
+def draw_boxes(image: np.ndarray, boxes: np.ndarray, colour=(255, 64, 64)) -> Image.Image:
+    canvas = Image.fromarray(image).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for box in np.asarray(boxes):
+        draw.rectangle([float(v) for v in box], outline=colour, width=max(1, canvas.width // 128))
+    return canvas
+
+
+def image_grid(images: list[Image.Image], columns: int, thumb: int = 128, gutter: int = 2) -> Image.Image:
+    """Thumbnails (thumb px) in rows of `columns`, white gutters."""
+    rows = max(1, math.ceil(len(images) / columns))
+    cols = min(columns, max(1, len(images)))
+    grid = Image.new("RGB", (cols * (thumb + gutter) + gutter, rows * (thumb + gutter) + gutter), "white")
+    for k, image in enumerate(images):
+        r, c = divmod(k, columns)
+        grid.paste(image.resize((thumb, thumb)), (gutter + c * (thumb + gutter), gutter + r * (thumb + gutter)))
+    return grid
+
+
+def _save_figure(figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+
+
+def plot_slices(metrics: dict[str, Any], path: Path) -> None:
+    """Bar charts per slice: identity similarity and detection rate, before and after DIIR."""
+    from matplotlib.figure import Figure
+
+    slices = metrics["slices"]
+    names = list(slices)
+    figure = Figure(figsize=(10, 3.6))
+    for k, metric in enumerate(("id_similarity", "face_detection_rate", "id_confusion_rate")):
+        axis = figure.add_subplot(1, 3, k + 1)
+        x = np.arange(len(names))
+        for offset, suffix, label in ((-0.2, "_no_diir", "before DIIR"), (0.2, "", "after DIIR")):
+            values = [slices[n].get(f"{metric}{suffix}") for n in names]
+            axis.bar(x + offset, [np.nan if v is None else v for v in values], width=0.4, label=label)
+        axis.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+        axis.set_title(metric, fontsize=9)
+        if k == 0:
+            axis.legend(fontsize=7)
+    figure.suptitle(f"{metrics['model_name']} v{metrics['model_version']}: metrics per slice", fontsize=10)
+    _save_figure(figure, path)
+
+
+def plot_before_after(items: pd.DataFrame, path: Path) -> None:
+    """Per item, identity similarity after DIIR against before (points above the diagonal improved)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4, 4))
+    axis = figure.add_subplot(1, 1, 1)
+    for size, frame in items.groupby("face_size"):
+        axis.scatter(frame["id_similarity_no_diir"], frame["id_similarity"], s=14, label=str(size))
+    lo = float(np.nanmin([items["id_similarity"].min(), items["id_similarity_no_diir"].min(), 0.0]))
+    hi = float(np.nanmax([items["id_similarity"].max(), items["id_similarity_no_diir"].max(), 1.0]))
+    axis.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8)
+    axis.set_xlabel("id_similarity before DIIR")
+    axis.set_ylabel("id_similarity after DIIR")
+    axis.legend(title="face size", fontsize=7)
+    _save_figure(figure, path)
+
+
+def write_report(
+    out_dir: Path,
+    generations_dir: Path,
+    metrics: dict[str, Any],
+    items: pd.DataFrame,
+    generations: list,
+    eval_set,
+    params: Params,
+) -> Path:
+    """Write metrics.json, items.csv, plots, the grid and the generations with their manifest.
+
+    Args:
+        generations: `run.Generation`s (item, before, after, diir_mask), in eval-set order.
+
+    Returns:
+        The path of metrics.json.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    name, version = metrics["model_name"], metrics["model_version"]
+    folder = Path(generations_dir) / f"v{version}"
+    manifest = []
+    for gen in generations:
+        item = gen.item
+        atomic_save_image(Image.fromarray(gen.after), folder / f"{item.item_id}.png")
+        atomic_save_image(Image.fromarray(gen.before), folder / f"{item.item_id}_before.png")
+        manifest.append(
+            {
+                "generation_id": generation_id(name, version, item.item_id),
+                **item.manifest_row(),
+                "references": [
+                    {"face_id": f, "identity": eval_set.references[f].identity,
+                     "crop_path": eval_set.references[f].crop_path}  # fmt: skip
+                    for f in item.references
+                ],
+                "image": f"{item.item_id}.png",
+                "image_before_diir": f"{item.item_id}_before.png",
+                "diir_faces": gen.diir_faces,
+                "model_name": name,
+                "model_version": version,
+                "eval_set_id": eval_set.set_id,
+            }
+        )
+    atomic_write_text(folder / "manifest.json", json.dumps(_clean(manifest), indent=2) + "\n")
+    atomic_write(out_dir / "items.csv", lambda tmp: items.to_csv(tmp, index=False))
+    plot_slices(metrics, out_dir / "plots" / "metrics_by_slice.png")
+    plot_before_after(items, out_dir / "plots" / "diir_before_after.png")
+    thumbs = [draw_boxes(g.after, g.item.boxes) for g in generations]
+    atomic_save_image(image_grid(thumbs, params.eval.grid_columns), out_dir / "grid.png")
+    path = out_dir / "metrics.json"
+    atomic_write_text(path, json.dumps(_clean(metrics), indent=2, sort_keys=False) + "\n")
+    return path
