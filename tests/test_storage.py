@@ -4,6 +4,9 @@ flaky S3 (a proxy answering HTTP 500) that is retried or fails clearly (issue 11
 
 from __future__ import annotations
 
+import shutil
+import sys
+
 import pytest
 from s3_helpers import FlakyProxy, _bucket, s3_env, s3_server  # noqa: F401 - fixtures
 
@@ -38,6 +41,7 @@ def test_check_key_refuses_escapes():
         check_key("images/../../etc/passwd")
 
 
+@pytest.mark.slow
 def test_injected_500s_are_retried(s3_server, s3_env):
     _bucket(s3_server, "flaky")
     proxy = FlakyProxy(s3_server, lambda method, path, count: method in ("PUT", "GET") and count <= 2)
@@ -50,6 +54,7 @@ def test_injected_500s_are_retried(s3_server, s3_env):
         proxy.close()
 
 
+@pytest.mark.slow
 def test_persistent_500s_fail_clearly_naming_the_uri(s3_server, s3_env):
     _bucket(s3_server, "flaky")
     proxy = FlakyProxy(s3_server, lambda method, path, count: method == "PUT")
@@ -64,17 +69,22 @@ def test_persistent_500s_fail_clearly_naming_the_uri(s3_server, s3_env):
         proxy.close()
 
 
+@pytest.mark.slow
 def test_mlflow_artifacts_on_s3(s3_server, s3_env, tmp_path, monkeypatch):
     """The trainer's tracker with `tracking.artifact_root: s3://...` logs artifacts to S3."""
     from magicid.config import load_params
     from magicid.training.trainer import _Tracker
 
     _bucket(s3_server, "mlflow")
-    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)  # the endpoint comes from params.storage
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     params = load_params(
         None,
-        [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.artifact_root=s3://mlflow/artifacts"],
+        [
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.artifact_root=s3://mlflow/artifacts",
+            f"storage.s3_endpoint_url={s3_server}",
+        ],
     )
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -85,3 +95,37 @@ def test_mlflow_artifacts_on_s3(s3_server, s3_env, tmp_path, monkeypatch):
     tracker.end("FINISHED")
     keys = S3Storage("s3://mlflow/artifacts", endpoint_url=s3_server).list()
     assert any(k.endswith("checkpoints/step_000001/weights.bin") for k in keys), keys
+
+
+@pytest.mark.slow
+def test_dvc_push_and_pull_through_an_s3_remote(s3_server, s3_env, tmp_path, monkeypatch):
+    """The DVC remote can be S3: `dvc push` to moto and `dvc pull` back restore the dataset folder byte for byte
+    (the endpoint goes in `.dvc/config.local`, keeping the port out of the committed config)."""
+    import subprocess
+
+    _bucket(s3_server, "dvcstore")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    repo = tmp_path / "repo"
+    (repo / "data" / "idzoom").mkdir(parents=True)
+    (repo / "data" / "idzoom" / "images.parquet").write_bytes(b"manifest bytes")
+    (repo / "data" / "idzoom" / "crops").mkdir()
+    (repo / "data" / "idzoom" / "crops" / "a.png").write_bytes(b"\x89PNG crop")
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def run(*args: str) -> None:
+        result = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    run("git", "init", "-q")
+    run(*dvc, "init", "-q")
+    run(*dvc, "remote", "add", "-d", "s3store", "s3://dvcstore/dvc")
+    run(*dvc, "remote", "modify", "--local", "s3store", "endpointurl", s3_server)
+    run(*dvc, "add", "-q", "data/idzoom")
+    run(*dvc, "push", "-q")
+    assert S3Storage("s3://dvcstore/dvc", endpoint_url=s3_server).list(), "nothing was pushed"
+    assert s3_server.split(":")[-1] not in (repo / ".dvc" / "config").read_text()
+    shutil.rmtree(repo / "data" / "idzoom")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    run(*dvc, "pull", "-q")
+    assert (repo / "data" / "idzoom" / "images.parquet").read_bytes() == b"manifest bytes"
+    assert (repo / "data" / "idzoom" / "crops" / "a.png").read_bytes() == b"\x89PNG crop"

@@ -192,7 +192,8 @@ def _quarantine(task: Task, reason: str, detail: str) -> dict:
         "source": task.source,
         "image_id": task.image_id,
         "reason": reason,
-        "detail": detail[:500],
+        # decoders quote the file's absolute path: store its source instead (the same wherever it was staged)
+        "detail": detail.replace(task.path, task.source)[:500],
     }
 
 

@@ -44,6 +44,7 @@ from magicid.errors import ConfigError, DataError
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
+from magicid.storage import use_s3_endpoint_for_mlflow
 from magicid.training.checkpoints import check_resume_checkpoint
 from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
 from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate_idzoom
@@ -312,6 +313,7 @@ class _Tracker:
         from mlflow import MlflowClient
 
         tracking = self.params.tracking
+        use_s3_endpoint_for_mlflow(self.params.storage)  # s3:// artifact roots on storage.s3_endpoint_url
         self._client = client = MlflowClient(tracking_uri=tracking.uri)
         experiment = client.get_experiment_by_name(tracking.experiment)
         if experiment is None:
