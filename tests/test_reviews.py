@@ -299,3 +299,23 @@ def test_export_review_tags_to_mlflow_model_versions(store, tmp_path, monkeypatc
     assert not set(reviews.WIN_RATE_TAGS) & set(tags) and tags[reviews.TAG_N_PAIRS] == "0"
     with pytest.raises(ReviewError, match="version '9' is not in the MLflow registry"):
         reviews.export_review_tags(store, "magicid", ["9"], champion="1", client=client)
+
+
+def test_cli_adds_a_reviewer_with_a_hidden_prompted_password(tmp_path):
+    from typer.testing import CliRunner
+
+    from magicid.cli import app
+
+    path = tmp_path / "reviewers.yaml"
+    result = CliRunner().invoke(
+        app,
+        ["review-add-reviewer", "carol", "--reviewers", str(path)],
+        input="carol-password\ncarol-password\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "carol-password" not in path.read_text()
+    assert reviews.authenticate(reviews.load_reviewers(path), "carol", "carol-password")
+    result = CliRunner().invoke(
+        app, ["review-add-reviewer", "Bad Name", "--reviewers", str(path), "--password", "x" * 9]
+    )
+    assert result.exit_code == 2 and "reviewer name" in result.output
