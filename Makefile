@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench bench-quick repro lint format clean
+.PHONY: install browser demo test test-fast bench bench-quick repro lint format clean
 
 # Installs the package with the whole pinned stack (requirements/constraints.txt: a set seen to install
 # together here). Re-runs only when the pins change.
@@ -18,10 +18,19 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
+# The dashboards' browser tests drive Debian's chromium through Playwright (executable_path); Playwright's own
+# browser download is never used. Installed only when missing (needs root or sudo, as on CI).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser tests"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null 2>&1 || { echo "chromium is still missing: install Debian's chromium package"; exit 1; }
+
 demo: install
 	$(VENV)/bin/magicid demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -337,5 +337,64 @@ def promote(
         raise typer.Exit(code=1)
 
 
+@app.command("review-add-reviewer")
+def review_add_reviewer(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Reviewer name (lower-case letters, digits, _ . -).")],
+    password: Annotated[
+        str,
+        typer.Option(
+            "--password",
+            prompt=True,
+            hide_input=True,
+            confirmation_prompt=True,
+            help="Asked for when not given (hidden); only its scrypt hash is stored.",
+        ),
+    ],
+    reviewers: Annotated[
+        Path | None, typer.Option("--reviewers", help="Reviewers file (default: review.reviewers_file).")
+    ] = None,
+) -> None:
+    """Add a review-dashboard reviewer (or set a new password): stores name -> scrypt hash."""
+    from magicid.reviews import add_reviewer
+
+    path = reviewers if reviewers is not None else Path(_params(ctx).review.reviewers_file)
+    try:
+        add_reviewer(path, name, password)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    typer.echo(f"reviewer {name} set in {path}")
+
+
+@app.command("review-export")
+def review_export(
+    ctx: typer.Context,
+    version: Annotated[
+        list[str] | None, typer.Option("--version", help="Model version (repeatable; default: all reviewed).")
+    ] = None,
+    champion: Annotated[
+        str | None, typer.Option("--champion", help="Version win rates are against (default: the alias).")
+    ] = None,
+) -> None:
+    """Write review aggregates (ratings, win rate vs champion) as MLflow model-version tags for the gate."""
+    from magicid.reviews import ReviewStore, export_review_tags, mlflow_client
+
+    params = _params(ctx)
+    try:
+        store = ReviewStore(params.review.db_url)
+        written = export_review_tags(
+            store,
+            params.promotion.model_name,
+            version,
+            champion=champion,
+            client=mlflow_client(params.tracking.uri),
+        )
+    except MagicIDError as error:
+        raise _fail(error) from error
+    for model_version, tags in written.items():
+        for key, value in sorted(tags.items()):
+            typer.echo(f"version {model_version}: {key} = {value}")
+
+
 if __name__ == "__main__":
     app()

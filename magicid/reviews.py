@@ -385,7 +385,9 @@ class RatingRow(_Base):
     __tablename__ = "ratings"
     __table_args__ = (
         UniqueConstraint("reviewer", "generation_id", name="one_rating_per_reviewer_and_generation"),
-        Index("ratings_by_version", "model_version"),
+        # Covering indexes: the per-version aggregates read only these columns, in this order.
+        Index("ratings_by_version", "model_version", "generation_id", "overall_score", "identity_score"),
+        Index("ratings_by_version_reviewer", "model_version", "reviewer"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     reviewer: Mapped[str] = mapped_column(ForeignKey("reviewers.name"))
@@ -402,8 +404,11 @@ class RatingRow(_Base):
 
 class RatingFlagRow(_Base):
     __tablename__ = "rating_flags"
+    __table_args__ = (Index("flags_by_version", "model_version", "flag"),)
     rating_id: Mapped[int] = mapped_column(ForeignKey("ratings.id", ondelete="CASCADE"), primary_key=True)
     flag: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # Copied from the rating so flag counts per version need no join.
+    model_version: Mapped[str] = mapped_column(String(64))
 
 
 class JudgementRow(_Base):
@@ -697,14 +702,16 @@ class ReviewStore:
     ) -> list[GenerationRecord]:
         """Generations of `model_version` that `reviewer` has not rated yet (all of them with include_rated),
         ordered by generation id."""
-        query = select(GenerationRow).where(GenerationRow.model_version == model_version)
+        g = GenerationRow
+        # Plain columns, not ORM objects: the queue of a large evaluation set is read on every page view.
+        query = select(*_GENERATION_COLUMNS).where(g.model_version == model_version)
         if not include_rated:
             rated = select(RatingRow.id).where(
-                RatingRow.reviewer == reviewer, RatingRow.generation_id == GenerationRow.generation_id
+                RatingRow.reviewer == reviewer, RatingRow.generation_id == g.generation_id
             )
             query = query.where(~rated.exists())
-        query = query.order_by(GenerationRow.generation_id).limit(limit)
-        return self._read(lambda s: [_record(row) for row in s.scalars(query)])
+        query = query.order_by(g.generation_id).limit(limit)
+        return self._read(lambda s: [_record_from_columns(row) for row in s.execute(query)])
 
     # -- ratings -----------------------------------------------------------------------------------------
 
@@ -756,7 +763,7 @@ class ReviewStore:
             row.overall_score = overall_score
             row.comment = comment
             row.updated_at = now
-            row.flags = [RatingFlagRow(flag=flag) for flag in flags]
+            row.flags = [RatingFlagRow(flag=flag, model_version=generation.model_version) for flag in flags]
             session.flush()
             return _rating(row)
 
@@ -890,16 +897,12 @@ class ReviewStore:
                 wins += count
             else:
                 losses += count
-        n = wins + losses + ties
-        if n == 0:
-            return None
-        lo, hi = wilson_interval(wins + 0.5 * ties, n)
-        return WinRate(version, opponent, wins, losses, ties, (wins + 0.5 * ties) / n, lo, hi)
+        return _win_rate(version, opponent, wins, losses, ties) if wins + losses + ties else None
 
     def aggregates(self, champion: str | None = None) -> dict[str, VersionAggregate]:
         """Per model version: counts, mean scores with 95% intervals, flag counts, and, when `champion` is
         given, the blind win rate against it (None for the champion itself and without judgements)."""
-        r = RatingRow
+        r, f, j = RatingRow, RatingFlagRow, JudgementRow
 
         def work(session: Session):
             generations = dict(
@@ -912,46 +915,73 @@ class ReviewStore:
                     r.model_version,
                     func.count(),
                     func.count(r.generation_id.distinct()),
-                    func.count(r.reviewer.distinct()),
                     func.sum(r.overall_score),
                     func.sum(r.overall_score * r.overall_score),
                     func.sum(r.identity_score),
                     func.sum(r.identity_score * r.identity_score),
                 ).group_by(r.model_version)
             ).all()
+            # A separate query so that each distinct count walks its own covering index in order.
+            reviewer_counts = dict(
+                session.execute(
+                    select(r.model_version, func.count(r.reviewer.distinct())).group_by(r.model_version)
+                ).all()
+            )
             flags = session.execute(
-                select(r.model_version, RatingFlagRow.flag, func.count())
-                .join(RatingFlagRow, RatingFlagRow.rating_id == r.id)
-                .group_by(r.model_version, RatingFlagRow.flag)
-            ).all()
-            return generations, scores, flags
+                select(f.model_version, f.flag, func.count()).group_by(f.model_version, f.flag)
+            )
+            judged = []
+            if champion is not None:
+                judged = session.execute(
+                    select(j.left_version, j.right_version, j.choice, func.count())
+                    .where((j.left_version == champion) | (j.right_version == champion))
+                    .group_by(j.left_version, j.right_version, j.choice)
+                ).all()
+            return generations, scores, reviewer_counts, flags.all(), judged
 
-        generations, scores, flags = self._read(work)
+        generations, scores, reviewer_counts, flags, judged = self._read(work)
         by_version = {row[0]: row[1:] for row in scores}
         flag_counts: dict[str, dict[str, int]] = {}
         for version, flag, count in flags:
             flag_counts.setdefault(version, {})[flag] = count
+        outcomes: dict[str, list[int]] = {}  # challenger version -> [wins, losses, ties] against the champion
+        for left_version, right_version, choice, count in judged:
+            version = right_version if left_version == champion else left_version
+            if version == champion:
+                continue
+            tally = outcomes.setdefault(version, [0, 0, 0])
+            if choice == "tie":
+                tally[2] += count
+            elif (choice == "left") == (left_version == version):
+                tally[0] += count
+            else:
+                tally[1] += count
         out = {}
         for version in sorted(set(generations) | set(by_version), key=_version_sort_key):
-            n, n_gen, n_rev, s_o, ss_o, s_i, ss_i = by_version.get(version, (0, 0, 0, 0, 0, 0, 0))
+            n, n_gen, s_o, ss_o, s_i, ss_i = by_version.get(version, (0, 0, 0, 0, 0, 0))
+            tally = outcomes.get(version)
             out[version] = VersionAggregate(
                 model_version=version,
                 n_generations=generations.get(version, 0),
                 n_rated_generations=n_gen,
                 n_ratings=n,
-                n_reviewers=n_rev,
+                n_reviewers=reviewer_counts.get(version, 0),
                 overall=mean_interval(n, s_o or 0, ss_o or 0),
                 identity=mean_interval(n, s_i or 0, ss_i or 0),
                 flag_counts=flag_counts.get(version, {}),
-                win_vs_champion=(
-                    self.win_rate(version, champion) if champion is not None and version != champion else None
-                ),
+                win_vs_champion=_win_rate(version, champion, *tally) if tally else None,
             )
         return out
 
     def _require_reviewer(self, session: Session, reviewer: str) -> None:
         if session.get(ReviewerRow, reviewer) is None:
             raise ReviewError(f"unknown reviewer {reviewer!r}: sign in (which records the reviewer) first")
+
+
+def _win_rate(version: str, opponent: str, wins: int, losses: int, ties: int) -> WinRate:
+    n = wins + losses + ties
+    lo, hi = wilson_interval(wins + 0.5 * ties, n)
+    return WinRate(version, opponent, wins, losses, ties, (wins + 0.5 * ties) / n, lo, hi)
 
 
 def _is_lock_error(exc: OperationalError) -> bool:
@@ -966,6 +996,34 @@ def pair_key(generation_a: str, generation_b: str) -> str:
 
 def _version_sort_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
+
+
+_GENERATION_COLUMNS = (
+    GenerationRow.generation_id,
+    GenerationRow.model_version,
+    GenerationRow.prompt,
+    GenerationRow.seed,
+    GenerationRow.reference_paths,
+    GenerationRow.boxes,
+    GenerationRow.image_path,
+    GenerationRow.pre_diir_path,
+    GenerationRow.case_id,
+)
+
+
+def _record_from_columns(row) -> GenerationRecord:
+    # Rows were validated when registered: construct without validating again (fast for long queues).
+    return GenerationRecord.model_construct(
+        generation_id=row[0],
+        model_version=row[1],
+        prompt=row[2],
+        seed=row[3],
+        reference_paths=list(row[4]),
+        boxes=[tuple(b) for b in row[5]],
+        image_path=row[6],
+        pre_diir_path=row[7],
+        case_id=row[8],
+    )
 
 
 def _record(row: GenerationRow) -> GenerationRecord:

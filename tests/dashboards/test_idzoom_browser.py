@@ -52,3 +52,28 @@ def test_browser_shows_images_faces_and_quarantine(tmp_path):
     metrics = {m.label: m.value for m in app.metric}
     assert metrics == {"images": "1", "faces": "1", "quarantined": "1"}
     assert len(app.dataframe) == 1
+
+
+@pytest.mark.slow
+def test_browser_images_load_in_chromium(tmp_path, chromium_page):
+    """In a real browser every image decodes (naturalWidth > 0): the photo, its two condition maps and the
+    face crop. AppTest cannot see a broken `/media` image (starlette >= 1.5 with streamlit 1.60)."""
+    import numpy as np
+    from conftest import streamlit_server, wait_for_images
+    from PIL import Image
+    from skimage import data as skdata
+
+    from magicid.config import load_params
+    from magicid.data.builder import build_idzoom
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Image.fromarray(np.ascontiguousarray(skdata.astronaut())).save(raw / "astronaut.png")
+    root = tmp_path / "idzoom"
+    build_idzoom(raw, root, load_params(None, ["data.workers=1"]), progress=False)
+    with streamlit_server(APP, ["--root", str(root)], tmp_path / "streamlit.log") as url:
+        chromium_page.goto(url)
+        chromium_page.get_by_text("skeleton map").wait_for()
+        wait_for_images(chromium_page, 4)
+        chromium_page.screenshot(path=str(tmp_path / "idzoom_browser.png"), full_page=True)
+    assert (tmp_path / "idzoom_browser.png").stat().st_size > 10_000
