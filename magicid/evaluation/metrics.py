@@ -182,9 +182,7 @@ def id_confusion_rate(
     counted = [(f, int(r)) for f, r in enumerate(intended) if r is not None]
     if not counted:
         return {"id_confusion_rate": float("nan"), "n_faces": 0.0}
-    confused = sum(
-        bool(np.any(np.delete(similarity[f], r) > similarity[f, r])) for f, r in counted
-    )
+    confused = sum(bool(np.any(np.delete(similarity[f], r) > similarity[f, r])) for f, r in counted)
     return {"id_confusion_rate": confused / len(counted), "n_faces": float(len(counted))}
 
 
