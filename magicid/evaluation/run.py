@@ -259,6 +259,7 @@ def evaluate_model(
     conditioning = analyzer or get_analyzer(model_params.faces)
     pipe.face_analyzer = conditioning
     crops = _reference_images(eval_set)
+    conditioning.analyze(next(iter(crops.values())))  # warm-up: model loading stays out of the timing
     same_backend = analyzer is not None or params.eval.face_backend == params.faces.backend
     ref_embeddings = _scoring_embeddings(eval_set, crops, scoring, same_backend)
 
