@@ -263,7 +263,7 @@ class EvalParams(_Section):
     ]
     n_people: list[int] = [1, 2, 4]
     face_sizes: EvalFaceSizes = EvalFaceSizes()
-    reference_split: Literal["train", "val", "test"] = "train"
+    reference_split: Literal["train", "val", "test"] = "test"
     face_backend: Literal["offline", "insightface"] = "offline"
     detect_min_iou: float = Field(0.3, gt=0, le=1)
     batch_size: int = Field(4, ge=1)
@@ -296,7 +296,9 @@ class PromotionParams(_Section):
     min_win_rate: float | None = Field(None, ge=0, le=1)
     tolerance: float = Field(0.0, ge=0)
     compare: list[
-        Literal["id_similarity", "id_confusion_rate", "id_top1_accuracy", "face_detection_rate", "landmark_nme"]
+        Literal[
+            "id_similarity", "id_confusion_rate", "id_top1_accuracy", "face_detection_rate", "landmark_nme"
+        ]
     ] = ["id_similarity", "id_confusion_rate", "face_detection_rate"]
     bootstrap: BootstrapParams = BootstrapParams()
 

@@ -254,7 +254,9 @@ def resolve_version(params: Params, model_uri: str):
             raise RegistryError(f"--model {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
         return client.get_model_version(name, number)
     except MlflowException as exc:
-        raise RegistryError(f"--model {model_uri!r}: not in the registry at {params.tracking.uri} ({exc})") from exc
+        raise RegistryError(
+            f"--model {model_uri!r}: not in the registry at {params.tracking.uri} ({exc})"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,16 +354,16 @@ def absolute_checks(items: pd.DataFrame, cfg: PromotionParams) -> list[Check]:
             )
         else:
             passed = value >= threshold if higher else value <= threshold
-            reason = f"{metric} {value:.4f} {'>=' if higher else '<='} {threshold:g}" if passed else (
-                f"{metric} {value:.4f} {'<' if higher else '>'} {threshold:g}"
+            reason = (
+                f"{metric} {value:.4f} {'>=' if higher else '<='} {threshold:g}"
+                if passed
+                else (f"{metric} {value:.4f} {'<' if higher else '>'} {threshold:g}")
             )
         checks.append(Check(name, bool(passed), figures, reason))
     return checks
 
 
-def comparison_checks(
-    challenger: pd.DataFrame, champion: pd.DataFrame, cfg: PromotionParams
-) -> list[Check]:
+def comparison_checks(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: PromotionParams) -> list[Check]:
     """Paired bootstrap of challenger vs champion per `cfg.compare` metric, on the items both were scored on."""
     from magicid.evaluation.metrics import HIGHER_IS_BETTER, paired_bootstrap
 
@@ -378,9 +380,7 @@ def comparison_checks(
         b = pd.to_numeric(merged[f"{metric}_champion"], errors="coerce").to_numpy(float)
         if not HIGHER_IS_BETTER[metric]:
             a, b = -a, -b  # oriented: a positive difference is an improvement
-        boot = paired_bootstrap(
-            a, b, cfg.bootstrap.n_resamples, cfg.bootstrap.confidence, cfg.bootstrap.seed
-        )
+        boot = paired_bootstrap(a, b, cfg.bootstrap.n_resamples, cfg.bootstrap.confidence, cfg.bootstrap.seed)
         figures = {**boot, "tolerance": cfg.tolerance, "confidence": cfg.bootstrap.confidence}
         if boot["n_items"] == 0:
             checks.append(Check(name, False, figures, f"{metric}: no item scored by both models"))
@@ -406,8 +406,12 @@ def reviewer_checks(tags: dict[str, str], champion: str | None, cfg: PromotionPa
     """Reviewer minimums from the challenger's version tags (`REVIEW_TAGS`)."""
     n_ratings = _tag_float(tags, REVIEW_TAGS["n_ratings"]) or 0.0
     checks = [
-        Check("min_ratings", n_ratings >= cfg.min_ratings, {"value": n_ratings, "threshold": cfg.min_ratings},
-              f"{n_ratings:g} ratings {'>=' if n_ratings >= cfg.min_ratings else '<'} {cfg.min_ratings}")  # fmt: skip
+        Check(
+            "min_ratings",
+            n_ratings >= cfg.min_ratings,
+            {"value": n_ratings, "threshold": cfg.min_ratings},
+            f"{n_ratings:g} ratings {'>=' if n_ratings >= cfg.min_ratings else '<'} {cfg.min_ratings}",
+        )  # fmt: skip
     ]
     mean_score = _tag_float(tags, REVIEW_TAGS["mean_score"])
     if cfg.min_rating > 0 and mean_score is None:
@@ -476,7 +480,9 @@ def promote(params: Params) -> GateDecision:
         )
     items = load_eval_items(params, challenger, set_id)
     if items is None:
-        raise RegistryError(f"{name} version {challenger.version}: eval table for set {set_id} not found in its run")
+        raise RegistryError(
+            f"{name} version {challenger.version}: eval table for set {set_id} not found in its run"
+        )
     checks = absolute_checks(items, cfg)
     if champion is not None:
         champion_items = load_eval_items(params, champion, set_id)
@@ -565,9 +571,9 @@ def log_eval_report(params: Params, version, out_dir: str | Path, metrics: dict[
 
     Figures are logged as `eval.<name>`; the folder goes to `eval/<eval set id>/report`.
     """
-    from mlflow.entities import Metric
-
     import time
+
+    from mlflow.entities import Metric
 
     client = _client(params)
     set_id = metrics["eval_set_id"]

@@ -108,7 +108,11 @@ def test_pass_moves_champion_and_keeps_previous(params, adapter_dir):
     v2 = new_version(p, adapter_dir, items(BASE + 0.05 + np.random.default_rng(1).normal(0, 0.01, N_ITEMS)))
     decision = registry.promote(p)
     assert decision.passed and decision.action == "promoted" and decision.champion == str(v1.version)
-    assert alias_map(p) == {"challenger": str(v2.version), "champion": str(v2.version), "previous": str(v1.version)}
+    assert alias_map(p) == {
+        "challenger": str(v2.version),
+        "champion": str(v2.version),
+        "previous": str(v1.version),
+    }
     check = json.loads(version_tags(p, str(v2.version))["promotion.check.vs_champion_id_similarity"])
     assert check["passed"] and check["ci_low"] > 0
 
@@ -171,7 +175,11 @@ def test_rerunning_promote_is_idempotent(params, adapter_dir):
     after = alias_map(p)
     again = registry.promote(p)
     assert again.action == "already_champion"
-    assert alias_map(p) == after == {"challenger": str(v3.version), "champion": str(v3.version), "previous": str(v1.version)}
+    assert (
+        alias_map(p)
+        == after
+        == {"challenger": str(v3.version), "champion": str(v3.version), "previous": str(v1.version)}
+    )
 
 
 def test_rollback_restores_previous_and_blocks_re_promotion(params, adapter_dir):
@@ -199,15 +207,21 @@ def test_reviewer_minimums_read_version_tags(params, adapter_dir):
     }
     client = registry._client(p)
     for key, value in {"n_ratings": "6", "mean_score": "3.5"}.items():
-        client.set_model_version_tag(p.promotion.model_name, str(v1.version), registry.REVIEW_TAGS[key], value)
+        client.set_model_version_tag(
+            p.promotion.model_name, str(v1.version), registry.REVIEW_TAGS[key], value
+        )
     assert registry.promote(p).action == "first_champion"  # no champion: the win rate is not asked for
     v2 = new_version(p, adapter_dir, items(BASE + 0.1))
     for key, value in {"n_ratings": "6", "mean_score": "4.0", "win_rate_low": "0.3", "n_comparisons": "20",
                        "win_rate_vs": str(v1.version)}.items():  # fmt: skip
-        client.set_model_version_tag(p.promotion.model_name, str(v2.version), registry.REVIEW_TAGS[key], value)
+        client.set_model_version_tag(
+            p.promotion.model_name, str(v2.version), registry.REVIEW_TAGS[key], value
+        )
     decision = registry.promote(p)
     assert not decision.passed and [c.name for c in decision.checks if not c.passed] == ["min_win_rate"]
-    client.set_model_version_tag(p.promotion.model_name, str(v2.version), registry.REVIEW_TAGS["win_rate_low"], "0.45")
+    client.set_model_version_tag(
+        p.promotion.model_name, str(v2.version), registry.REVIEW_TAGS["win_rate_low"], "0.45"
+    )
     assert registry.promote(p).action == "promoted"
 
 
@@ -221,4 +235,3 @@ def test_champion_without_the_same_eval_set_is_an_error(params, adapter_dir):
     registry.log_eval_items(p, v2, "another-set", items(BASE + 0.1))
     with pytest.raises(registry.RegistryError, match="was not scored on eval set another-set"):
         registry.promote(p)
-

@@ -188,9 +188,10 @@ def build_eval_set(dataset_dir: str | Path, params: Params) -> EvalSet:
             f"{root}: split {cfg.reference_split!r} has {len(refs)} identities, eval.n_people asks for up to "
             f"{max(cfg.n_people)}; set eval.reference_split to a split with more people or lower eval.n_people"
         )
-    train_faces = faces[faces["split"] == "train"]
-    train_identities = set(train_faces["identity"].fillna(train_faces["face_id"]))
+    train_identities = set(faces.loc[faces["split"] == "train", "identity"].dropna())
     seen = any(ref.identity in train_identities for ref in refs.values())
+    labelled = set(pool["identity"].dropna())
+    unlabelled = sum(ref.identity not in labelled for ref in refs.values())
     version, _ = dataset_version(root)
     resolution = params.model.resolution
     names = sorted(refs)
@@ -212,13 +213,28 @@ def build_eval_set(dataset_dir: str | Path, params: Params) -> EvalSet:
                 prompt = cfg.prompts[len(items) % cfg.n_prompts]
                 item_id = _stable_id(layout_id, prompt, seed)
                 items.append(
-                    EvalItem(item_id, prompt, int(seed), n, size_name, layout_id,
-                             [refs[c].face_id for c in chosen], boxes, landmarks, np.stack(eyes))  # fmt: skip
+                    EvalItem(
+                        item_id,
+                        prompt,
+                        int(seed),
+                        n,
+                        size_name,
+                        layout_id,
+                        [refs[c].face_id for c in chosen],
+                        boxes,
+                        landmarks,
+                        np.stack(eyes),
+                    )  # fmt: skip
                 )
     notes = [
         f"references: one face per identity from split {cfg.reference_split!r} of dataset version {version}",
         "seeds, layouts and prompts are the evaluation's own (not drawn from the training images)",
     ]
+    if unlabelled:
+        notes.append(
+            f"{unlabelled} of {len(refs)} reference faces have no identity label: each counts as its own "
+            "person, and whether that person also appears in training is unknown"
+        )
     if seen:
         notes.append(
             "the reference people also appear in the training split (the sample world has no held-out "

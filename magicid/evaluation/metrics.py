@@ -10,6 +10,7 @@ gate and the benchmarks all call them:
 - `any_face_rate`: share of images in which at least one face is found;
 - `landmark_nme`: mean landmark error against the conditioning landmarks, over the inter-ocular distance;
 - `background_psnr_ssim`: PSNR and SSIM of an edited image against the original outside face masks;
+- `reconstruction_psnr`: mean PSNR of reconstructions (VAE round trips);
 - `seconds_per_image`: wall time over images;
 - `mean_gain`: mean of after - before (e.g. DIIR's identity-similarity gain).
 
@@ -182,9 +183,7 @@ def id_confusion_rate(
     counted = [(f, int(r)) for f, r in enumerate(intended) if r is not None]
     if not counted:
         return {"id_confusion_rate": float("nan"), "n_faces": 0.0}
-    confused = sum(
-        bool(np.any(np.delete(similarity[f], r) > similarity[f, r])) for f, r in counted
-    )
+    confused = sum(bool(np.any(np.delete(similarity[f], r) > similarity[f, r])) for f, r in counted)
     return {"id_confusion_rate": confused / len(counted), "n_faces": float(len(counted))}
 
 
@@ -274,6 +273,26 @@ def background_psnr_ssim(
         "background_max_abs_diff": float(np.abs(ref - out).max()),
         "background_fraction": float(background.mean()),
     }
+
+
+def reconstruction_psnr(reference: np.ndarray, reconstruction: np.ndarray) -> dict[str, float]:
+    """Mean PSNR (dB, peak 255) over images of a reconstruction (e.g. VAE encode-decode); an exact image is 100 dB.
+
+    Args:
+        reference, reconstruction: uint8 (N, H, W, 3) or (H, W, 3), same shape.
+
+    Returns:
+        `psnr` (mean over images; 100 caps the exact case so the mean stays finite).
+    """
+    ref = np.asarray(reference, np.float64)
+    rec = np.asarray(reconstruction, np.float64)
+    if ref.shape != rec.shape:
+        raise MetricInputError(f"reconstruction_psnr: shapes differ, {ref.shape} vs {rec.shape}")
+    if ref.ndim == 3:
+        ref, rec = ref[None], rec[None]
+    mse = ((ref - rec) ** 2).reshape(len(ref), -1).mean(axis=1)
+    values = np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-20)), 100.0)
+    return {"psnr": float(values.mean())}
 
 
 def seconds_per_image(total_seconds: float, n_images: int) -> dict[str, float]:

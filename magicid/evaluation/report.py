@@ -58,7 +58,9 @@ def image_grid(images: list[Image.Image], columns: int, thumb: int = 128, gutter
     grid = Image.new("RGB", (cols * (thumb + gutter) + gutter, rows * (thumb + gutter) + gutter), "white")
     for k, image in enumerate(images):
         r, c = divmod(k, columns)
-        grid.paste(image.resize((thumb, thumb)), (gutter + c * (thumb + gutter), gutter + r * (thumb + gutter)))
+        grid.paste(
+            image.resize((thumb, thumb)), (gutter + c * (thumb + gutter), gutter + r * (thumb + gutter))
+        )
     return grid
 
 
@@ -135,8 +137,11 @@ def write_report(
                 "generation_id": generation_id(name, version, item.item_id),
                 **item.manifest_row(),
                 "references": [
-                    {"face_id": f, "identity": eval_set.references[f].identity,
-                     "crop_path": eval_set.references[f].crop_path}  # fmt: skip
+                    {
+                        "face_id": f,
+                        "identity": eval_set.references[f].identity,
+                        "crop_path": eval_set.references[f].crop_path,
+                    }  # fmt: skip
                     for f in item.references
                 ],
                 "image": f"{item.item_id}.png",

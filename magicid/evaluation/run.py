@@ -136,7 +136,12 @@ def _scoring_embeddings(eval_set: EvalSet, crops: dict[str, np.ndarray], analyze
 
 
 def generate_eval_images(
-    pipe, model_params: Params, params: Params, eval_set: EvalSet, crops: dict[str, np.ndarray], progress: bool
+    pipe,
+    model_params: Params,
+    params: Params,
+    eval_set: EvalSet,
+    crops: dict[str, np.ndarray],
+    progress: bool,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Generate every item, batched per layout (`eval.batch_size` images a call). Returns images by item id
     (uint8 (H, W, 3)) and the generation seconds."""
@@ -159,7 +164,9 @@ def generate_eval_images(
     seconds = 0.0
     for batch in tqdm(batches, desc="evaluate: generate", disable=not progress):
         first = batch[0]
-        layout = FaceLayout(boxes=first.boxes.tolist(), landmark=render_landmark_map(res, res, first.landmarks))
+        layout = FaceLayout(
+            boxes=first.boxes.tolist(), landmark=render_landmark_map(res, res, first.landmarks)
+        )
         start = time.perf_counter()
         result = pipe(
             [item.prompt for item in batch],
@@ -183,7 +190,9 @@ def aggregate(items: pd.DataFrame) -> dict[str, Any]:
 
     def means(frame: pd.DataFrame, suffix: str = "") -> dict[str, float]:
         return {
-            f"{m}{suffix}": float(frame[f"{m}{suffix}"].mean()) if frame[f"{m}{suffix}"].notna().any() else None
+            f"{m}{suffix}": float(frame[f"{m}{suffix}"].mean())
+            if frame[f"{m}{suffix}"].notna().any()
+            else None
             for m in SCORED
         }
 
@@ -250,6 +259,7 @@ def evaluate_model(
     conditioning = analyzer or get_analyzer(model_params.faces)
     pipe.face_analyzer = conditioning
     crops = _reference_images(eval_set)
+    conditioning.analyze(next(iter(crops.values())))  # warm-up: model loading stays out of the timing
     same_backend = analyzer is not None or params.eval.face_backend == params.faces.backend
     ref_embeddings = _scoring_embeddings(eval_set, crops, scoring, same_backend)
 
@@ -264,7 +274,9 @@ def evaluate_model(
     references = {
         face_id: ReferenceIdentity(
             np.asarray(ref.embedding, np.float32),
-            np.asarray(Image.fromarray(crops[face_id]).resize((crop_size, crop_size), Image.Resampling.BICUBIC)),
+            np.asarray(
+                Image.fromarray(crops[face_id]).resize((crop_size, crop_size), Image.Resampling.BICUBIC)
+            ),
             ref.identity,
         )
         for face_id, ref in eval_set.references.items()
@@ -274,7 +286,9 @@ def evaluate_model(
 
     for item in tqdm(eval_set.items, desc="evaluate: DIIR + score", disable=not progress):
         start = time.perf_counter()
-        restored = diir.restore(images[item.item_id], [references[f] for f in item.references], prompt=item.prompt)
+        restored = diir.restore(
+            images[item.item_id], [references[f] for f in item.references], prompt=item.prompt
+        )
         diir_seconds += time.perf_counter() - start
         generations.append(Generation(item, images[item.item_id], np.asarray(restored.image),
                                       restored.mask, len(restored.faces)))  # fmt: skip
@@ -303,14 +317,11 @@ def evaluate_model(
     figures.update(M.seconds_per_image(gen_seconds, n))
     figures["diir_seconds_per_image"] = diir_seconds / n
     figures["n_items"] = n
-    backend_note = (
-        f"identity scored with faces backend {params.eval.face_backend!r}"
-        + (
-            " (the offline dlib ResNet: the same network that conditions the model, so identity figures "
-            "are not independent of it)"
-            if params.eval.face_backend == "offline" and model_params.faces.backend == "offline"
-            else ""
-        )
+    backend_note = f"identity scored with faces backend {params.eval.face_backend!r}" + (
+        " (the offline dlib ResNet: the same network that conditions the model, so identity figures "
+        "are not independent of it)"
+        if params.eval.face_backend == "offline" and model_params.faces.backend == "offline"
+        else ""
     )
     metrics = {
         "model_uri": model_uri,

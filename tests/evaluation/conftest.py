@@ -30,7 +30,9 @@ class ColourFaceAnalyzer:
         landmarks = np.stack([cx + 0.4 * side * np.cos(angles), cy + 0.45 * side * np.sin(angles)], 1)
         kps = np.array([[cx - side / 5, cy - side / 8], [cx + side / 5, cy - side / 8], [cx, cy],
                         [cx - side / 6, cy + side / 5], [cx + side / 6, cy + side / 5]], np.float32)  # fmt: skip
-        return Face(box, 1.0, kps, landmarks.astype(np.float32), (vector / np.linalg.norm(vector)).astype(np.float32))
+        return Face(
+            box, 1.0, kps, landmarks.astype(np.float32), (vector / np.linalg.norm(vector)).astype(np.float32)
+        )
 
     def analyze(self, image: np.ndarray) -> list[Face]:
         return [self._face(np.asarray(image))]

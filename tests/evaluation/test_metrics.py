@@ -131,3 +131,10 @@ def test_paired_bootstrap_interval_covers_a_constant_shift_exactly_and_widens_wi
     assert noisy["ci_low"] < 0 < noisy["ci_high"]  # +0.01 on the mean is inside the noise
     # Same inputs and seed: the same interval.
     assert m.paired_bootstrap(base + noise, base) == m.paired_bootstrap(base + noise, base)
+
+
+def test_reconstruction_psnr():
+    image = np.full((2, 4, 4, 3), 100, np.uint8)
+    off = image.copy()
+    off[1] += 5  # image 1: MSE 25; image 0 exact (100 dB)
+    assert m.reconstruction_psnr(image, off)["psnr"] == pytest.approx((100 + 10 * math.log10(255**2 / 25)) / 2)

@@ -42,11 +42,17 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
 ):
     params, version = registered_tiny_model("eval-e2e")
     result = evaluate_model(
-        params, f"models:/{version.name}@challenger", synthetic_dataset, analyzer=colour_analyzer, progress=False
+        params,
+        f"models:/{version.name}@challenger",
+        synthetic_dataset,
+        analyzer=colour_analyzer,
+        progress=False,
     )
     out = result.out_dir
     metrics = json.loads((out / "metrics.json").read_text())  # strict JSON: NaN / inf written as null
-    assert metrics["model_version"] == str(version.version) and metrics["eval_set_id"] == result.eval_set.set_id
+    assert (
+        metrics["model_version"] == str(version.version) and metrics["eval_set_id"] == result.eval_set.set_id
+    )
     assert metrics["n_items"] == 12 and metrics["eval_seconds_per_image"] > 0
     assert set(metrics["slices"]) == {"n_people=1", "n_people=2", "face_size=large", "face_size=medium",
                                       "face_size=small"}  # fmt: skip
@@ -68,7 +74,12 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
     pd.testing.assert_frame_equal(logged, pd.read_csv(out / "items.csv"))
     run = registry._client(params).get_run(version.run_id)
     assert run.data.metrics["eval.eval_seconds_per_image"] == pytest.approx(metrics["eval_seconds_per_image"])
-    artifacts = [a.path for a in registry._client(params).list_artifacts(version.run_id, f"eval/{result.eval_set.set_id}/report")]
+    artifacts = [
+        a.path
+        for a in registry._client(params).list_artifacts(
+            version.run_id, f"eval/{result.eval_set.set_id}/report"
+        )
+    ]
     assert any(a.endswith("metrics.json") for a in artifacts)
     # The gate can now read it: the first model becomes champion at neutral thresholds.
     assert registry.promote(params).action == "first_champion"
