@@ -143,6 +143,43 @@ def train(
     typer.echo(f"dataset_version: {result.dataset_version}")
 
 
+@app.command("fit-backbone")
+def fit_backbone(
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="IDZoom dataset version directory (default: data.out_dir).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder to write (default: fit.out_dir).")] = None,
+    quality: Annotated[
+        bool, typer.Option("--quality", help="The longer setting (fit.quality step counts).")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint beside --out (<out>.checkpoint/).")
+    ] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Fit the tiny backbone (VAE, then UNet) on an IDZoom version; writes a diffusers SD folder, tracked in MLflow."""
+    from magicid.models.fit import fit_backbone as run_fit
+
+    params = _params(ctx)
+    try:
+        result = run_fit(
+            params,
+            data if data is not None else Path(params.data.out_dir),
+            out if out is not None else Path(params.fit.out_dir),
+            quality=quality,
+            resume=resume,
+            progress=progress,
+        )
+    except MagicIDError as error:
+        raise _fail(error) from error
+    typer.echo(f"backbone: {result.out_dir}")
+    typer.echo(f"seconds: {result.seconds:.1f}")
+    typer.echo(f"scaling_factor: {result.scaling_factor:.6f}")
+    typer.echo(f"mlflow_run_id: {result.run_id}")
+    typer.echo(f"use it with: --set model.backbone={result.out_dir}")
+
+
 @app.command("sample-data")
 def sample_data(
     ctx: typer.Context,
