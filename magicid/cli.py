@@ -99,12 +99,18 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo writes its outputs.")] = Path(
         "outputs/demo"
     ),
+    random_backbone: Annotated[
+        bool,
+        typer.Option(
+            "--random-backbone", help="Keep the random tiny backbone (default: fit it to the sample set)."
+        ),
+    ] = False,
 ) -> None:
     """Run the main job end to end on the embedded offline defaults."""
     from magicid.demo import run_demo
 
     try:
-        summary = run_demo(_params(ctx), out_dir)
+        summary = run_demo(_params(ctx), out_dir, random_backbone=random_backbone)
     except MagicIDError as error:
         raise _fail(error) from error
     for key, value in summary.items():
