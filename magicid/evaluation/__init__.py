@@ -1,0 +1,1 @@
+"""Evaluation: figure definitions (pure functions) for benchmarks and the evaluation flow."""
