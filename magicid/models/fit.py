@@ -229,8 +229,11 @@ def vae_loss(
     edge = (sobel(recon) - sobel(images)).abs().mean()
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
     loss = l1 + mse + fit.edge_weight * edge + fit.kl_weight * kl
-    psnr = 10 * math.log10(4.0 / max(float(mse.detach()), 1e-12))  # peak-to-peak 2 in [-1, 1]
-    return loss, {"vae_loss": float(loss), "vae_l1": float(l1), "vae_kl": float(kl), "vae_psnr": psnr}
+    parts = {
+        name: float(value.detach()) for name, value in (("vae_loss", loss), ("vae_l1", l1), ("vae_kl", kl))
+    }
+    parts["vae_psnr"] = 10 * math.log10(4.0 / max(float(mse.detach()), 1e-12))  # peak-to-peak 2 in [-1, 1]
+    return loss, parts
 
 
 @torch.no_grad()

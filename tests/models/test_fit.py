@@ -216,3 +216,38 @@ def test_empty_splits_selection_is_a_clear_error(fit_data, fit_params):
 
     with pytest.raises(DataError, match="fit.splits"):
         load_fit_data(fit_data, fit_params("fit.splits=[test]").fit)
+
+
+def test_adapter_trains_on_the_fitted_backbone_through_the_cli(fit_data, fit_params, tmp_path, repo_root):
+    """`magicid train --set model.backbone=DIR`: the adapter trains on the fitted folder as on SD 1.5."""
+    from mlflow import MlflowClient
+
+    from magicid.cli import app
+    from magicid.models.fit import fit_backbone
+
+    params = fit_params()
+    fit_backbone(params, fit_data, tmp_path / "fitted", progress=False, track=False)
+    overrides = [
+        f"model.backbone={tmp_path / 'fitted'}",
+        "model.resolution=64",
+        "model.id_crop_size=32",
+        "train.batch_size=2",
+        "train.checkpoint_every=100",
+        f"train.out_dir={tmp_path / 'train'}",
+        f"tracking.uri={params.tracking.uri}",
+        f"tracking.artifact_root={params.tracking.artifact_root}",
+        "tracking.experiment=magicid-fit-test",
+    ]
+    args = ["--params", str(repo_root / "params.yaml")]
+    for item in overrides:
+        args += ["--set", item]
+    result = CliRunner().invoke(
+        app, [*args, "train", "--data", str(fit_data), "--steps", "2", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "train" / "adapter").is_dir()
+    run_id = next(
+        line.split(": ")[1] for line in result.output.splitlines() if line.startswith("mlflow_run_id")
+    )
+    run = MlflowClient(tracking_uri=params.tracking.uri).get_run(run_id)
+    assert run.data.params["backbone_source"] == str(tmp_path / "fitted")
