@@ -105,6 +105,12 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo writes its outputs.")] = Path(
         "outputs/demo"
     ),
+    random_backbone: Annotated[
+        bool,
+        typer.Option(
+            "--random-backbone", help="Keep the random tiny backbone (default: fit it to the sample set)."
+        ),
+    ] = False,
 ) -> None:
     """Run the main job end to end on the embedded offline defaults."""
     from magicid.demo import run_demo
@@ -112,7 +118,7 @@ def demo(
 
     try:
         check_output_folder(out_dir, "--out-dir")
-        summary = run_demo(_params(ctx), out_dir)
+        summary = run_demo(_params(ctx), out_dir, random_backbone=random_backbone)
     except MagicIDError as error:
         raise _fail(error) from error
     for key, value in summary.items():
@@ -164,6 +170,43 @@ def train(
         except MagicIDError as error:
             raise _fail(error) from error
         typer.echo(f"model_version: models:/{version.name}/{version.version} (alias challenger)")
+
+
+@app.command("fit-backbone")
+def fit_backbone(
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="IDZoom dataset version directory (default: data.out_dir).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder to write (default: fit.out_dir).")] = None,
+    quality: Annotated[
+        bool, typer.Option("--quality", help="The longer setting (fit.quality step counts).")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint beside --out (<out>.checkpoint/).")
+    ] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Fit the tiny backbone (VAE, then UNet) on an IDZoom version; writes a diffusers SD folder, tracked in MLflow."""
+    from magicid.models.fit import fit_backbone as run_fit
+
+    params = _params(ctx)
+    try:
+        result = run_fit(
+            params,
+            data if data is not None else Path(params.data.out_dir),
+            out if out is not None else Path(params.fit.out_dir),
+            quality=quality,
+            resume=resume,
+            progress=progress,
+        )
+    except MagicIDError as error:
+        raise _fail(error) from error
+    typer.echo(f"backbone: {result.out_dir}")
+    typer.echo(f"seconds: {result.seconds:.1f}")
+    typer.echo(f"scaling_factor: {result.scaling_factor:.6f}")
+    typer.echo(f"mlflow_run_id: {result.run_id}")
+    typer.echo(f"use it with: --set model.backbone={result.out_dir}")
 
 
 @app.command("sample-data")

@@ -222,6 +222,53 @@ class TrainParams(_Section):
     clone_face: CloneFaceParams = CloneFaceParams()
 
 
+class FitQualityParams(_Section):
+    vae_steps: int = Field(3000, ge=1)
+    unet_steps: int = Field(6000, ge=1)
+
+
+class FitParams(_Section):
+    """`magicid fit-backbone`: fitting the tiny backbone to an IDZoom version (`models/fit.py`)."""
+
+    out_dir: str = "models/fitted_tiny"
+    splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
+    resolution: int = Field(256, gt=0)
+    vae_resolution: int = Field(128, gt=0)
+    vae_steps: int = Field(300, ge=1)
+    vae_batch: int = Field(8, ge=1)
+    vae_lr: float = Field(2e-3, gt=0)
+    kl_weight: float = Field(1e-4, ge=0)
+    edge_weight: float = Field(1.0, ge=0)
+    unet_steps: int = Field(500, ge=1)
+    unet_batch: int = Field(8, ge=1)
+    unet_lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    face_prob: float = Field(0.5, ge=0, le=1)
+    text_dropout: float = Field(0.1, ge=0, le=1)
+    flip: bool = True
+    scale_jitter: float = Field(0.25, ge=0)
+    translate_jitter: float = Field(0.05, ge=0, lt=1)
+    color_jitter: float = Field(0.1, ge=0, lt=1)
+    checkpoint_every: int = Field(100, ge=1)
+    quality: FitQualityParams = FitQualityParams()
+
+    @field_validator("resolution", "vae_resolution")
+    @classmethod
+    def _multiple_of_64(cls, value: int) -> int:
+        if value % 64:
+            raise ValueError(f"must be a multiple of 64 (VAE factor 8 x UNet downsampling 8), got {value}")
+        return value
+
+    @field_validator("splits")
+    @classmethod
+    def _non_empty_splits(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one split")
+        return value
+
+
 class DIIRParams(_Section):
     max_face_ratio: float = Field(0.05, gt=0, le=1)
     strength: float = Field(0.5, ge=0, le=1)
@@ -331,6 +378,7 @@ class Params(_Section):
     faces: FacesParams = FacesParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    fit: FitParams = FitParams()
     diir: DIIRParams = DIIRParams()
     eval: EvalParams = EvalParams()
     promotion: PromotionParams = PromotionParams()

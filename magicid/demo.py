@@ -3,12 +3,16 @@
 1. sample-data: a raw set from photos shipped in pip packages (+ composited group photos down to ~2 % faces);
 2. build IDZoom (faces, landmarks, embeddings, zoomed crops, skeletons, condition maps; quarantine);
 3. validate it (Great Expectations checkpoint; fails loudly with the data-docs path);
+3b. fit the tiny backbone to it (`models/fit.py`), once: the fitted folder is reused while its inputs (dataset
+   version + `fit` params + seed, its `fit_key.json`) are unchanged;
 4. train the adapter (MMF schedule + Clone Face Tuning; MLflow on local SQLite);
 5. generate a two-person group photo with MGMICA, each identity bound to its own face box;
 6. restore the small faces of a real group photo with DIIR (background bit-identical) + a comparison image.
 
-With the offline `tiny` backbone the pictures are noise-like (random weights): the demo shows that every stage
-runs and hands the right artefacts to the next; point `model.backbone` at real SD 1.5 weights for real images.
+With `model.backbone=tiny` (the default) the demo uses the tiny backbone fitted to the sample set, so its
+pictures show faces; it is fitted to about ten people and does not generalise beyond them. `random_backbone=True`
+(`magicid demo --random-backbone`) keeps the random weights (noise-like pictures). A `model.backbone` folder (real
+SD 1.5 weights) is used as given.
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ def _with(params: Params, **sections: dict) -> Params:
     return updated
 
 
-def run_demo(params: Params, out_dir: str | Path, progress: bool = True) -> dict[str, str]:
+def run_demo(
+    params: Params, out_dir: str | Path, progress: bool = True, random_backbone: bool = False
+) -> dict[str, str]:
     """Run the six stages above into `out_dir`.
 
     Args:
         params: typed parameters (the embedded defaults when no params.yaml is present).
-        out_dir: where raw data, the dataset, reports, the adapter and images go.
+        out_dir: where raw data, the dataset, reports, the fitted backbone, the adapter and images go.
         progress: show progress bars.
+        random_backbone: with `model.backbone=tiny`, keep the random tiny weights instead of fitting them.
 
     Returns:
         A summary mapping (printed by the CLI), with the paths of what was produced and key figures.
@@ -65,6 +72,18 @@ def run_demo(params: Params, out_dir: str | Path, progress: bool = True) -> dict
         f"{validation.n_expectations - validation.n_failed}/{validation.n_expectations} passed"
     )
     summary["data_docs"] = validation.docs_path
+
+    # 3b. The fitted tiny backbone (fitted once, reused while its inputs are unchanged), loaded as SD 1.5 is.
+    if params.model.backbone == "tiny" and not random_backbone:
+        from magicid.models.fit import ensure_fitted_backbone
+
+        fitted = ensure_fitted_backbone(
+            params, out_dir / "idzoom", out_dir / "fitted_backbone", progress=progress
+        )
+        params = _with(params, model={"backbone": str(fitted.out_dir)})
+        summary["backbone"] = (
+            f"{fitted.out_dir} ({'reused' if fitted.reused else f'fitted in {fitted.seconds:.0f} s'})"
+        )
 
     # 4. Training (MMF + Clone Face Tuning), tracked in MLflow.
     train_params = _with(params, train={"out_dir": str(out_dir / "train")})

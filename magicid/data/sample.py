@@ -1,11 +1,14 @@
 """`magicid sample-data`: a small raw image set built only from photographs that ship inside pip packages.
 
-Sources (no download): scikit-image's `astronaut` (Eileen Collins, NASA, public domain; 512x512, one face),
-insightface's `t1.jpg` (a 1280x886 group photo of six unnamed people) and `Tom_Hanks_54745.png` (a 112x112
-aligned face). Composites: for each scale `s` in `data.sample_scales`, a 1024x768 group photo of the
-astronaut and Tom Hanks (and their mirror images) on a seeded synthetic background, each face covering about
-`s x 10 %` of the image (s = 0.2 -> faces of ~2 % of the image area: the small-face end of IDZoom).
-Identity labels with face boxes go into the sidecar `identities.json` (read by `build-data`).
+Sources (no download), every photograph of a person that ships in the installed wheels (platform facts):
+scikit-image's `astronaut` (Eileen Collins, NASA, public domain; 512x512, one face) and `camera` (the
+"cameraman", 512x512 greyscale, one face), matplotlib's `grace_hopper.jpg` (512x600, one face), insightface's
+`t1.jpg` (a 1280x886 group photo of six unnamed people, labelled `t1_person_1`..`t1_person_6` left to right)
+and `Tom_Hanks_54745.png` (a 112x112 aligned face): ten identities. Composites: for each scale `s` in
+`data.sample_scales`, a 1024x768 group photo of the single-portrait people (the later ones mirrored) on a
+seeded synthetic background, each face covering about `s x 10 %` of the image (s = 0.2 -> faces of ~2 % of
+the image area: the small-face end of IDZoom). Identity labels with face boxes go into the sidecar
+`identities.json` (read by `build-data`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,24 @@ def package_photo(name: str) -> Path:
     path = Path(insightface.__file__).parent / "data" / "images" / name
     if not path.is_file():
         raise DataError(f"{path}: sample photo not shipped by insightface {insightface.__version__}")
+    return path
+
+
+def matplotlib_photo(name: str) -> Path:
+    """Path of a photo shipped in matplotlib's `mpl-data/sample_data` (`grace_hopper.jpg`).
+
+    Raises:
+        DataError: matplotlib is not installed or no longer ships the file.
+    """
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise DataError(
+            f"matplotlib is not installed, so its sample photo {name} is missing: {error}"
+        ) from error
+    path = Path(matplotlib.get_data_path()) / "sample_data" / name
+    if not path.is_file():
+        raise DataError(f"{path}: sample photo not shipped by matplotlib {matplotlib.__version__}")
     return path
 
 
@@ -146,29 +167,43 @@ def build_sample_set(out_dir: str | Path, params: Params) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     astronaut = np.ascontiguousarray(skdata.astronaut())
+    cameraman = np.ascontiguousarray(np.stack([skdata.camera()] * 3, axis=-1))  # greyscale -> RGB
     hanks_path = package_photo("Tom_Hanks_54745.png")
     hanks = np.asarray(Image.open(hanks_path).convert("RGB"))
+    hopper_path = matplotlib_photo("grace_hopper.jpg")
+    hopper = np.asarray(Image.open(hopper_path).convert("RGB"))
+    t1_path = package_photo("t1.jpg")
+    t1 = np.asarray(Image.open(t1_path).convert("RGB"))
     analyzer = get_analyzer(params.faces)
 
-    def main_face(name: str, photo: np.ndarray) -> np.ndarray:
+    def faces_of(name: str, photo: np.ndarray) -> list:
         faces = analyzer.analyze(photo)
         if not faces:
             raise DataError(f"sample photo {name}: the {params.faces.backend} backend finds no face in it")
-        return max(faces, key=lambda f: f.width * f.height).bbox
+        return faces
 
-    astronaut_box, hanks_box = main_face("astronaut", astronaut), main_face("Tom_Hanks_54745.png", hanks)
-    labels: dict[str, list[dict]] = {
-        "astronaut.png": [
-            {"identity": "eileen_collins", "bbox": [round(float(v), 2) for v in astronaut_box]}
-        ],
-        "tom_hanks.png": [{"identity": "tom_hanks", "bbox": [round(float(v), 2) for v in hanks_box]}],
-    }
+    def main_face(name: str, photo: np.ndarray) -> np.ndarray:
+        return max(faces_of(name, photo), key=lambda f: f.width * f.height).bbox
+
+    def label(identity: str, box) -> dict:
+        return {"identity": identity, "bbox": [round(float(v), 2) for v in box]}
+
+    portraits = [  # (file name, identity, photo, face box): the single-person photos
+        ("astronaut.png", "eileen_collins", astronaut, main_face("astronaut", astronaut)),
+        ("tom_hanks.png", "tom_hanks", hanks, main_face("Tom_Hanks_54745.png", hanks)),
+        ("grace_hopper.jpg", "grace_hopper", hopper, main_face("grace_hopper.jpg", hopper)),
+        ("camera.png", "cameraman", cameraman, main_face("camera", cameraman)),
+    ]
+    labels: dict[str, list[dict]] = {name: [label(who, box)] for name, who, _, box in portraits}
+    # t1's six people have no names: one label each, numbered left to right by face centre.
+    t1_faces = sorted(faces_of("t1.jpg", t1), key=lambda f: float(f.bbox[0] + f.bbox[2]))
+    labels["t1.jpg"] = [label(f"t1_person_{i + 1}", f.bbox) for i, f in enumerate(t1_faces)]
     atomic_write_bytes(out / "astronaut.png", _png_bytes(astronaut))
+    atomic_write_bytes(out / "camera.png", _png_bytes(cameraman))
     shutil.copyfile(hanks_path, out / "tom_hanks.png")
-    shutil.copyfile(package_photo("t1.jpg"), out / "t1.jpg")
-    people = [("eileen_collins", astronaut, astronaut_box), ("tom_hanks", hanks, hanks_box)] * (
-        MAX_PEOPLE // 2
-    )
+    shutil.copyfile(hopper_path, out / "grace_hopper.jpg")
+    shutil.copyfile(t1_path, out / "t1.jpg")
+    people = [(who, photo, box) for _, who, photo, box in portraits][:MAX_PEOPLE]
     for scale in params.data.sample_scales:
         if not 0 < scale <= 1:
             raise DataError(f"data.sample_scales: {scale} is outside (0, 1]")

@@ -25,6 +25,8 @@ def test_sample_set_files_and_labels(sample_dir):
     names = sorted(p.name for p in sample_dir.iterdir())
     assert names == [
         "astronaut.png",
+        "camera.png",
+        "grace_hopper.jpg",
         "group_s0.20.png",
         "group_s1.00.png",
         "identities.json",
@@ -33,8 +35,22 @@ def test_sample_set_files_and_labels(sample_dir):
     ]
     labels = json.loads((sample_dir / "identities.json").read_text())
     assert labels["astronaut.png"][0]["identity"] == "eileen_collins"
+    assert labels["grace_hopper.jpg"][0]["identity"] == "grace_hopper"
+    assert labels["camera.png"][0]["identity"] == "cameraman"
+    t1 = labels["t1.jpg"]
+    assert [e["identity"] for e in t1] == [f"t1_person_{i}" for i in range(1, 7)]
+    centres = [(e["bbox"][0] + e["bbox"][2]) / 2 for e in t1]
+    assert centres == sorted(centres)  # numbered left to right
+    identities = {e["identity"] for entries in labels.values() for e in entries}
+    assert len(identities) == 10
     group = labels["group_s0.20.png"]
-    assert len(group) >= 3 and {e["identity"] for e in group} == {"eileen_collins", "tom_hanks"}
+    assert len(group) >= 3 and {e["identity"] for e in group} <= {
+        "eileen_collins",
+        "tom_hanks",
+        "grace_hopper",
+        "cameraman",
+    }
+    assert len({e["identity"] for e in group}) == len(group)  # each person once
     width, height = Image.open(sample_dir / "group_s0.20.png").size
     ratios = [(b[2] - b[0]) * (b[3] - b[1]) / (width * height) for b in (e["bbox"] for e in group)]
     assert all(0.012 < r < 0.03 for r in ratios)  # the small-face end: ~2 % of the image area

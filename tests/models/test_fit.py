@@ -1,0 +1,253 @@
+"""fit-backbone: deterministic by seed, exact resume, the folder loads through the real-weights path, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from magicid.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def fit_data(tmp_path_factory):
+    from magicid.training.synthetic import write_synthetic_idzoom
+
+    return write_synthetic_idzoom(tmp_path_factory.mktemp("fitdata") / "v1", n_images=3, crop_size=64, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread: on a shared 2-core host two contending threads are several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fit_params(tmp_path):
+    from magicid.config import load_params
+
+    def build(*overrides: str):
+        base = [
+            "fit.resolution=64",
+            "fit.vae_resolution=64",
+            "fit.vae_steps=2",
+            "fit.unet_steps=2",
+            "fit.vae_batch=2",
+            "fit.unet_batch=2",
+            "fit.warmup_steps=1",
+            "fit.checkpoint_every=1",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_root={tmp_path / 'mlartifacts'}",
+            "tracking.experiment=magicid-fit-test",
+        ]
+        return load_params(None, base + list(overrides))
+
+    return build
+
+
+def _weights(folder):
+    return {
+        part: load_file(str(folder / part / "diffusion_pytorch_model.safetensors"))
+        for part in ("unet", "vae")
+    }
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(a[p][k], b[p][k]) for p in a for k in a[p]) and a["vae"].keys() == b["vae"].keys()
+
+
+def test_fit_changes_weights_and_is_deterministic_by_seed(fit_data, fit_params, tmp_path):
+    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.fit import fit_backbone
+
+    first = fit_backbone(fit_params(), fit_data, tmp_path / "a", progress=False, track=False)
+    fit_backbone(fit_params(), fit_data, tmp_path / "b", progress=False, track=False)
+    fit_backbone(fit_params("seed=1"), fit_data, tmp_path / "c", progress=False, track=False)
+    a, b, c = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
+    assert _same(a, b)
+    assert not torch.equal(a["unet"]["conv_in.weight"], c["unet"]["conv_in.weight"])
+    random = build_tiny_backbone()  # the fit starts from the seed-0 random backbone and moves away from it
+    assert not torch.equal(a["unet"]["conv_in.weight"], random.unet.state_dict()["conv_in.weight"])
+    assert not torch.equal(
+        a["vae"]["encoder.conv_in.weight"], random.vae.state_dict()["encoder.conv_in.weight"]
+    )
+    assert len(first.vae_losses) == 2 and len(first.unet_losses) == 2
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])  # inside the VAE phase, inside the UNet phase
+def test_resume_reaches_the_uninterrupted_weights(fit_data, fit_params, tmp_path, stop_after):
+    from magicid.models.fit import fit_backbone
+
+    fit_backbone(fit_params(), fit_data, tmp_path / "whole", progress=False, track=False)
+    stopped = fit_backbone(
+        fit_params(), fit_data, tmp_path / "split", progress=False, track=False, stop_after=stop_after
+    )
+    assert not (tmp_path / "split" / "model_index.json").exists()  # no folder until the fit ends
+    assert len(stopped.vae_losses) + len(stopped.unet_losses) == stop_after
+    fit_backbone(fit_params(), fit_data, tmp_path / "split", progress=False, track=False, resume=True)
+    assert _same(_weights(tmp_path / "whole"), _weights(tmp_path / "split"))
+    assert not (tmp_path / "split.checkpoint").exists()  # removed once the folder is written
+
+
+def test_resume_refuses_a_missing_or_foreign_checkpoint(fit_data, fit_params, tmp_path):
+    from magicid.models.fit import fit_backbone
+
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        fit_backbone(fit_params(), fit_data, tmp_path / "x", progress=False, track=False, resume=True)
+    fit_backbone(fit_params(), fit_data, tmp_path / "x", progress=False, track=False, stop_after=1)
+    with pytest.raises(ConfigError, match="other inputs"):
+        fit_backbone(
+            fit_params("fit.vae_lr=1e-2"), fit_data, tmp_path / "x", progress=False, track=False, resume=True
+        )
+
+
+def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
+    fit_data, fit_params, tmp_path
+):
+    from magicid.models.backbone import check_sd_folder, load_backbone
+    from magicid.models.fit import REPORT_FILE, fit_backbone, load_fit_data
+
+    params = fit_params()
+    fit_backbone(params, fit_data, tmp_path / "fitted", progress=False, track=False)
+    check_sd_folder(tmp_path / "fitted")  # the SD 1.5 file list
+    index = json.loads((tmp_path / "fitted" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    loaded = load_backbone(
+        params.model_copy(
+            update={"model": params.model.model_copy(update={"backbone": str(tmp_path / "fitted")})}
+        )
+    )
+    assert loaded.source == str(tmp_path / "fitted")
+    report = json.loads((tmp_path / "fitted" / REPORT_FILE).read_text())
+    assert loaded.vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
+    data = load_fit_data(fit_data, params.fit)
+    with torch.no_grad():
+        pictures = torch.cat([data.whole, data.crops])
+        latents = loaded.vae.encode(pictures).latent_dist.mean * loaded.vae.config.scaling_factor
+    assert float(latents.std()) == pytest.approx(1.0, rel=1e-3)
+    # The stock diffusers pipeline runs on it (what the SD 1.5 baseline path does).
+    image = loaded.stable_diffusion_pipeline()(
+        "a photo of a person", num_inference_steps=2, height=64, width=64, output_type="np"
+    ).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_fit_is_tracked_in_mlflow(fit_data, fit_params, tmp_path):
+    from mlflow import MlflowClient
+
+    from magicid.models.fit import fit_backbone
+
+    params = fit_params()
+    result = fit_backbone(params, fit_data, tmp_path / "tracked", progress=False, track=True)
+    client = MlflowClient(tracking_uri=params.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["fit.vae_steps"] == "2" and "dataset_version" in run.data.params
+    assert run.data.tags["mlflow.source.name"] == "magicid fit-backbone"
+    assert [m.step for m in client.get_metric_history(result.run_id, "unet_loss")] == [3, 4]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "backbone")}
+    assert "backbone/model_index.json" in artifacts
+
+
+def test_ensure_fitted_backbone_reuses_while_inputs_are_unchanged(fit_data, fit_params, tmp_path):
+    from magicid.models.fit import KEY_FILE, ensure_fitted_backbone
+
+    first = ensure_fitted_backbone(fit_params(), fit_data, tmp_path / "cached", progress=False, track=False)
+    again = ensure_fitted_backbone(fit_params(), fit_data, tmp_path / "cached", progress=False, track=False)
+    assert not first.reused and again.reused
+    key = json.loads((tmp_path / "cached" / KEY_FILE).read_text())["key"]
+    changed = ensure_fitted_backbone(
+        fit_params("fit.unet_lr=5e-4"), fit_data, tmp_path / "cached", progress=False, track=False
+    )
+    assert not changed.reused
+    assert json.loads((tmp_path / "cached" / KEY_FILE).read_text())["key"] != key
+
+
+def test_augment_without_jitter_is_the_identity_and_flip_mirrors(fit_params):
+    from magicid.models.fit import augment
+
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    still = fit_params(
+        "fit.flip=false", "fit.scale_jitter=0", "fit.translate_jitter=0", "fit.color_jitter=0"
+    ).fit
+    out = augment(images, still, 64, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, images, atol=1e-5)
+    flips = fit_params("fit.scale_jitter=0", "fit.translate_jitter=0", "fit.color_jitter=0").fit
+    out = augment(images, flips, 64, torch.Generator().manual_seed(0))
+    for i in range(3):
+        assert torch.allclose(out[i], images[i], atol=1e-5) or torch.allclose(
+            out[i], images[i].flip(-1), atol=1e-5
+        )
+    jittered = augment(images, fit_params().fit, 64, torch.Generator().manual_seed(0))
+    assert jittered.shape == images.shape and jittered.abs().max() <= 1
+
+
+def test_bad_data_dir_is_a_clear_error(tmp_path, fit_params, repo_root):
+    from magicid.cli import app
+    from magicid.models.fit import load_fit_data
+
+    with pytest.raises(DataError, match="build-data"):
+        load_fit_data(tmp_path / "nope", fit_params().fit)
+    result = CliRunner().invoke(
+        app,
+        [
+            "--params",
+            str(repo_root / "params.yaml"),
+            "fit-backbone",
+            "--data",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "no images.parquet" in result.output and str(tmp_path / "nope") in result.output
+
+
+def test_empty_splits_selection_is_a_clear_error(fit_data, fit_params):
+    from magicid.models.fit import load_fit_data
+
+    with pytest.raises(DataError, match="fit.splits"):
+        load_fit_data(fit_data, fit_params("fit.splits=[test]").fit)
+
+
+def test_adapter_trains_on_the_fitted_backbone_through_the_cli(fit_data, fit_params, tmp_path, repo_root):
+    """`magicid train --set model.backbone=DIR`: the adapter trains on the fitted folder as on SD 1.5."""
+    from mlflow import MlflowClient
+
+    from magicid.cli import app
+    from magicid.models.fit import fit_backbone
+
+    params = fit_params()
+    fit_backbone(params, fit_data, tmp_path / "fitted", progress=False, track=False)
+    overrides = [
+        f"model.backbone={tmp_path / 'fitted'}",
+        "model.resolution=64",
+        "model.id_crop_size=32",
+        "train.batch_size=2",
+        "train.checkpoint_every=100",
+        f"train.out_dir={tmp_path / 'train'}",
+        f"tracking.uri={params.tracking.uri}",
+        f"tracking.artifact_root={params.tracking.artifact_root}",
+        "tracking.experiment=magicid-fit-test",
+    ]
+    args = ["--params", str(repo_root / "params.yaml")]
+    for item in overrides:
+        args += ["--set", item]
+    result = CliRunner().invoke(
+        app, [*args, "train", "--data", str(fit_data), "--steps", "2", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "train" / "adapter").is_dir()
+    run_id = next(
+        line.split(": ")[1] for line in result.output.splitlines() if line.startswith("mlflow_run_id")
+    )
+    run = MlflowClient(tracking_uri=params.tracking.uri).get_run(run_id)
+    assert run.data.params["backbone_source"] == str(tmp_path / "fitted")
