@@ -439,5 +439,37 @@ def review_export(
             typer.echo(f"version {model_version}: {key} = {value}")
 
 
+@app.command()
+def forget(
+    ctx: typer.Context,
+    identity: Annotated[str | None, typer.Option("--identity", help="Identity label to remove.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="image_id to remove.")] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="IDZoom dataset folder (default: data.out_dir).")
+    ] = None,
+    dvc: Annotated[
+        bool, typer.Option("--dvc/--no-dvc", help="dvc commit the new version if tracked.")
+    ] = True,
+) -> None:
+    """Remove a person's (or one image's) rows, crops, condition maps and embeddings as a new dataset version;
+    list the registered model versions trained on data that held them."""
+    from magicid.forget import forget as run_forget
+    from magicid.forget import forget_cli_summary
+
+    params = _params(ctx)
+    try:
+        report = run_forget(
+            data if data is not None else Path(params.data.out_dir),
+            params,
+            identity=identity,
+            image_id=image,
+            dvc=dvc,
+        )
+    except MagicIDError as error:
+        raise _fail(error) from error
+    for line in forget_cli_summary(report):
+        typer.echo(line)
+
+
 if __name__ == "__main__":
     app()

@@ -103,7 +103,19 @@ GENERATE = [
     ["generate", "-p", "x", "--out", "{ROOT}/a.png", "--boxes", "20,20,10,10"],
     ["generate", "-p", "x", "--out", "{ROOT}/a.png", "--boxes", ";;"],
     ["generate", "-p", "x", "--out", "{ROOT}/a.png", "--boxes", "0,0,10,10;20,20,40,40", "--ref", "{OK_PNG}"],
-    ["generate", "-p", "x", "--out", "{ROOT}/a.png", "--ref", "{OK_PNG}", "--ref", "{OK_PNG}", "--boxes", "0,0,9,9"],
+    [
+        "generate",
+        "-p",
+        "x",
+        "--out",
+        "{ROOT}/a.png",
+        "--ref",
+        "{OK_PNG}",
+        "--ref",
+        "{OK_PNG}",
+        "--boxes",
+        "0,0,9,9",
+    ],
 ]
 RESTORE = [
     ["restore", "{MISSING}", "--out", "{ROOT}/r.png"],

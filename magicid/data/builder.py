@@ -44,6 +44,7 @@ from magicid.config import Params
 from magicid.data import manifest as mf
 from magicid.data.inputs import InputEntry, hash_regular_file, list_input_entries
 from magicid.errors import DataError, InputRejected
+from magicid.forget import read_forgotten
 from magicid.utils import atomic_write_bytes, atomic_write_text
 
 IDENTITY_SIDECAR = "identities.json"
@@ -578,6 +579,7 @@ def build_idzoom(
     cfg_hash = config_hash(params)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _previous_records(out_dir, cfg_hash)
+    forgotten_ids, forgotten_identities = read_forgotten(out_dir)  # `magicid forget` never undone by a build
 
     # 1. ids, duplicates, what is already done
     records: dict[str, dict] = {}
@@ -595,6 +597,9 @@ def build_idzoom(
                                "reason": rejected.reason, "detail": rejected.detail}  # fmt: skip
             continue
         path = entry.path
+        if image_id in forgotten_ids:
+            records[source] = _forgotten(source, image_id)
+            continue
         if image_id in first_by_id:
             records[source] = {
                 "status": "quarantine",
@@ -625,6 +630,9 @@ def build_idzoom(
         identities = _match_identities(record["faces"], labels.get(record["source"], []))
         for face, identity in zip(record["faces"], identities, strict=True):
             face["identity"] = identity
+        if forgotten_identities & set(identities):
+            records[record["source"]] = _forgotten(record["source"], record["image_id"])
+    image_records = [r for r in records.values() if r["status"] == "image"]
     splits = assign_splits_for(image_records, params)
     images = sorted(
         (dict(r["image"], split=splits[r["image_id"]]) for r in image_records),
@@ -668,6 +676,13 @@ def build_idzoom(
         quarantine_reasons=stats["quarantine_reasons"],
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _forgotten(source: str, image_id: str) -> dict:
+    from magicid.forget import FORGOTTEN_DETAIL, REASON
+
+    return {"status": "quarantine", "source": source, "image_id": image_id, "reason": REASON,
+            "detail": FORGOTTEN_DETAIL}  # fmt: skip
 
 
 def assign_splits_for(image_records: list[dict], params: Params) -> dict[str, str]:

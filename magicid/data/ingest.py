@@ -35,6 +35,7 @@ REASONS = (
     "link_outside_input",  # a symlink resolving outside the input folder
     "linked_folder",  # a symlink to a folder: not followed (put the files in the input folder itself)
     "bad_name",  # a file name that is not valid UTF-8 (manifests store names as text)
+    "forgotten",  # removed by `magicid forget` (its image id or identity is in the dataset's forgotten.json)
 )
 MIN_SIDE = 16
 
