@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,7 @@ def _face_psnr(backbone, data) -> float:
     from magicid.data.manifest import read_manifest
     from magicid.evaluation.fitted_figures import psnr_db
 
+    data = Path(data)
     _, faces = read_manifest(data)
     crops = np.stack(
         [np.asarray(Image.open(data / p).convert("RGB").resize((128, 128))) for p in faces["crop_path"]]
