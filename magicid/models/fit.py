@@ -488,12 +488,13 @@ def fit_backbone(
             unet_opt.zero_grad(set_to_none=True)
             step += 1
             done += 1
-            unet_losses[step] = float(loss)
+            value = float(loss.detach())
+            unet_losses[step] = value
             tracker.metrics(
-                {"unet_loss": float(loss), "unet_lr": unet_sched.get_last_lr()[0]}, fit.vae_steps + step
+                {"unet_loss": value, "unet_lr": unet_sched.get_last_lr()[0]}, fit.vae_steps + step
             )
             bar.update(1)
-            bar.set_postfix(phase="unet", loss=f"{float(loss):.4f}")
+            bar.set_postfix(phase="unet", loss=f"{value:.4f}")
             if step % fit.checkpoint_every == 0 or done == stop_after:
                 checkpoint()
             if done == stop_after and step < fit.unet_steps:
