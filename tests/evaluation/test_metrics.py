@@ -137,4 +137,6 @@ def test_reconstruction_psnr():
     image = np.full((2, 4, 4, 3), 100, np.uint8)
     off = image.copy()
     off[1] += 5  # image 1: MSE 25; image 0 exact (100 dB)
-    assert m.reconstruction_psnr(image, off)["psnr"] == pytest.approx((100 + 10 * math.log10(255**2 / 25)) / 2)
+    assert m.reconstruction_psnr(image, off)["psnr"] == pytest.approx(
+        (100 + 10 * math.log10(255**2 / 25)) / 2
+    )
