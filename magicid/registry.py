@@ -34,6 +34,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from magicid import reviews
 from magicid.config import Params, PromotionParams
 from magicid.errors import MagicIDError
 
@@ -42,14 +43,15 @@ EVAL_SET_TAG = "eval.set_id"
 ROLLED_BACK_TAG = "promotion.rolled_back"
 MODEL_ARTIFACT_NAME = "magicid"
 
-# Reviewer aggregates as the review store (magicid/reviews.py) writes them on a model version.
+# Reviewer aggregates as the review store writes them on a model version (`magicid review-export`): the
+# names are the store's own constants, so the gate and the store cannot drift apart.
 REVIEW_TAGS = {
-    "n_ratings": "reviews.n_ratings",
-    "mean_score": "reviews.mean_overall",
-    "n_comparisons": "reviews.n_comparisons",
-    "win_rate": "reviews.win_rate",
-    "win_rate_low": "reviews.win_rate_low",
-    "win_rate_vs": "reviews.win_rate_vs",  # the champion version the pairwise judgements were made against
+    "n_ratings": reviews.TAG_N_RATINGS,
+    "mean_score": reviews.TAG_MEAN_OVERALL,
+    "n_comparisons": reviews.TAG_N_PAIRS,
+    "win_rate": reviews.TAG_WIN_RATE,
+    "win_rate_low": reviews.TAG_WIN_RATE_LO,
+    "win_rate_vs": reviews.TAG_CHAMPION_VERSION,  # the champion version the pairwise judgements were made against
 }
 
 # Packages the logged model needs (pinned to what is installed when it is logged).

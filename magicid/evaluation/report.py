@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from magicid.config import Params
+from magicid.reviews import write_generation_manifest
 from magicid.utils import atomic_save_image, atomic_write, atomic_write_text
 
 
@@ -153,6 +154,25 @@ def write_report(
             }
         )
     atomic_write_text(folder / "manifest.json", json.dumps(_clean(manifest), indent=2) + "\n")
+    # The review app's contract (magicid/reviews.py): the same generations as `manifest.jsonl`; one case per
+    # eval item, so two versions evaluated on the same set form the blind pairs of the compare page.
+    write_generation_manifest(
+        folder,
+        [
+            {
+                "generation_id": row["generation_id"],
+                "model_version": str(version),
+                "prompt": row["prompt"],
+                "seed": row["seed"],
+                "reference_paths": [ref["crop_path"] for ref in row["references"]],
+                "boxes": row["boxes"],
+                "image_path": row["image"],
+                "pre_diir_path": row["image_before_diir"],
+                "case_id": f"{eval_set.set_id}-{row['item_id']}",
+            }
+            for row in manifest
+        ],
+    )
     atomic_write(out_dir / "items.csv", lambda tmp: items.to_csv(tmp, index=False))
     plot_slices(metrics, out_dir / "plots" / "metrics_by_slice.png")
     plot_before_after(items, out_dir / "plots" / "diir_before_after.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -68,6 +69,13 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
     first = manifest[0]
     assert {"generation_id", "prompt", "references", "seed", "boxes", "model_version"} <= set(first)
     assert Image.open(out / "generations" / f"v{version.version}" / first["image"]).size == (64, 64)
+    # The review app reads the same generations through its own contract (manifest.jsonl).
+    from magicid.reviews import read_generation_manifest
+
+    records = read_generation_manifest(out / "generations")
+    assert [r.generation_id for r in records] == [m["generation_id"] for m in manifest]
+    assert all(Path(r.image_path).is_file() and Path(r.pre_diir_path).is_file() for r in records)
+    assert {r.model_version for r in records} == {str(version.version)}
     # Logged: the per-item table the gate pairs on, the figures and the report in the version's run.
     logged = registry.load_eval_items(params, registry.resolve_version(params, f"models:/{version.name}/1"),
                                       result.eval_set.set_id)  # fmt: skip
