@@ -14,7 +14,7 @@ scheduler steps as diffusers' `StableDiffusionPipeline`, so the same seed gives 
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,8 +30,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from magicid.errors import DataError, FaceBackendError, ModelInputError
 from magicid.models.adapter import MagicIDAdapter
-from magicid.models.conditioning import make_condition
-from magicid.models.mgmica import identities as mgmica_identities
+from magicid.models.conditioning import embed_condition, make_condition
+from magicid.models.denoise import StepConditions, guided_prediction
 
 Box = tuple[float, float, float, float]
 IdentityInput = PIL.Image.Image | np.ndarray
@@ -278,6 +278,8 @@ class MagicIDPipeline(DiffusionPipeline):
             )
         if identities and self.adapter is None:
             raise ModelInputError("identities need a MagicIDAdapter: build the pipeline with adapter=...")
+        if identities:
+            self.adapter.check(self.unet)  # MGMICAMissingError if the processors were replaced
         if layout is not None and self.controlnet is None:
             raise ModelInputError("a layout needs the MMF ControlNet: build the pipeline with controlnet=...")
         if layout is not None and not isinstance(layout, FaceLayout | list | tuple):
@@ -430,7 +432,7 @@ class MagicIDPipeline(DiffusionPipeline):
             height, width: output size (px), multiples of 64 (default: the UNet's sample size x 8).
             num_inference_steps: denoising steps.
             guidance_scale: classifier-free guidance; > 1 runs the CFG batch (the unconditional half gets the
-                negative prompt and the ID tokens of a blank identity, IP-Adapter style).
+                negative prompt and the null identity's tokens, `magicid.models.denoise`).
             negative_prompt: defaults to "".
             id_scale: MGMICA identity scale (default: the adapter's; 0 = the base model).
             controlnet_conditioning_scale: weight of the ControlNet residuals.
@@ -465,25 +467,37 @@ class MagicIDPipeline(DiffusionPipeline):
                 raise ModelInputError(f"negative_prompt has {len(negative)} entries for {batch} prompts")
         prompt_embeds = self.encode_prompt(prompts, negative)
 
-        # 3. Identities -> ID tokens (B or 2B, n, T, C); the unconditional half sees a blank identity
+        # 3. Identities -> ID tokens (1, n, T, C); with CFG also the null identity's (the one-CFG-rule: the
+        #    unconditional branch = negative prompt + null identity, what training's condition dropout feeds).
         n_ids = len(identities)
-        id_tokens = None
+        face_masks, condition, _ = self.prepare_layout(layout, n_ids, height, width)
+        identity = None
         if n_ids:
             embeddings, crops = self.prepare_identities(identities)
-            cond = self.adapter.encode_identities(embeddings[None], crops[None])  # (1, n, T, C)
-            id_tokens = cond.expand(batch, -1, -1, -1)
-            if do_cfg:
-                blank = self.adapter.encode_identities(
-                    torch.zeros_like(embeddings)[None], torch.zeros_like(crops)[None]
-                )
-                id_tokens = torch.cat([blank.expand(batch, -1, -1, -1), id_tokens])
-            id_tokens = id_tokens.to(device=device, dtype=dtype)
+            masks_tensor = torch.from_numpy(face_masks)[None].to(device)  # (1, n, H, W)
+            found = self.adapter.identity_conditions(
+                embeddings[None], crops[None], masks_tensor, guidance=do_cfg, scale=id_scale
+            )
+            identity = dataclasses.replace(
+                found,
+                tokens=found.tokens.to(device=device, dtype=dtype),
+                uncond_tokens=None if found.uncond_tokens is None else found.uncond_tokens.to(device, dtype),
+            )
 
-        # 4. Layout -> face masks (n, H, W) and the ControlNet condition (1, 6, H, W)
-        face_masks, condition, _ = self.prepare_layout(layout, n_ids, height, width)
+        # 4. Layout -> the ControlNet condition (1, 6, H, W), embedded once for every step (B rows)
+        control = None
         if condition is not None:
-            condition = condition.to(device=device, dtype=self.controlnet.dtype)
-            condition = condition.expand(2 * batch if do_cfg else batch, -1, -1, -1)
+            condition = condition.to(device=device, dtype=self.controlnet.dtype).expand(batch, -1, -1, -1)
+            control = embed_condition(self.controlnet, condition)
+        conditions = StepConditions(
+            text=prompt_embeds[-batch:],
+            uncond_text=prompt_embeds[:batch] if do_cfg else None,
+            guidance_scale=guidance_scale,
+            controlnet=self.controlnet if control is not None else None,
+            control=control,
+            control_scale=controlnet_conditioning_scale,
+            identity=identity,
+        )
 
         # 5. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -502,38 +516,11 @@ class MagicIDPipeline(DiffusionPipeline):
             raise ModelInputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=prompt_embeds.dtype) * self.scheduler.init_noise_sigma
 
-        # 7. Denoising loop (MGMICA identities set on the UNet for the loop only)
-        masks_tensor = torch.from_numpy(face_masks)[None].to(device)
-        scope = (
-            mgmica_identities(self.unet, id_tokens, masks_tensor, id_scale)
-            if n_ids
-            else contextlib.nullcontext()
-        )
-        with scope, self.progress_bar(total=len(timesteps)) as progress_bar:
+        # 7. Denoising loop: the one step of `magicid.models.denoise` (ControlNet -> MGMICA -> UNet -> CFG)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for t in timesteps:
-                latent_input = torch.cat([latents] * 2) if do_cfg else latents
-                latent_input = self.scheduler.scale_model_input(latent_input, t)
-                down_residuals, mid_residual = None, None
-                if condition is not None:
-                    down_residuals, mid_residual = self.controlnet(
-                        latent_input,
-                        t,
-                        encoder_hidden_states=prompt_embeds,
-                        controlnet_cond=condition,
-                        conditioning_scale=controlnet_conditioning_scale,
-                        return_dict=False,
-                    )
-                noise_pred = self.unet(
-                    latent_input,
-                    t,
-                    encoder_hidden_states=prompt_embeds,
-                    down_block_additional_residuals=down_residuals,
-                    mid_block_additional_residual=mid_residual,
-                    return_dict=False,
-                )[0]
-                if do_cfg:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                latent_input = self.scheduler.scale_model_input(latents, t)
+                noise_pred = guided_prediction(self.unet, latent_input, t, conditions)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 progress_bar.update()
 

@@ -44,6 +44,7 @@ from magicid.errors import ConfigError, DataError
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
+from magicid.models.denoise import IdentityConditions, StepConditions, guided_prediction
 from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
 from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate_idzoom
 from magicid.training.mmf import MMFSchedule
@@ -113,22 +114,17 @@ class MagicIDTrainingModule(nn.Module):
             id_masks: (B, n, H, W) in [0, 1], zero for padded identities.
 
         Returns:
-            (B, 4, h, w) the UNet's prediction with ControlNet residuals and MGMICA identities.
+            (B, 4, h, w) the UNet's prediction with ControlNet residuals and MGMICA identities: the one
+            denoising step of inference (`magicid.models.denoise.guided_prediction`), conditional branch only.
         """
-        from magicid.models.mgmica import identities
-
         tokens = self.adapter.encode_identities(id_embeddings, id_crops)  # (B, n, T, C)
-        down, mid = self.adapter.controlnet(
-            noisy_latents, timesteps, encoder_hidden_states=text, controlnet_cond=condition, return_dict=False
+        conditions = StepConditions(
+            text=text,
+            controlnet=self.adapter.controlnet,
+            control=condition,
+            identity=IdentityConditions(self.adapter.mgmica_context, tokens, id_masks),
         )
-        with identities(self.unet, tokens, id_masks):
-            return self.unet(
-                noisy_latents,
-                timesteps,
-                encoder_hidden_states=text,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-            ).sample
+        return guided_prediction(self.unet, noisy_latents, timesteps, conditions)
 
 
 class TextEncoderCache:
