@@ -217,7 +217,7 @@ def restore(
     progress: ProgressOption = True,
 ) -> None:
     """DIIR: restore face identities; writes OUT and OUT_compare (before | after). Background kept exactly."""
-    from magicid.restore.diir import restore_file
+    from magicid.generate import restore_file
 
     try:
         result, path, compare = restore_file(

@@ -150,6 +150,7 @@ class DIIRParams(_Section):
     inversion_tol: float = Field(2e-3, ge=0)
     guidance_scale: float = Field(1.0, ge=0)
     crop_margin: float = Field(0.5, ge=0)
+    min_match_similarity: float = Field(0.82, ge=-1, le=1)
     buckets: list[int] = [64, 128, 192, 256]
     zoom: float = Field(2.0, gt=0)
     batch: int = Field(8, ge=1)

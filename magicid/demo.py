@@ -47,7 +47,7 @@ def run_demo(params: Params, out_dir: str | Path, progress: bool = True) -> dict
     from magicid.data.validation import validate_idzoom
     from magicid.generate import generate_image
     from magicid.models.backbone import load_backbone
-    from magicid.restore.diir import restore_file
+    from magicid.generate import restore_file
     from magicid.training.trainer import train
     from magicid.utils import atomic_save_image
 

@@ -123,3 +123,73 @@ def generate_to_file(
         )
     image = generate_image(params, prompt, seed, identities=identities or None, layout=layout)
     return atomic_save_image(image, out)
+
+
+# -- `magicid restore`: files in, files out around DIIR -----------------------------------------------------
+
+
+def comparison_image(before: Image.Image, after: Image.Image) -> Image.Image:
+    """Before (left) and after (right), side by side with a 4 px white gutter."""
+    gutter = 4
+    canvas = Image.new(
+        "RGB", (before.width + gutter + after.width, max(before.height, after.height)), "white"
+    )
+    canvas.paste(before.convert("RGB"), (0, 0))
+    canvas.paste(after.convert("RGB"), (before.width + gutter, 0))
+    return canvas
+
+
+def _load_checked(path: str | Path, max_pixels: int, what: str) -> np.ndarray:
+    """uint8 (H, W, 3) pixels of an image file, through IDZoom's checked decoder (size limit, EXIF, modes)."""
+    from magicid.data.ingest import load_image
+    from magicid.errors import InputRejected
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r}: file not found")
+    try:
+        return load_image(path, max_pixels).array
+    except InputRejected as error:
+        raise DataError(f"{what} {str(path)!r}: cannot be used ({error})") from error
+
+
+def restore_file(
+    params: Params,
+    image_path: str | Path,
+    reference_paths: Sequence[str | Path],
+    out: str | Path,
+    prompt: str = "",
+    faces: str = "small",
+    progress: bool = True,
+):
+    """Restore the faces of an image file against reference photos; write the result and a comparison.
+
+    Loads the configured backbone and adapter (`model.adapter_path`, or a freshly initialised one when
+    null) and the configured face backend. Writes `out` and `<out stem>_compare<suffix>` (before | after).
+    `progress` shows the restore's progress bar (inverse and denoising steps of each face batch).
+
+    Returns:
+        (the `RestoreResult`, the output path, the comparison path).
+
+    Raises:
+        DataError: unreadable image or reference, or a reference photo without a face.
+    """
+    from magicid.restore.diir import DIIR
+
+    out = Path(out)
+    pixels = _load_checked(image_path, params.data.max_pixels, "image")
+    references = [
+        _load_checked(p, params.data.max_pixels, f"--ref {i}") for i, p in enumerate(reference_paths)
+    ]
+    backbone = load_backbone(params)
+    adapter = load_adapter(params, backbone)
+    diir = DIIR.from_backbone(backbone, adapter=adapter, params=params)
+    diir.set_progress_bar_config(disable=not progress)
+    refs = [
+        diir.reference_from_image(r, Path(p).name) for r, p in zip(references, reference_paths, strict=True)
+    ]
+    result = diir.restore(pixels, identities=refs or None, prompt=prompt, faces=faces)
+    atomic_save_image(result.image, out)
+    compare = out.with_name(f"{out.stem}_compare{out.suffix or '.png'}")
+    atomic_save_image(comparison_image(Image.fromarray(pixels), result.image), compare)
+    return result, out, compare

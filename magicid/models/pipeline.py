@@ -6,7 +6,7 @@ A diffusers `DiffusionPipeline` over an SD-style backbone plus the `MagicIDAdapt
 - layout: face boxes, a skeleton map or a landmark map; one face mask per identity is derived from it (boxes:
   feathered rectangles; maps: one region per face, ordered left to right like the face analyser's output);
 - MGMICA puts identity i's tokens into the cross-attention at mask i only; the multi-mode ControlNet follows
-  the skeleton and/or landmark map (from boxes alone: a landmark map drawn from a face template).
+  the skeleton and/or landmark map (from boxes alone: the face-mesh template drawn in the boxes).
 
 With no identities and no layout it is plain Stable Diffusion: the same latents, prompt embeddings and
 scheduler steps as diffusers' `StableDiffusionPipeline`, so the same seed gives the same image.
@@ -62,21 +62,6 @@ class FaceLayout:
     boxes: Sequence[Box] | None = None
     skeleton: np.ndarray | PIL.Image.Image | None = None
     landmark: np.ndarray | PIL.Image.Image | None = None
-
-
-# A frontal face template in box-relative coordinates (x, y in [0, 1]): oval, brows, eyes, nose, mouth.
-def _face_template() -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, 36, endpoint=False)
-    oval = np.stack([0.5 + 0.42 * np.cos(t), 0.52 + 0.46 * np.sin(t)], 1)
-    s = np.linspace(0, 2 * np.pi, 10, endpoint=False)
-    eyes = [np.stack([cx + 0.09 * np.cos(s), 0.42 + 0.04 * np.sin(s)], 1) for cx in (0.32, 0.68)]
-    brows = [np.stack([np.linspace(cx - 0.11, cx + 0.11, 6), np.full(6, 0.32)], 1) for cx in (0.32, 0.68)]
-    nose = np.stack([np.full(6, 0.5), np.linspace(0.45, 0.64, 6)], 1)
-    mouth = np.stack([0.5 + 0.15 * np.cos(s), 0.77 + 0.05 * np.sin(s)], 1)
-    return np.concatenate([oval, *eyes, *brows, nose, mouth]).astype(np.float32)
-
-
-FACE_TEMPLATE = _face_template()
 
 
 def _as_uint8_image(value, what: str) -> np.ndarray:
@@ -156,7 +141,7 @@ def boxes_from_landmark_map(landmark_map: np.ndarray, margin: float = 0.1) -> li
 
 
 def boxes_from_skeleton_map(skeleton_map: np.ndarray, margin: float = 0.4) -> list[Box]:
-    """Face boxes of a skeleton map (`magicid.data.conditions.render_skeleton_map`), one per person, left to right.
+    """Face boxes of a skeleton map (`magicid.imaging.conditions.render_skeleton_map`), one per person, left to right.
 
     MediaPipe's pose topology has no neck edge: a person's face (points 0-10: nose, eyes, ears, mouth) is drawn
     as its own connected figure, and only in white and grey, while every body figure has coloured limb edges.
@@ -176,12 +161,12 @@ def boxes_from_skeleton_map(skeleton_map: np.ndarray, margin: float = 0.4) -> li
 
 
 def render_box_landmarks(height: int, width: int, boxes: Sequence[Box]) -> np.ndarray:
-    """A landmark map with the face template drawn in each box (uint8 (height, width, 3), black background)."""
-    from magicid.data.conditions import render_landmark_map
+    """A landmark map with the 478-point face-mesh template drawn in each box, as training draws real meshes
+    (uint8 (height, width, 3), black background; `magicid.imaging.conditions.template_landmarks`)."""
+    from magicid.imaging.conditions import render_landmark_map, template_landmarks
 
     array = check_boxes(boxes, height, width)
-    points = [FACE_TEMPLATE * [x1 - x0, y1 - y0] + [x0, y0] for x0, y0, x1, y1 in array]
-    return render_landmark_map(height, width, points)
+    return render_landmark_map(height, width, [template_landmarks(box) for box in array])
 
 
 def default_boxes(n: int, height: int, width: int) -> list[Box]:
@@ -301,7 +286,7 @@ class MagicIDPipeline(DiffusionPipeline):
         An image is analysed; its largest face gives the embedding and the zoomed crop. An embedding (1-D float
         array, L2-normalised) gets a blank crop (zeros: its local features carry no appearance).
         """
-        from magicid.data.crops import zoom_crop
+        from magicid.imaging.crops import zoom_crop
 
         size, dim = self.config.id_crop_size, self.adapter.embed_dim
         embeddings, crops = [], []

@@ -3,7 +3,7 @@
 Real versions come from `magicid build-data` (face detection on photographs, seconds per image). Training
 tests and `benchmarks/bench_train.py` only need the directory contract, so this writes it directly from a seed:
 smooth random backgrounds with one to three flat-coloured "faces" (ellipses), per-identity unit embeddings,
-skeleton/landmark maps drawn at the faces, zoomed crops (`magicid.data.crops.zoom_crop`).
+skeleton/landmark maps drawn at the faces, zoomed crops (`magicid.imaging.crops.zoom_crop`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from magicid.data.crops import zoom_crop
+from magicid.imaging.crops import zoom_crop
 from magicid.data.manifest import FACES_SCHEMA, IMAGES_SCHEMA, QUARANTINE_SCHEMA, write_table
 
 N_LANDMARKS = 68  # any fixed N works for training; the offline backend writes 478
