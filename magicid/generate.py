@@ -10,18 +10,40 @@ import torch
 from PIL import Image
 
 from magicid.config import Params
-from magicid.errors import DataError, ModelInputError
+from magicid.errors import ConfigError, DataError, ModelInputError
 from magicid.models.backbone import Backbone, load_backbone
 from magicid.utils import atomic_save_image
 
 
 def load_adapter(params: Params, backbone: Backbone):
-    """The adapter of `model.adapter_path`, or a freshly initialised one (installs MGMICA on `backbone.unet`)."""
+    """The trained adapter of `model.adapter_path` (installs MGMICA on `backbone.unet`).
+
+    With `model.adapter_path` null, a freshly initialised (untrained) adapter only when asked for explicitly
+    (`model.untrained_adapter`, the CLI's `--untrained-adapter`): its identities have no learned effect.
+
+    Raises:
+        ConfigError: no trained adapter and none asked for (the message says how to train or ask).
+    """
     from magicid.models.adapter import MagicIDAdapter
 
     if params.model.adapter_path:
         return MagicIDAdapter.load(params.model.adapter_path, backbone, params)
+    if not params.model.untrained_adapter:
+        raise ConfigError(
+            "identities, face layouts and restoring need a trained MagicID adapter, and model.adapter_path is "
+            "null: train one with `magicid train` (it writes <train.out_dir>/adapter, e.g. runs/train/adapter) "
+            "and pass `--set model.adapter_path=runs/train/adapter`; or ask for an untrained, freshly "
+            "initialised adapter explicitly with --untrained-adapter (model.untrained_adapter=true): its "
+            "identity features then have no learned effect"
+        )
     return MagicIDAdapter.create(backbone, params)
+
+
+def with_untrained_adapter(params: Params, untrained: bool) -> Params:
+    """`params` with `model.untrained_adapter` set when `untrained` (the CLI's `--untrained-adapter`)."""
+    if not untrained:
+        return params
+    return params.model_copy(update={"model": params.model.model_copy(update={"untrained_adapter": True})})
 
 
 def generate_image(
@@ -40,7 +62,8 @@ def generate_image(
         prompt: the text prompt.
         seed: seeds an explicit `torch.Generator` (no global RNG state is touched).
         backbone: a loaded backbone to reuse; loaded from `params` when None. With identities, a layout or
-            `model.adapter_path`, MGMICA is installed on its UNet.
+            `model.adapter_path`, MGMICA is installed on its UNet (see `load_adapter`: a trained adapter, or an
+            untrained one only with `model.untrained_adapter`).
         identities: reference faces (PIL / uint8 (H, W, 3) images) or (D,) embeddings; None = plain generation.
         layout: a `FaceLayout` or a list of (x0, y0, x1, y1) boxes in pixels (see `MagicIDPipeline`).
 
