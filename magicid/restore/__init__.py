@@ -6,14 +6,13 @@ identity matching).
 """
 
 from magicid.restore.diir import DIIR, RestoredFace, RestoreResult
-from magicid.restore.matching import ReferenceIdentity, hungarian_assign
 from magicid.restore.inversion import InversionResult, ddim_invert, ddim_reconstruct
-from magicid.restore.noise import Conditioning, noise_function
+from magicid.restore.matching import ReferenceIdentity, hungarian_assign
+from magicid.restore.noise import noise_function
 from magicid.restore.plan import choose_bucket, effective_buckets
 
 __all__ = [
     "DIIR",
-    "Conditioning",
     "InversionResult",
     "ReferenceIdentity",
     "RestoreResult",

@@ -35,9 +35,10 @@ from PIL import Image
 
 from magicid.errors import DataError, MagicIDError
 from magicid.imaging.crops import zoom_crop
+from magicid.models.denoise import StepConditions
 from magicid.restore.inversion import ddim_invert, ddim_reconstruct
 from magicid.restore.matching import ReferenceIdentity, match_identities
-from magicid.restore.noise import Conditioning, embed_control, encode_prompt, has_mgmica, noise_function
+from magicid.restore.noise import encode_prompt, has_mgmica, noise_function
 from magicid.restore.plan import (
     FaceSelection,
     PlannedFace,
@@ -467,36 +468,35 @@ class DIIR:
         latents = latents.to(self.dtype)  # (n, 4, bucket/8, bucket/8)
         n = len(chunk)
         text, added = self._text_conditioning(prompt, n, bucket)
-        cond = Conditioning(encoder_hidden_states=text, added_cond_kwargs=added)
+        controlnet = control = None
         if self.adapter is not None and any(j.landmarks is not None for j in chunk):
+            from magicid.models.conditioning import embed_condition
+
             controlnet = self.adapter.controlnet
-            cond.controlnet = controlnet
             landmark = np.stack([landmark_map_in_crop(job) for job in chunk])
-            cond.control, cond.control_embedded = embed_control(controlnet, self._condition_tensor(landmark))
+            # Embedded once for the whole run: the embedding depends on the map only, not on x_t or t.
+            control = embed_condition(controlnet, self._condition_tensor(landmark))
         # Invert with landmark conditioning, no identity, no CFG.
+        cond = StepConditions(text=text, added_cond_kwargs=added, controlnet=controlnet, control=control)
         inversion = ddim_invert(
             noise_function(self.unet, self.scheduler, cond), self.scheduler, latents, cfg.num_inference_steps,
             cfg.strength, max_iters=cfg.inversion_iters, tol=cfg.inversion_tol, progress=lambda _: step_done(),
         )  # fmt: skip
-        # Denoise with identity (MGMICA, masked to the face) + landmarks, CFG as configured.
-        denoise_cond = dataclasses.replace(cond, guidance_scale=cfg.guidance_scale)
-        if cfg.guidance_scale > 1.0:
-            denoise_cond.uncond_hidden_states, denoise_cond.uncond_added_cond_kwargs = (
-                self._text_conditioning("", n, bucket)
-            )
-        if self.adapter is not None:
-            denoise_cond.id_tokens, denoise_cond.id_masks = self._identity_tokens(pixels, chunk, refs)
-            denoise_cond.id_scale = self.params.model.id_scale
-        try:
-            clean = ddim_reconstruct(
-                noise_function(self.unet, self.scheduler, denoise_cond), self.scheduler, inversion.latents,
-                inversion.timesteps, progress=lambda _: step_done(),
-            )  # fmt: skip
-        finally:
-            if self.adapter is not None:
-                from magicid.models.mgmica import clear_identities
-
-                clear_identities(self.unet)
+        # Denoise with identity (MGMICA, masked to the face) + landmarks, CFG by the one rule of
+        # `magicid.models.denoise` (unconditional = empty prompt + null identity).
+        use_cfg = cfg.guidance_scale > 1.0
+        uncond_text, uncond_added = self._text_conditioning("", n, bucket) if use_cfg else (None, None)
+        identity = (
+            self._identity_conditions(pixels, chunk, refs, use_cfg) if self.adapter is not None else None
+        )
+        denoise_cond = dataclasses.replace(
+            cond, guidance_scale=cfg.guidance_scale, uncond_text=uncond_text,
+            uncond_added_cond_kwargs=uncond_added, identity=identity,
+        )  # fmt: skip
+        clean = ddim_reconstruct(
+            noise_function(self.unet, self.scheduler, denoise_cond), self.scheduler, inversion.latents,
+            inversion.timesteps, progress=lambda _: step_done(),
+        )  # fmt: skip
         decoded = self.vae.decode((clean.to(self.vae.dtype) / vae_config.scaling_factor) + shift).sample
         # Every noise evaluation runs the UNet and, with landmarks, the ControlNet on the same rows; CFG
         # doubles the denoising rows.
@@ -506,7 +506,7 @@ class DIIR:
         stats["batches"] += 1
         stats["unet_calls"] += calls
         stats["unet_sample_evals"] += rows
-        if cond.controlnet is not None:
+        if controlnet is not None:
             stats["controlnet_calls"] += calls
             stats["controlnet_sample_evals"] += rows
         stats["inversion_sample_evals"] += inversion.sample_evals
@@ -519,8 +519,10 @@ class DIIR:
         maps = torch.from_numpy(landmark).permute(0, 3, 1, 2).float() / 255.0
         return make_condition(None, maps.to(self.device), "landmark").to(self.dtype)
 
-    def _identity_tokens(self, pixels: np.ndarray, chunk: list[PlannedFace], refs: list[ReferenceIdentity]):
-        """ID tokens (n, 1, T, C) from global + local features, and face masks (n, 1, bucket, bucket)."""
+    def _identity_conditions(self, pixels: np.ndarray, chunk: list[PlannedFace], refs: list[ReferenceIdentity],
+                             guidance: bool):  # fmt: skip
+        """`IdentityConditions`: tokens (n, 1, T, C) from global + local features (and the null identity's for
+        CFG), face masks (n, 1, bucket, bucket), scale `model.id_scale`."""
         embeddings, id_crops, masks = [], [], []
         for job in chunk:
             ref = refs[job.identity] if job.identity is not None else None
@@ -544,6 +546,12 @@ class DIIR:
         device = self.device
         emb = torch.from_numpy(np.stack(embeddings)).float().to(device).unsqueeze(1)  # (n, 1, D)
         crops_t = to_tensor(id_crops, device, torch.float32).unsqueeze(1)  # (n, 1, 3, S, S)
-        tokens = self.adapter.encode_identities(emb, crops_t).to(self.dtype)
         id_masks = torch.from_numpy(np.stack(masks)).to(device).unsqueeze(1)  # (n, 1, bucket, bucket)
-        return tokens, id_masks
+        identity = self.adapter.identity_conditions(
+            emb, crops_t, id_masks, guidance, self.params.model.id_scale
+        )
+        return dataclasses.replace(
+            identity,
+            tokens=identity.tokens.to(self.dtype),
+            uncond_tokens=None if identity.uncond_tokens is None else identity.uncond_tokens.to(self.dtype),
+        )
