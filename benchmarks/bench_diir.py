@@ -37,8 +37,10 @@ from magicid.config import Params, load_params
 from magicid.faces import Face
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, TinyBackboneConfig, build_tiny_backbone
-from magicid.restore.diir import DIIR, choose_bucket, ddim_invert, ddim_reconstruct
-from magicid.restore.diir import _to_tensor as to_tensor
+from magicid.restore.diir import DIIR
+from magicid.restore.inversion import ddim_invert, ddim_reconstruct
+from magicid.restore.noise import noise_function
+from magicid.restore.plan import choose_bucket, to_tensor
 
 # The astronaut's face in skimage's 512 x 512 `astronaut()` (x0, y0, x1, y1), found once with the offline
 # analyzer; a fixed box keeps the benchmark free of the face backend.
@@ -112,7 +114,7 @@ def composite(n_faces: int, face_px: int | None = None) -> tuple[np.ndarray, lis
 
 def background_psnr(before: np.ndarray, after: np.ndarray, faces: list[Face], params: Params) -> float:
     """PSNR outside every face's crop box (where neither method may change anything); inf when exact."""
-    from magicid.data.crops import expand_box
+    from magicid.imaging.crops import expand_box
 
     keep = np.ones(before.shape[:2], bool)
     for face in faces:
@@ -124,7 +126,7 @@ def background_psnr(before: np.ndarray, after: np.ndarray, faces: list[Face], pa
 
 def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params) -> np.ndarray:
     """ADetailer-style: one inpainting call per face, crop + zoom via `padding_mask_crop`, pasted back."""
-    from magicid.data.crops import expand_box
+    from magicid.imaging.crops import expand_box
 
     cfg = params.diir
     current = Image.fromarray(image)
@@ -192,7 +194,7 @@ def inpaint_pipe(backbone: Backbone):
 @torch.no_grad()
 def inversion_figures(backbone: Backbone, params: Params) -> dict[str, float]:
     """Relative round-trip MSE (MSE / latent variance), plain vs fixed point, on the faces' 128 px crops."""
-    from magicid.data.crops import zoom_crop
+    from magicid.imaging.crops import zoom_crop
 
     image, faces = composite(4)
     crops = [zoom_crop(image, f.bbox, 128, params.diir.crop_margin)[0] for f in faces]
@@ -205,10 +207,11 @@ def inversion_figures(backbone: Backbone, params: Params) -> dict[str, float]:
     cfg = params.diir
     out = {}
     for name, iters in (("plain", 0), ("fixed_point", cfg.inversion_iters)):
+        noise_fn = noise_function(backbone.unet, backbone.scheduler, text)
         inverted = ddim_invert(
-            backbone.unet, backbone.scheduler, latents, text, 10, 0.5, max_iters=iters, tol=cfg.inversion_tol
+            noise_fn, backbone.scheduler, latents, 10, 0.5, max_iters=iters, tol=cfg.inversion_tol
         )
-        rec = ddim_reconstruct(backbone.unet, backbone.scheduler, inverted.latents, text, inverted.timesteps)
+        rec = ddim_reconstruct(noise_fn, backbone.scheduler, inverted.latents, inverted.timesteps)
         out[f"inversion_mse_{name}"] = float(((rec - latents) ** 2).mean() / latents.var())
         out[f"inversion_unet_sample_evals_{name}"] = inverted.sample_evals / len(crops)
     return out
@@ -228,11 +231,9 @@ def run_config(
     if not compute:
         results["host_unet_ms_batch4_latent24_start"] = host_speed_ms(backbone)
     counter = CallCounter(backbone.unet)
-    diir = DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
-                adapter=adapter, params=params)  # fmt: skip
-    sequential = DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
-                      adapter=adapter, params=params.model_copy(update={"diir": params.diir.model_copy(
-                          update={"batch": 1})}))  # fmt: skip
+    diir = DIIR.from_backbone(backbone, adapter=adapter, params=params)
+    sequential = DIIR.from_backbone(backbone, adapter=adapter, params=params.model_copy(
+        update={"diir": params.diir.model_copy(update={"batch": 1})}))  # fmt: skip
     for restorer in (diir, sequential):
         restorer.set_progress_bar_config(disable=True)
     pipe = inpaint_pipe(backbone)

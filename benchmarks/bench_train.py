@@ -1,7 +1,8 @@
 """Training speed and memory: optimizer steps per second and peak RSS at the tiny config on CPU; SD 1.5 on CUDA.
 
 Tiny (always): the offline tiny backbone at `model.resolution` 256, batch 2, on a synthetic IDZoom version
-(`magicid.training.synthetic`), MLflow off, no checkpoints; the first steps are warm-up and not timed.
+(`magicid.training.synthetic`), MLflow off, no checkpoints but the last, no validation loss, condition dropout
+as configured; the first steps are warm-up and not timed.
 SD 1.5 (when a CUDA device and a diffusers SD 1.5 folder are present: `--backbone PATH` or `MAGICID_SD15_PATH`):
 the same loop at 512 px, fp16 mixed precision, batch 2.
 
@@ -45,6 +46,7 @@ def run(workdir: Path, overrides: list[str], steps: int, warmup: int, image_side
             f"train.out_dir={workdir / 'run'}",
             f"train.steps={steps}",
             f"train.checkpoint_every={steps * 10}",
+            "train.eval_every=0",  # optimizer steps only (the synthetic set has no val split)
             "train.batch_size=2",
             *overrides,
         ],

@@ -23,6 +23,14 @@ app = typer.Typer(
 
 # The long-running commands (train, build-data, restore) share one progress switch.
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+# generate --ref/--boxes and restore need a trained adapter (model.adapter_path) unless this asks for an untrained one.
+UntrainedAdapterOption = Annotated[
+    bool,
+    typer.Option(
+        "--untrained-adapter",
+        help="With model.adapter_path null, use a freshly initialised (untrained) adapter instead of stopping.",
+    ),
+]
 
 
 def _params(ctx: typer.Context) -> Params:
@@ -86,14 +94,16 @@ def generate(
     skeleton: Annotated[
         Path | None, typer.Option("--skeleton", help="Skeleton map PNG (output size) placing the people.")
     ] = None,
+    untrained_adapter: UntrainedAdapterOption = False,
 ) -> None:
     """Generate an image from a prompt (deterministic for a given seed), optionally with identities (--ref)."""
-    from magicid.generate import check_generate_args, generate_to_file
+    from magicid.generate import check_generate_args, generate_to_file, with_untrained_adapter
 
+    params = with_untrained_adapter(_params(ctx), untrained_adapter)
     try:
-        for note in check_generate_args(_params(ctx), ref, boxes, out)[1]:
+        for note in check_generate_args(params, ref, boxes, out)[1]:
             typer.echo(f"note: {note}")
-        path = generate_to_file(_params(ctx), prompt, seed, out, refs=ref, boxes=boxes, skeleton=skeleton)
+        path = generate_to_file(params, prompt, seed, out, refs=ref, boxes=boxes, skeleton=skeleton)
     except MagicIDError as error:
         raise _fail(error) from error
     typer.echo(f"wrote {path}")
@@ -287,17 +297,19 @@ def restore(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt the image was made with.")] = "",
     faces: Annotated[str, typer.Option("--faces", help="small (below diir.max_face_ratio) | all")] = "small",
     progress: ProgressOption = True,
+    untrained_adapter: UntrainedAdapterOption = False,
 ) -> None:
     """DIIR: restore face identities; writes OUT and OUT_compare (before | after). Background kept exactly."""
-    from magicid.restore.diir import restore_file
+    from magicid.generate import restore_file, with_untrained_adapter
     from magicid.safety import check_output_file
 
+    params = with_untrained_adapter(_params(ctx), untrained_adapter)
     try:
         if faces not in ("small", "all"):
             raise MagicIDError(f"--faces {faces!r}: expected small (below diir.max_face_ratio) or all")
         check_output_file(out, "--out")
         result, path, compare = restore_file(
-            _params(ctx), image, refs or [], out, prompt=prompt, faces=faces, progress=progress
+            params, image, refs or [], out, prompt=prompt, faces=faces, progress=progress
         )
     except MagicIDError as error:
         raise _fail(error) from error

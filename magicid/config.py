@@ -155,6 +155,8 @@ class ModelParams(_Section):
     id_crop_size: int = Field(128, ge=16)
     mask_feather: float = Field(0.1, ge=0, le=0.5)
     adapter_path: str | None = None
+    # With adapter_path null, identities/layouts stop with an error unless this asks for an untrained adapter.
+    untrained_adapter: bool = False
     num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float = Field(5.0, ge=0)
 
@@ -203,6 +205,21 @@ class CloneFaceParams(_Section):
         return self
 
 
+class ConditionDropoutParams(_Section):
+    """Per-sample probabilities of training without the text, the identity, or both (IP-Adapter: 0.05 each)."""
+
+    text: float = Field(0.05, ge=0, le=1)
+    identity: float = Field(0.05, ge=0, le=1)
+    both: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> ConditionDropoutParams:
+        total = self.text + self.identity + self.both
+        if total > 1:
+            raise ValueError(f"text + identity + both must be <= 1 (disjoint cases), got {total:g}")
+        return self
+
+
 class TrainParams(_Section):
     out_dir: str = "runs/train"
     steps: int = Field(60, ge=1)
@@ -213,11 +230,14 @@ class TrainParams(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    log_checkpoints: bool = False
     log_every: int = Field(1, ge=1)
+    eval_every: int = Field(20, ge=0)
     face_loss_weight: float = Field(2.0, ge=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
+    condition_dropout: ConditionDropoutParams = ConditionDropoutParams()
     mmf: MMFParams = MMFParams()
     clone_face: CloneFaceParams = CloneFaceParams()
 
@@ -277,6 +297,7 @@ class DIIRParams(_Section):
     inversion_tol: float = Field(2e-3, ge=0)
     guidance_scale: float = Field(1.0, ge=0)
     crop_margin: float = Field(0.5, ge=0)
+    min_match_similarity: float = Field(0.82, ge=-1, le=1)
     buckets: list[int] = [64, 128, 192, 256]
     zoom: float = Field(2.0, gt=0)
     batch: int = Field(8, ge=1)

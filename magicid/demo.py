@@ -52,9 +52,8 @@ def run_demo(
     from magicid.data.builder import build_idzoom
     from magicid.data.sample import build_sample_set, package_photo
     from magicid.data.validation import validate_idzoom
-    from magicid.generate import generate_image
+    from magicid.generate import generate_image, restore_file
     from magicid.models.backbone import load_backbone
-    from magicid.restore.diir import restore_file
     from magicid.training.trainer import train
     from magicid.utils import atomic_save_image
 

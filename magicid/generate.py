@@ -10,18 +10,40 @@ import torch
 from PIL import Image
 
 from magicid.config import Params
-from magicid.errors import DataError, ModelInputError
+from magicid.errors import ConfigError, DataError, ModelInputError
 from magicid.models.backbone import Backbone, load_backbone
 from magicid.utils import atomic_save_image
 
 
 def load_adapter(params: Params, backbone: Backbone):
-    """The adapter of `model.adapter_path`, or a freshly initialised one (installs MGMICA on `backbone.unet`)."""
+    """The trained adapter of `model.adapter_path` (installs MGMICA on `backbone.unet`).
+
+    With `model.adapter_path` null, a freshly initialised (untrained) adapter only when asked for explicitly
+    (`model.untrained_adapter`, the CLI's `--untrained-adapter`): its identities have no learned effect.
+
+    Raises:
+        ConfigError: no trained adapter and none asked for (the message says how to train or ask).
+    """
     from magicid.models.adapter import MagicIDAdapter
 
     if params.model.adapter_path:
         return MagicIDAdapter.load(params.model.adapter_path, backbone, params)
+    if not params.model.untrained_adapter:
+        raise ConfigError(
+            "identities, face layouts and restoring need a trained MagicID adapter, and model.adapter_path is "
+            "null: train one with `magicid train` (it writes <train.out_dir>/adapter, e.g. runs/train/adapter) "
+            "and pass `--set model.adapter_path=runs/train/adapter`; or ask for an untrained, freshly "
+            "initialised adapter explicitly with --untrained-adapter (model.untrained_adapter=true): its "
+            "identity features then have no learned effect"
+        )
     return MagicIDAdapter.create(backbone, params)
+
+
+def with_untrained_adapter(params: Params, untrained: bool) -> Params:
+    """`params` with `model.untrained_adapter` set when `untrained` (the CLI's `--untrained-adapter`)."""
+    if not untrained:
+        return params
+    return params.model_copy(update={"model": params.model.model_copy(update={"untrained_adapter": True})})
 
 
 def generate_image(
@@ -40,7 +62,8 @@ def generate_image(
         prompt: the text prompt.
         seed: seeds an explicit `torch.Generator` (no global RNG state is touched).
         backbone: a loaded backbone to reuse; loaded from `params` when None. With identities, a layout or
-            `model.adapter_path`, MGMICA is installed on its UNet.
+            `model.adapter_path`, MGMICA is installed on its UNet (see `load_adapter`: a trained adapter, or an
+            untrained one only with `model.untrained_adapter`).
         identities: reference faces (PIL / uint8 (H, W, 3) images) or (D,) embeddings; None = plain generation.
         layout: a `FaceLayout` or a list of (x0, y0, x1, y1) boxes in pixels (see `MagicIDPipeline`).
 
@@ -164,3 +187,57 @@ def generate_to_file(
         )
     image = generate_image(params, prompt, seed, identities=identities or None, layout=layout)
     return atomic_save_image(image, out)
+
+
+# -- `magicid restore`: files in, files out around DIIR -----------------------------------------------------
+
+
+def comparison_image(before: Image.Image, after: Image.Image) -> Image.Image:
+    """Before (left) and after (right), side by side with a 4 px white gutter."""
+    gutter = 4
+    canvas = Image.new(
+        "RGB", (before.width + gutter + after.width, max(before.height, after.height)), "white"
+    )
+    canvas.paste(before.convert("RGB"), (0, 0))
+    canvas.paste(after.convert("RGB"), (before.width + gutter, 0))
+    return canvas
+
+
+def restore_file(
+    params: Params,
+    image_path: str | Path,
+    reference_paths: Sequence[str | Path],
+    out: str | Path,
+    prompt: str = "",
+    faces: str = "small",
+    progress: bool = True,
+):
+    """Restore the faces of an image file against reference photos; write the result and a comparison.
+
+    Loads the configured backbone and adapter (`model.adapter_path`, or a freshly initialised one when
+    null) and the configured face backend. Writes `out` and `<out stem>_compare<suffix>` (before | after).
+    `progress` shows the restore's progress bar (inverse and denoising steps of each face batch).
+
+    Returns:
+        (the `RestoreResult`, the output path, the comparison path).
+
+    Raises:
+        DataError: unreadable image or reference, or a reference photo without a face.
+    """
+    from magicid.restore.diir import DIIR
+
+    out = Path(out)
+    pixels = _read_image(image_path, "image", params.data.max_pixels)
+    references = [_read_image(p, f"--ref {i}", params.data.max_pixels) for i, p in enumerate(reference_paths)]
+    backbone = load_backbone(params)
+    adapter = load_adapter(params, backbone)
+    diir = DIIR.from_backbone(backbone, adapter=adapter, params=params)
+    diir.set_progress_bar_config(disable=not progress)
+    refs = [
+        diir.reference_from_image(r, Path(p).name) for r, p in zip(references, reference_paths, strict=True)
+    ]
+    result = diir.restore(pixels, identities=refs or None, prompt=prompt, faces=faces)
+    atomic_save_image(result.image, out)
+    compare = out.with_name(f"{out.stem}_compare{out.suffix or '.png'}")
+    atomic_save_image(comparison_image(Image.fromarray(pixels), result.image), compare)
+    return result, out, compare

@@ -205,9 +205,9 @@ def process_input(task: Task) -> dict:
         A record: `{"status": "image", "image": {...}, "faces": [...]}` with manifest rows (identity and split
         are filled at assembly), or `{"status": "quarantine", ...}` with a reason. Never raises for bad input.
     """
-    from magicid.data.conditions import render_landmark_map, render_skeleton_map
-    from magicid.data.crops import zoom_crop
     from magicid.data.ingest import load_image
+    from magicid.imaging.conditions import render_landmark_map, render_skeleton_map
+    from magicid.imaging.crops import zoom_crop
 
     params: Params = _WORKER["params"]
     try:

@@ -148,7 +148,7 @@ def generate_eval_images(
     import torch
     from tqdm.auto import tqdm
 
-    from magicid.data.conditions import render_landmark_map
+    from magicid.imaging.conditions import render_landmark_map
     from magicid.models.pipeline import FaceLayout
 
     cfg, res = model_params.model, eval_set.resolution

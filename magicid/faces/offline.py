@@ -147,7 +147,7 @@ class OfflineFaceAnalyzer:
     # 2. mesh on the zoomed crop -------------------------------------------------------------------------------
     def _mesh_on_crop(self, image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
         """(478, 2) landmarks in image pixels for the face in `box`, or None when the mesh finds none there."""
-        from magicid.data.crops import zoom_crop
+        from magicid.imaging.crops import zoom_crop
 
         crop, (cx0, cy0, cx1, cy1) = zoom_crop(image, box, MESH_CROP_SIZE, MESH_CROP_MARGIN)
         result = self._mesh.process(crop)

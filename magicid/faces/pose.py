@@ -1,7 +1,7 @@
 """Body skeletons with MediaPipe pose (33 landmarks), one person per call, run on each person's crop.
 
 MediaPipe pose returns one person per image, so for a group photo it runs on a square crop around each
-face's person (`magicid.data.crops.person_box`). The skeleton is kept only when its nose lies in that face's
+face's person (`magicid.imaging.crops.person_box`). The skeleton is kept only when its nose lies in that face's
 box (grown by half its size): otherwise the pose found a neighbour, and that person gets no skeleton
 rather than a wrong one. `model_complexity=1` only: 0 and 2 download their models at run time.
 License: MediaPipe models Apache-2.0.
@@ -42,7 +42,7 @@ class PoseEstimator:
         """
         import cv2
 
-        from magicid.data.crops import person_box
+        from magicid.imaging.crops import person_box
 
         image = check_image(image)
         height, width = image.shape[:2]

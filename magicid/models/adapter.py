@@ -25,8 +25,15 @@ from magicid.config import Params
 from magicid.errors import BackboneError, ModelInputError
 from magicid.models.backbone import Backbone
 from magicid.models.conditioning import build_controlnet
+from magicid.models.denoise import IdentityConditions, null_identity
 from magicid.models.id_encoder import CLIPImageEncoder, IDEncoder, build_image_encoder
-from magicid.models.mgmica import install_mgmica, mgmica_processors
+from magicid.models.mgmica import (
+    MGMICAContext,
+    attach_mgmica,
+    check_mgmica,
+    install_mgmica,
+    mgmica_processors,
+)
 from magicid.utils import atomic_write, atomic_write_text
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -108,6 +115,39 @@ class MagicIDAdapter(nn.Module):
     @property
     def n_tokens(self) -> int:
         return self.id_encoder.n_tokens
+
+    @property
+    def mgmica_context(self) -> MGMICAContext:
+        """The identity state shared by this adapter's MGMICA processors (what `IdentityConditions` names)."""
+        return next(iter(self.id_projections.values())).context
+
+    def attach(self, unet: nn.Module) -> None:
+        """Put this adapter's MGMICA processors (back) on `unet`, e.g. after `unet.set_attn_processor(...)` replaced them."""
+        attach_mgmica(unet, self.id_projections)
+
+    def check(self, unet: nn.Module) -> None:
+        """Raise `MGMICAMissingError` unless `unet`'s cross-attention layers run this adapter's processors."""
+        check_mgmica(unet, self.mgmica_context)
+
+    def identity_conditions(
+        self,
+        embeddings: torch.Tensor,
+        crops: torch.Tensor,
+        masks: torch.Tensor,
+        guidance: bool,
+        scale: float | None = None,
+    ) -> IdentityConditions:
+        """Identities for `magicid.models.denoise.guided_prediction`.
+
+        Args:
+            embeddings: (B, n, D) L2-normalised embeddings; crops: (B, n, 3, S, S) in [-1, 1].
+            masks: (B or 1, n, H, W) in [0, 1].
+            guidance: also encode the null identity (`null_identity`) for CFG's unconditional branch.
+            scale: MGMICA scale during the steps (None: the processors' own).
+        """
+        tokens = self.encode_identities(embeddings, crops)
+        uncond = self.encode_identities(*null_identity(embeddings[:1], crops[:1])) if guidance else None
+        return IdentityConditions(self.mgmica_context, tokens, masks, uncond, scale)
 
     def set_scale(self, scale: float) -> None:
         """Identity-branch scale of every MGMICA layer (0 = base model)."""

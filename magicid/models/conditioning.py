@@ -1,18 +1,27 @@
 """MMF conditioning: one multi-mode ControlNet fed skeleton and landmark maps (MagicID's MMF, DESIGN §3).
 
 The condition is a 6-channel map at image resolution in [0, 1]: channels 0-2 the body-skeleton map, channels
-3-5 the face-landmark map (both RGB renderings on black, `magicid.data.conditions`). A modality that a mode
+3-5 the face-landmark map (both RGB renderings on black, `magicid.imaging.conditions`). A modality that a mode
 does not use, or that is missing, is zeroed, so one ControlNet learns skeleton-only, landmark-only and fused
 conditioning (the training schedule, `magicid.training.mmf`, picks the mode per step; `MODE_IDS` gives it a
 number). The ControlNet is diffusers' `ControlNetModel` built from the UNet (`from_unet`), whose conditioning
 embedding downsamples the map by 8 (three stride-2 convs), the VAE factor, so it lands on the latent grid.
+
+Precomputed condition: the embedding (convs at full pixel resolution) depends on the condition map only, not on
+x_t or t, so a denoising or inversion run may compute it once (`embed_condition`) and pass the resulting
+`EmbeddedCondition` as `controlnet_cond` at every step. `build_controlnet` gives the ControlNet a
+`PrecomputableConditioningEmbedding` (diffusers' embedding, same weights and state-dict keys, which also accepts
+an `EmbeddedCondition`); nothing is swapped at call time.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import ControlNetModel
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 from torch import nn
 
 from magicid.errors import ModelInputError
@@ -23,6 +32,72 @@ MODE_IDS: dict[str, int] = {mode: i for i, mode in enumerate(MODES)}
 CONDITIONING_CHANNELS = 6  # skeleton RGB + landmark RGB
 SKELETON_CHANNELS = slice(0, 3)
 LANDMARK_CHANNELS = slice(3, 6)
+
+
+@dataclass(frozen=True)
+class EmbeddedCondition:
+    """A ControlNet condition already through its conditioning embedding (`embed_condition`).
+
+    features: (B, C0, h, w), C0 = the ControlNet's first block width, (h, w) = the latent size.
+    """
+
+    features: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> EmbeddedCondition:
+        """The condition of a subset of the batch (`rows`: long tensor of indices)."""
+        return EmbeddedCondition(self.features[rows])
+
+    def repeat(self, times: int) -> EmbeddedCondition:
+        """The batch repeated `times` (the classifier-free-guidance halves)."""
+        return EmbeddedCondition(torch.cat([self.features] * times))
+
+
+class PrecomputableConditioningEmbedding(ControlNetConditioningEmbedding):
+    """diffusers' `ControlNetConditioningEmbedding` that also passes an `EmbeddedCondition` through unchanged."""
+
+    @classmethod
+    def like(cls, stock: ControlNetConditioningEmbedding) -> PrecomputableConditioningEmbedding:
+        """The same layers and weights as `stock` (same state-dict keys), in its dtype and device."""
+        widths = (stock.conv_in.out_channels, *(block.out_channels for block in stock.blocks[1::2]))
+        embedding = cls(stock.conv_out.out_channels, stock.conv_in.in_channels, widths)
+        embedding.load_state_dict(stock.state_dict())
+        param = next(stock.parameters())
+        return embedding.to(device=param.device, dtype=param.dtype)
+
+    def forward(self, conditioning: torch.Tensor | EmbeddedCondition) -> torch.Tensor:
+        """(B, channels, H, W) condition map -> (B, C0, H/8, W/8); an `EmbeddedCondition` -> its features."""
+        if isinstance(conditioning, EmbeddedCondition):
+            return conditioning.features
+        return super().forward(conditioning)
+
+
+def embed_condition(controlnet: ControlNetModel, condition: torch.Tensor) -> EmbeddedCondition:
+    """Run the ControlNet's conditioning embedding once, for every step of a run.
+
+    Args:
+        controlnet: a ControlNet from `build_controlnet` (RGB channel order).
+        condition: (B, 6, H, W) in [0, 1] (`make_condition`).
+
+    Returns:
+        `EmbeddedCondition` to pass as `controlnet_cond`; the ControlNet's output is the same as with `condition`.
+
+    Raises:
+        ModelInputError: a ControlNet whose embedding cannot take a precomputed condition, or one that flips
+            channels first (BGR order).
+    """
+    if not isinstance(controlnet.controlnet_cond_embedding, PrecomputableConditioningEmbedding):
+        raise ModelInputError(
+            "embed_condition: this ControlNet's conditioning embedding is diffusers' stock one, which cannot take "
+            "a precomputed condition; build the ControlNet with magicid.models.conditioning.build_controlnet, or "
+            "pass the condition image itself"
+        )
+    order = getattr(controlnet.config, "controlnet_conditioning_channel_order", "rgb")
+    if order != "rgb":
+        raise ModelInputError(
+            f"embed_condition: the ControlNet flips its condition ({order} order) before embedding it; pass the "
+            "condition image itself"
+        )
+    return EmbeddedCondition(controlnet.controlnet_cond_embedding(condition))
 
 
 def conditioning_downsampling(controlnet: ControlNetModel) -> int:
@@ -46,7 +121,8 @@ def build_controlnet(unet: nn.Module, conditioning_channels: int = CONDITIONING_
         conditioning_channels: channels of the condition map (6: skeleton + landmark).
 
     Returns:
-        `ControlNetModel`, conditioning input (B, 6, H, W) in [0, 1] with H, W = 8 x the latent size.
+        `ControlNetModel`, conditioning input (B, 6, H, W) in [0, 1] with H, W = 8 x the latent size, or an
+        `EmbeddedCondition` of it (`embed_condition`).
 
     Raises:
         ModelInputError: its conditioning embedding does not downsample by the VAE factor (8).
@@ -61,6 +137,9 @@ def build_controlnet(unet: nn.Module, conditioning_channels: int = CONDITIONING_
         if custom:
             unet.set_attn_processor(processors)
     controlnet.set_attn_processor(AttnProcessor2_0())
+    controlnet.controlnet_cond_embedding = PrecomputableConditioningEmbedding.like(
+        controlnet.controlnet_cond_embedding
+    )
     factor = conditioning_downsampling(controlnet)
     if factor != VAE_SCALE_FACTOR:
         raise ModelInputError(

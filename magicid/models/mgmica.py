@@ -31,8 +31,14 @@ both CFG halves, i.e. the identity is part of both the conditional and the uncon
 (broadcast). To let guidance amplify identity, pass 2B tokens whose first half is the unconditional identity
 (IP-Adapter style: the ID encoder applied to a zero embedding and blank crop); `MagicIDPipeline` does that.
 
-Identity state lives on the processors (`set_identities` / `clear_identities` / `identities(...)`), so no
-`cross_attention_kwargs` are passed and diffusers never warns about unused ones.
+Identity state is explicit: one `MGMICAContext` shared by the processors that `install_mgmica` puts on a UNet
+(reachable as `mgmica_context(unet)` or, for an adapter, `MagicIDAdapter.mgmica_context`); nothing is stored
+as an attribute of the diffusers UNet. `magicid.models.denoise.guided_prediction` sets the identities of one
+UNet call and clears them after it; `set_identities` / `clear_identities` / `identities(...)` set them for a
+block of calls. No `cross_attention_kwargs` are passed, so diffusers never warns about unused ones.
+`check_mgmica(unet, context)` raises `MGMICAMissingError` when the UNet's cross-attention layers no longer run
+these processors (e.g. after `unet.set_attn_processor(AttnProcessor2_0())`), where identities would be silently ignored;
+and a UNet call with identities set in which no MGMICA processor ran is an error too (`MGMICAContext.calls`).
 """
 
 from __future__ import annotations
@@ -49,9 +55,17 @@ from torch import nn
 
 from magicid.errors import ModelInputError
 
+
+class MGMICAMissingError(ModelInputError):
+    """The UNet's cross-attention layers do not run the MGMICA processors the identities were meant for."""
+
+
 __all__ = [
     "MGMICAAttnProcessor",
     "MGMICAContext",
+    "MGMICAMissingError",
+    "attach_mgmica",
+    "check_mgmica",
     "clear_identities",
     "identities",
     "install_mgmica",
@@ -139,52 +153,90 @@ class MGMICAContext:
     """Identity state shared by the MGMICA processors of one UNet (or owned by a lone processor).
 
     tokens: (B, n, T, C) identity tokens; masks: (B, n, H, W) in [0, 1]; latent_size: the UNet input's (h, w),
-    recorded by the UNet forward pre-hook that `install_mgmica` registers.
+    given to `set` or recorded by the UNet forward pre-hook that `install_mgmica` registers (`hook`).
+    scale: identity scale for every processor while set (None: each processor's own `scale`).
+    calls: processor calls that saw identities since they were set (a check that MGMICA ran at all).
+
+    Setting the same token and mask tensors again (the same objects: treat them as immutable once set) keeps the
+    per-layer caches (identity K/V, gather indices), so a denoising loop may set and clear its identities around
+    every UNet call at no cost.
     """
 
     tokens: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     latent_size: tuple[int, int] | None = None
     fixed_latent_size: bool = False
-    version: int = 0  # bumped by every `set`: invalidates cached identity K/V
+    scale: float | None = None
+    calls: int = 0
+    version: int = 0  # bumped whenever new tokens/masks are set: invalidates cached identity K/V
+    hook: object | None = field(default=None, repr=False)  # the UNet pre-hook handle (`install_mgmica`)
     _cache: dict = field(default_factory=dict, repr=False)
+    _cached_for: tuple | None = field(default=None, repr=False)  # (tokens, masks, latent_size) of `_cache`
 
-    def set(self, tokens: torch.Tensor | None, masks: torch.Tensor | None, latent_size=None) -> None:
+    def set(
+        self,
+        tokens: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        latent_size=None,
+        scale: float | None = None,
+    ) -> None:
+        """Set identities (shapes as `set_identities`) or clear them (`None, None`)."""
         if (tokens is None) != (masks is None):
             raise ModelInputError(
                 "MGMICA: give both id_tokens and id_masks, or neither (None clears identities)"
             )
-        if tokens is not None:
-            if tokens.ndim != 4:
+        latent = None if latent_size is None else (int(latent_size[0]), int(latent_size[1]))
+        self.scale = None if scale is None else float(scale)
+        self.calls = 0
+        if tokens is None:
+            # Cleared, but the caches stay with the tensors they were built for (see `_cached_for`).
+            self.tokens = self.masks = None
+            self.fixed_latent_size = False
+            return
+        cached = self._cached_for
+        if cached is not None and cached[0] is tokens and cached[1] is masks and cached[2] == latent:
+            self.tokens, self.masks = tokens, cached[3]
+            self.fixed_latent_size = latent is not None
+            if latent is not None:
+                self.latent_size = latent
+            return
+        original_masks = masks
+        if tokens.ndim != 4:
+            raise ModelInputError(
+                f"MGMICA: id_tokens must be (B, n_ids, T, C), got shape {tuple(tokens.shape)}"
+            )
+        if masks.ndim != 4:
+            raise ModelInputError(
+                f"MGMICA: id_masks must be (B, n_ids, H, W), got shape {tuple(masks.shape)}"
+            )
+        if masks.shape[1] != tokens.shape[1]:
+            raise ModelInputError(
+                f"MGMICA: {tokens.shape[1]} identities in id_tokens but {masks.shape[1]} masks in id_masks; "
+                "give one mask per identity"
+            )
+        if masks.is_floating_point():
+            bad = ~torch.isfinite(masks) | (masks < 0) | (masks > 1)
+            if bool(bad.any()):
                 raise ModelInputError(
-                    f"MGMICA: id_tokens must be (B, n_ids, T, C), got shape {tuple(tokens.shape)}"
+                    f"MGMICA: id_masks must be finite and in [0, 1]; got min {masks.min().item():g}, max "
+                    f"{masks.max().item():g} (scale uint8 masks by 1/255)"
                 )
-            if masks.ndim != 4:
-                raise ModelInputError(
-                    f"MGMICA: id_masks must be (B, n_ids, H, W), got shape {tuple(masks.shape)}"
-                )
-            if masks.shape[1] != tokens.shape[1]:
-                raise ModelInputError(
-                    f"MGMICA: {tokens.shape[1]} identities in id_tokens but {masks.shape[1]} masks in id_masks; "
-                    "give one mask per identity"
-                )
-            if masks.is_floating_point():
-                bad = ~torch.isfinite(masks) | (masks < 0) | (masks > 1)
-                if bool(bad.any()):
-                    raise ModelInputError(
-                        f"MGMICA: id_masks must be finite and in [0, 1]; got min {masks.min().item():g}, max "
-                        f"{masks.max().item():g} (scale uint8 masks by 1/255)"
-                    )
-            elif masks.dtype == torch.bool:
-                masks = masks.float()
-            else:
-                raise ModelInputError(f"MGMICA: id_masks must be float in [0, 1] or bool, got {masks.dtype}")
+        elif masks.dtype == torch.bool:
+            masks = masks.float()
+        else:
+            raise ModelInputError(f"MGMICA: id_masks must be float in [0, 1] or bool, got {masks.dtype}")
         self.tokens, self.masks = tokens, masks
-        self.fixed_latent_size = latent_size is not None
-        if latent_size is not None:
-            self.latent_size = (int(latent_size[0]), int(latent_size[1]))
+        self.fixed_latent_size = latent is not None
+        if latent is not None:
+            self.latent_size = latent
         self._cache.clear()
+        self._cached_for = (tokens, original_masks, latent, masks)
         self.version += 1
+
+    def holds(self, tokens: torch.Tensor, masks: torch.Tensor) -> bool:
+        """Whether the caches were built for these very tensors (setting them again is then free)."""
+        cached = self._cached_for
+        return cached is not None and cached[0] is tokens and cached[1] is masks
 
     def record_latent_size(self, size: tuple[int, int]) -> None:
         if not self.fixed_latent_size and size != self.latent_size:
@@ -279,7 +331,11 @@ class MGMICAAttnProcessor(nn.Module):
         the input of `attn.to_out[0]` at the gathered rows (as IP-Adapter adds before `to_out`: no second
         output projection). Rows outside every mask are never written.
         """
-        if self.scale == 0 or self.context.tokens is None:
+        if self.context.tokens is None:
+            return self.text_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        self.context.calls += 1
+        scale = self.effective_scale
+        if scale == 0:
             return self.text_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if self.context.tokens.shape[-1] != self.cross_attention_dim:
             raise ModelInputError(
@@ -293,18 +349,20 @@ class MGMICAAttnProcessor(nn.Module):
 
         def add_identities(module, args):
             (attended,) = args  # (B, N, inner): text attention output, before the output projection
-            found = self._identity_attention(attn, captured.pop("query"))
+            found = self._identity_attention(attn, captured.pop("query"), scale)
             if found is None:
                 return None
             positions, delta = found
-            flat = attended.reshape(-1, attended.shape[-1])
+            flat = attended.reshape(
+                -1, attended.shape[-1]
+            )  # a view or a copy: the hook returns what it wrote
             if torch.is_grad_enabled() and (flat.requires_grad or delta.requires_grad):
-                return (
-                    flat.index_put((positions,), delta.to(flat.dtype), accumulate=True).view(attended.shape),
-                )
-            # index_put_(accumulate) rather than index_add_: on CPU the latter is ~10x slower into a large tensor.
-            flat.index_put_((positions,), delta.to(flat.dtype), accumulate=True)
-            return None
+                flat = flat.index_put((positions,), delta.to(flat.dtype), accumulate=True)
+            else:
+                # In place into the text attention's fresh output (no autograd here); index_put_(accumulate)
+                # rather than index_add_: on CPU the latter is ~10x slower into a large tensor.
+                flat.index_put_((positions,), delta.to(flat.dtype), accumulate=True)
+            return (flat.view(attended.shape),)
 
         query_hook = attn.to_q.register_forward_hook(keep_query)
         out_hook = attn.to_out[0].register_forward_pre_hook(add_identities)
@@ -314,8 +372,13 @@ class MGMICAAttnProcessor(nn.Module):
             query_hook.remove()
             out_hook.remove()
 
+    @property
+    def effective_scale(self) -> float:
+        """The identity scale in force: the context's while identities set with a scale, else `scale`."""
+        return self.scale if self.context.scale is None else self.context.scale
+
     def _identity_attention(
-        self, attn: Attention, query: torch.Tensor
+        self, attn: Attention, query: torch.Tensor, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Masked ID attention from the layer's query (B, N, inner).
 
@@ -348,7 +411,7 @@ class MGMICAAttnProcessor(nn.Module):
         # Attend: every identity at its own positions, one SDPA; weight by mask value x scale.
         attended = F.scaled_dot_product_attention(q, key, value, dropout_p=0.0, is_causal=False)
         attended = attended.transpose(1, 2).reshape(groups * slots, inner)
-        weight = pairs.pair_weight.to(attended.dtype).view(-1, 1) * self.scale
+        weight = pairs.pair_weight.to(attended.dtype).view(-1, 1) * scale
         return pairs.positions.flatten(), attended * weight
 
     def _identity_kv(self, attn: Attention, batch: int, dtype: torch.dtype, device: torch.device):
@@ -385,13 +448,25 @@ def _module_key(processor_name: str) -> str:
     return processor_name.removesuffix(".processor").replace(".", "-")
 
 
+def _cross_attention_processor_names(unet: nn.Module) -> list[str]:
+    """The `attn_processors` names of the UNet's cross-attention (`attn2`) layers: where MGMICA goes."""
+    names = []
+    for name in unet.attn_processors:
+        if (
+            name.endswith("attn2.processor")
+            and unet.get_submodule(name.removesuffix(".processor")).is_cross_attention
+        ):
+            names.append(name)
+    return names
+
+
 def install_mgmica(unet: nn.Module, scale: float = 1.0) -> nn.ModuleDict:
-    """Put `MGMICAAttnProcessor` on every cross-attention layer (`attn2`), stock `AttnProcessor2_0` elsewhere.
+    """Put new `MGMICAAttnProcessor`s on every cross-attention layer (`attn2`), stock `AttnProcessor2_0` elsewhere.
 
     The new `to_k_id` / `to_v_id` start as copies of the layer's text `to_k` / `to_v` (IP-Adapter's
     initialisation), in the UNet's dtype and device. All processors share one `MGMICAContext`; a forward
     pre-hook on the UNet records the latent (h, w) so every layer finds its mask grid. Installing again
-    replaces the previous processors (and hook).
+    replaces the previous processors (and hook). To put existing (trained) processors back, use `attach_mgmica`.
 
     Args:
         unet: a diffusers `UNet2DConditionModel` (or any model with `attn_processors` / `set_attn_processor`).
@@ -400,55 +475,122 @@ def install_mgmica(unet: nn.Module, scale: float = 1.0) -> nn.ModuleDict:
     Returns:
         The processors (the trainable ID projections) as an `nn.ModuleDict` keyed by layer name with `.` -> `-`.
     """
-    previous = getattr(unet, "_mgmica_hook", None)
-    if previous is not None:
-        previous.remove()
-    context = MGMICAContext()
-    modules = dict(unet.named_modules())
-    processors: dict[str, object] = {}
-    installed: dict[str, MGMICAAttnProcessor] = {}
-    param = next(unet.parameters())
-    for name in unet.attn_processors:
-        layer = modules[name.removesuffix(".processor")]
-        if name.endswith("attn2.processor") and layer.is_cross_attention:
-            proc = MGMICAAttnProcessor(layer.to_k.out_features, layer.to_k.in_features, scale=scale)
-            with torch.no_grad():
-                proc.to_k_id.weight.copy_(layer.to_k.weight)
-                proc.to_v_id.weight.copy_(layer.to_v.weight)
-            proc.to(device=param.device, dtype=param.dtype)
-            proc.context = context
-            processors[name] = proc
-            installed[_module_key(name)] = proc
-        else:
-            processors[name] = AttnProcessor2_0()
-    if not installed:
+    names = _cross_attention_processor_names(unet)
+    if not names:
         raise ModelInputError(
             "install_mgmica: the UNet has no cross-attention (attn2) layer to install MGMICA on"
         )
-    unet.set_attn_processor(processors)
+    context = MGMICAContext()
+    param = next(unet.parameters())
+    installed: dict[str, MGMICAAttnProcessor] = {}
+    for name in names:
+        layer = unet.get_submodule(name.removesuffix(".processor"))
+        proc = MGMICAAttnProcessor(layer.to_k.out_features, layer.to_k.in_features, scale=scale)
+        with torch.no_grad():
+            proc.to_k_id.weight.copy_(layer.to_k.weight)
+            proc.to_v_id.weight.copy_(layer.to_v.weight)
+        proc.to(device=param.device, dtype=param.dtype)
+        proc.context = context
+        installed[_module_key(name)] = proc
+    processors = nn.ModuleDict(installed)
+    attach_mgmica(unet, processors)
+    return processors
+
+
+def attach_mgmica(unet: nn.Module, processors: nn.ModuleDict) -> MGMICAContext:
+    """Put existing MGMICA processors (`install_mgmica`'s, e.g. a trained adapter's) back on `unet`.
+
+    Every cross-attention layer gets its processor from `processors` (keyed as `install_mgmica` returns them),
+    every other layer the stock `AttnProcessor2_0`; the UNet pre-hook recording the latent size is (re)registered
+    and a previous MGMICA hook removed. Use it after `unet.set_attn_processor(...)` replaced them (`check_mgmica` says so).
+
+    Returns:
+        The processors' shared `MGMICAContext`.
+
+    Raises:
+        MGMICAMissingError: the processors do not cover this UNet's cross-attention layers or share no context.
+    """
+    names = _cross_attention_processor_names(unet)
+    keys = {_module_key(name): name for name in names}
+    if set(keys) != set(processors.keys()):
+        raise MGMICAMissingError(
+            f"attach_mgmica: the processors are for layers {sorted(processors.keys())[:3]}..., the UNet's "
+            f"cross-attention layers are {sorted(keys)[:3]}... ({len(processors)} vs {len(keys)}); attach them "
+            "to the UNet they were built for"
+        )
+    contexts = {id(proc.context) for proc in processors.values()}
+    if len(contexts) != 1:
+        raise MGMICAMissingError(
+            "attach_mgmica: the processors do not share one MGMICAContext (use install_mgmica)"
+        )
+    context = next(iter(processors.values())).context
+    for previous in {id(p.context): p.context for p in mgmica_processors(unet).values()}.values():
+        if previous.hook is not None:
+            previous.hook.remove()
+            previous.hook = None
+    if context.hook is not None:
+        context.hook.remove()
+    table: dict[str, object] = {name: AttnProcessor2_0() for name in unet.attn_processors}
+    for key, name in keys.items():
+        table[name] = processors[key]
+    unet.set_attn_processor(table)
 
     def record_latent_size(module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         if sample is not None:
             context.record_latent_size(tuple(sample.shape[-2:]))
 
-    unet._mgmica_hook = unet.register_forward_pre_hook(record_latent_size, with_kwargs=True)
-    unet._mgmica_context = context
-    return nn.ModuleDict(installed)
+    context.hook = unet.register_forward_pre_hook(record_latent_size, with_kwargs=True)
+    return context
 
 
 def mgmica_context(unet: nn.Module) -> MGMICAContext | None:
-    """The identity context `install_mgmica` attached to `unet` (None when MGMICA is not installed).
+    """The identity context of the MGMICA processors on `unet` (None when no cross-attention layer runs one).
 
-    A cheap check, unlike walking `unet.attn_processors`: callers may use it on every UNet call.
+    Walks `unet.attn_processors` (a module traversal): call it once per run, not on every UNet call.
     """
-    return getattr(unet, "_mgmica_context", None)
+    for proc in unet.attn_processors.values():
+        if isinstance(proc, MGMICAAttnProcessor):
+            return proc.context
+    return None
+
+
+def check_mgmica(unet: nn.Module, context: MGMICAContext | None = None) -> MGMICAContext:
+    """Check that every cross-attention layer of `unet` runs an MGMICA processor (of `context`, if given).
+
+    What MagicIDPipeline and DIIR call before using identities: after `unet.set_attn_processor(...)` put other
+    processors on the cross-attention layers the identity branch is gone and identities would be ignored without a word.
+
+    Returns:
+        The processors' shared `MGMICAContext`.
+
+    Raises:
+        MGMICAMissingError: names how many layers run something else and how to put MGMICA back.
+    """
+    processors = unet.attn_processors
+    names = _cross_attention_processor_names(unet)
+    wrong = {
+        name: type(processors[name]).__name__
+        for name in names
+        if not isinstance(processors[name], MGMICAAttnProcessor)
+        or (context is not None and processors[name].context is not context)
+    }
+    if wrong or not names:
+        found = sorted(set(wrong.values())) or ["no cross-attention layer"]
+        raise MGMICAMissingError(
+            f"{len(wrong)} of {len(names)} cross-attention layers of the UNet do not run this adapter's MGMICA "
+            f"processor (found: {', '.join(found)}); the processors were replaced (e.g. by "
+            "unet.set_attn_processor(AttnProcessor2_0())) and identities would be ignored. Put them "
+            "back with adapter.attach(unet) (magicid.models.mgmica.attach_mgmica), or load the adapter again "
+            "(MagicIDAdapter.load) on this backbone"
+        )
+    return processors[names[0]].context
 
 
 def _context_of(unet: nn.Module) -> MGMICAContext:
     context = mgmica_context(unet)
     if context is None:
-        raise ModelInputError("MGMICA is not installed on this UNet: call install_mgmica(unet) first")
+        raise MGMICAMissingError("MGMICA is not installed on this UNet: call install_mgmica(unet) first")
     return context
 
 
@@ -465,17 +607,14 @@ def set_identities(
         id_tokens: (B, n_ids, T, C) identity tokens (C = cross_attention_dim), or None to clear.
         id_masks: (B, n_ids, H, W) float in [0, 1] (or bool) at any size (pixels, latents, other); each layer
             resizes them to its grid by area. Batch B may be the UNet batch, half of it (CFG) or 1.
-        scale: if given, sets every layer's identity scale (0 = base model, exactly).
+        scale: if given, the identity scale of every layer while these identities are set (0 = base model,
+            exactly); None keeps each processor's own `scale`.
         latent_size: the UNet input's (h, w); normally recorded by the UNet's forward pre-hook.
 
     Raises:
         ModelInputError: bad ranks, counts or mask values (the message gives the shapes).
     """
-    context = _context_of(unet)
-    context.set(id_tokens, id_masks, latent_size)
-    if scale is not None:
-        for proc in mgmica_processors(unet).values():
-            proc.scale = float(scale)
+    _context_of(unet).set(id_tokens, id_masks, latent_size, scale=scale)
 
 
 def clear_identities(unet: nn.Module) -> None:
@@ -487,12 +626,9 @@ def clear_identities(unet: nn.Module) -> None:
 def identities(
     unet: nn.Module, id_tokens: torch.Tensor | None, id_masks: torch.Tensor | None, scale: float | None = None
 ) -> Iterator[None]:
-    """`with identities(unet, tokens, masks): unet(...)` — set for the block, cleared (and scales restored) after."""
-    scales = {name: proc.scale for name, proc in mgmica_processors(unet).items()}
+    """`with identities(unet, tokens, masks): unet(...)` — set for the block, cleared after (scale with them)."""
     set_identities(unet, id_tokens, id_masks, scale)
     try:
         yield
     finally:
         clear_identities(unet)
-        for name, proc in mgmica_processors(unet).items():
-            proc.scale = scales.get(name, proc.scale)

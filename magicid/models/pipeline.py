@@ -6,7 +6,7 @@ A diffusers `DiffusionPipeline` over an SD-style backbone plus the `MagicIDAdapt
 - layout: face boxes, a skeleton map or a landmark map; one face mask per identity is derived from it (boxes:
   feathered rectangles; maps: one region per face, ordered left to right like the face analyser's output);
 - MGMICA puts identity i's tokens into the cross-attention at mask i only; the multi-mode ControlNet follows
-  the skeleton and/or landmark map (from boxes alone: a landmark map drawn from a face template).
+  the skeleton and/or landmark map (from boxes alone: the face-mesh template drawn in the boxes).
 
 With no identities and no layout it is plain Stable Diffusion: the same latents, prompt embeddings and
 scheduler steps as diffusers' `StableDiffusionPipeline`, so the same seed gives the same image.
@@ -14,7 +14,7 @@ scheduler steps as diffusers' `StableDiffusionPipeline`, so the same seed gives 
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,8 +30,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from magicid.errors import DataError, FaceBackendError, ModelInputError
 from magicid.models.adapter import MagicIDAdapter
-from magicid.models.conditioning import make_condition
-from magicid.models.mgmica import identities as mgmica_identities
+from magicid.models.conditioning import embed_condition, make_condition
+from magicid.models.denoise import StepConditions, guided_prediction
 
 Box = tuple[float, float, float, float]
 IdentityInput = PIL.Image.Image | np.ndarray
@@ -62,21 +62,6 @@ class FaceLayout:
     boxes: Sequence[Box] | None = None
     skeleton: np.ndarray | PIL.Image.Image | None = None
     landmark: np.ndarray | PIL.Image.Image | None = None
-
-
-# A frontal face template in box-relative coordinates (x, y in [0, 1]): oval, brows, eyes, nose, mouth.
-def _face_template() -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, 36, endpoint=False)
-    oval = np.stack([0.5 + 0.42 * np.cos(t), 0.52 + 0.46 * np.sin(t)], 1)
-    s = np.linspace(0, 2 * np.pi, 10, endpoint=False)
-    eyes = [np.stack([cx + 0.09 * np.cos(s), 0.42 + 0.04 * np.sin(s)], 1) for cx in (0.32, 0.68)]
-    brows = [np.stack([np.linspace(cx - 0.11, cx + 0.11, 6), np.full(6, 0.32)], 1) for cx in (0.32, 0.68)]
-    nose = np.stack([np.full(6, 0.5), np.linspace(0.45, 0.64, 6)], 1)
-    mouth = np.stack([0.5 + 0.15 * np.cos(s), 0.77 + 0.05 * np.sin(s)], 1)
-    return np.concatenate([oval, *eyes, *brows, nose, mouth]).astype(np.float32)
-
-
-FACE_TEMPLATE = _face_template()
 
 
 def _as_uint8_image(value, what: str) -> np.ndarray:
@@ -156,7 +141,7 @@ def boxes_from_landmark_map(landmark_map: np.ndarray, margin: float = 0.1) -> li
 
 
 def boxes_from_skeleton_map(skeleton_map: np.ndarray, margin: float = 0.4) -> list[Box]:
-    """Face boxes of a skeleton map (`magicid.data.conditions.render_skeleton_map`), one per person, left to right.
+    """Face boxes of a skeleton map (`magicid.imaging.conditions.render_skeleton_map`), one per person, left to right.
 
     MediaPipe's pose topology has no neck edge: a person's face (points 0-10: nose, eyes, ears, mouth) is drawn
     as its own connected figure, and only in white and grey, while every body figure has coloured limb edges.
@@ -176,12 +161,12 @@ def boxes_from_skeleton_map(skeleton_map: np.ndarray, margin: float = 0.4) -> li
 
 
 def render_box_landmarks(height: int, width: int, boxes: Sequence[Box]) -> np.ndarray:
-    """A landmark map with the face template drawn in each box (uint8 (height, width, 3), black background)."""
-    from magicid.data.conditions import render_landmark_map
+    """A landmark map with the 478-point face-mesh template drawn in each box, as training draws real meshes
+    (uint8 (height, width, 3), black background; `magicid.imaging.conditions.template_landmarks`)."""
+    from magicid.imaging.conditions import render_landmark_map, template_landmarks
 
     array = check_boxes(boxes, height, width)
-    points = [FACE_TEMPLATE * [x1 - x0, y1 - y0] + [x0, y0] for x0, y0, x1, y1 in array]
-    return render_landmark_map(height, width, points)
+    return render_landmark_map(height, width, [template_landmarks(box) for box in array])
 
 
 def default_boxes(n: int, height: int, width: int) -> list[Box]:
@@ -278,6 +263,8 @@ class MagicIDPipeline(DiffusionPipeline):
             )
         if identities and self.adapter is None:
             raise ModelInputError("identities need a MagicIDAdapter: build the pipeline with adapter=...")
+        if identities:
+            self.adapter.check(self.unet)  # MGMICAMissingError if the processors were replaced
         if layout is not None and self.controlnet is None:
             raise ModelInputError("a layout needs the MMF ControlNet: build the pipeline with controlnet=...")
         if layout is not None and not isinstance(layout, FaceLayout | list | tuple):
@@ -299,7 +286,7 @@ class MagicIDPipeline(DiffusionPipeline):
         An image is analysed; its largest face gives the embedding and the zoomed crop. An embedding (1-D float
         array, L2-normalised) gets a blank crop (zeros: its local features carry no appearance).
         """
-        from magicid.data.crops import zoom_crop
+        from magicid.imaging.crops import zoom_crop
 
         size, dim = self.config.id_crop_size, self.adapter.embed_dim
         embeddings, crops = [], []
@@ -430,7 +417,7 @@ class MagicIDPipeline(DiffusionPipeline):
             height, width: output size (px), multiples of 64 (default: the UNet's sample size x 8).
             num_inference_steps: denoising steps.
             guidance_scale: classifier-free guidance; > 1 runs the CFG batch (the unconditional half gets the
-                negative prompt and the ID tokens of a blank identity, IP-Adapter style).
+                negative prompt and the null identity's tokens, `magicid.models.denoise`).
             negative_prompt: defaults to "".
             id_scale: MGMICA identity scale (default: the adapter's; 0 = the base model).
             controlnet_conditioning_scale: weight of the ControlNet residuals.
@@ -465,25 +452,37 @@ class MagicIDPipeline(DiffusionPipeline):
                 raise ModelInputError(f"negative_prompt has {len(negative)} entries for {batch} prompts")
         prompt_embeds = self.encode_prompt(prompts, negative)
 
-        # 3. Identities -> ID tokens (B or 2B, n, T, C); the unconditional half sees a blank identity
+        # 3. Identities -> ID tokens (1, n, T, C); with CFG also the null identity's (the one-CFG-rule: the
+        #    unconditional branch = negative prompt + null identity, what training's condition dropout feeds).
         n_ids = len(identities)
-        id_tokens = None
+        face_masks, condition, _ = self.prepare_layout(layout, n_ids, height, width)
+        identity = None
         if n_ids:
             embeddings, crops = self.prepare_identities(identities)
-            cond = self.adapter.encode_identities(embeddings[None], crops[None])  # (1, n, T, C)
-            id_tokens = cond.expand(batch, -1, -1, -1)
-            if do_cfg:
-                blank = self.adapter.encode_identities(
-                    torch.zeros_like(embeddings)[None], torch.zeros_like(crops)[None]
-                )
-                id_tokens = torch.cat([blank.expand(batch, -1, -1, -1), id_tokens])
-            id_tokens = id_tokens.to(device=device, dtype=dtype)
+            masks_tensor = torch.from_numpy(face_masks)[None].to(device)  # (1, n, H, W)
+            found = self.adapter.identity_conditions(
+                embeddings[None], crops[None], masks_tensor, guidance=do_cfg, scale=id_scale
+            )
+            identity = dataclasses.replace(
+                found,
+                tokens=found.tokens.to(device=device, dtype=dtype),
+                uncond_tokens=None if found.uncond_tokens is None else found.uncond_tokens.to(device, dtype),
+            )
 
-        # 4. Layout -> face masks (n, H, W) and the ControlNet condition (1, 6, H, W)
-        face_masks, condition, _ = self.prepare_layout(layout, n_ids, height, width)
+        # 4. Layout -> the ControlNet condition (1, 6, H, W), embedded once for every step (B rows)
+        control = None
         if condition is not None:
-            condition = condition.to(device=device, dtype=self.controlnet.dtype)
-            condition = condition.expand(2 * batch if do_cfg else batch, -1, -1, -1)
+            condition = condition.to(device=device, dtype=self.controlnet.dtype).expand(batch, -1, -1, -1)
+            control = embed_condition(self.controlnet, condition)
+        conditions = StepConditions(
+            text=prompt_embeds[-batch:],
+            uncond_text=prompt_embeds[:batch] if do_cfg else None,
+            guidance_scale=guidance_scale,
+            controlnet=self.controlnet if control is not None else None,
+            control=control,
+            control_scale=controlnet_conditioning_scale,
+            identity=identity,
+        )
 
         # 5. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -502,38 +501,11 @@ class MagicIDPipeline(DiffusionPipeline):
             raise ModelInputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=prompt_embeds.dtype) * self.scheduler.init_noise_sigma
 
-        # 7. Denoising loop (MGMICA identities set on the UNet for the loop only)
-        masks_tensor = torch.from_numpy(face_masks)[None].to(device)
-        scope = (
-            mgmica_identities(self.unet, id_tokens, masks_tensor, id_scale)
-            if n_ids
-            else contextlib.nullcontext()
-        )
-        with scope, self.progress_bar(total=len(timesteps)) as progress_bar:
+        # 7. Denoising loop: the one step of `magicid.models.denoise` (ControlNet -> MGMICA -> UNet -> CFG)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for t in timesteps:
-                latent_input = torch.cat([latents] * 2) if do_cfg else latents
-                latent_input = self.scheduler.scale_model_input(latent_input, t)
-                down_residuals, mid_residual = None, None
-                if condition is not None:
-                    down_residuals, mid_residual = self.controlnet(
-                        latent_input,
-                        t,
-                        encoder_hidden_states=prompt_embeds,
-                        controlnet_cond=condition,
-                        conditioning_scale=controlnet_conditioning_scale,
-                        return_dict=False,
-                    )
-                noise_pred = self.unet(
-                    latent_input,
-                    t,
-                    encoder_hidden_states=prompt_embeds,
-                    down_block_additional_residuals=down_residuals,
-                    mid_block_additional_residual=mid_residual,
-                    return_dict=False,
-                )[0]
-                if do_cfg:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                latent_input = self.scheduler.scale_model_input(latents, t)
+                noise_pred = guided_prediction(self.unet, latent_input, t, conditions)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 progress_bar.update()
 

@@ -1,21 +1,18 @@
-"""DIIR: DDIM-Inversion ID Restoration (DESIGN §4)."""
+"""DIIR: DDIM-Inversion ID Restoration (DESIGN §4).
 
-from magicid.restore.diir import (
-    DIIR,
-    Conditioning,
-    InversionResult,
-    ReferenceIdentity,
-    RestoredFace,
-    RestoreResult,
-    choose_bucket,
-    ddim_invert,
-    ddim_reconstruct,
-    hungarian_assign,
-)
+`inversion` (fixed-point DDIM inversion over a noise function), `noise` (the noise function: ControlNet,
+MGMICA, UNet, CFG), `plan` (face selection, crop boxes, buckets, blending), `diir` (the orchestrator and
+identity matching).
+"""
+
+from magicid.restore.diir import DIIR, RestoredFace, RestoreResult
+from magicid.restore.inversion import InversionResult, ddim_invert, ddim_reconstruct
+from magicid.restore.matching import ReferenceIdentity, hungarian_assign
+from magicid.restore.noise import noise_function
+from magicid.restore.plan import choose_bucket, effective_buckets
 
 __all__ = [
     "DIIR",
-    "Conditioning",
     "InversionResult",
     "ReferenceIdentity",
     "RestoreResult",
@@ -23,5 +20,7 @@ __all__ = [
     "choose_bucket",
     "ddim_invert",
     "ddim_reconstruct",
+    "effective_buckets",
     "hungarian_assign",
+    "noise_function",
 ]

@@ -10,8 +10,9 @@ built from one identity's zoomed face crop (IDZoom `crops/<face_id>.png`):
    `g = ceil(sqrt(k))`; the clones take `k` distinct cells drawn at random and a uniformly random position
    inside their cell. A clone never exceeds its cell, so `scale_max <= 1 / ceil(sqrt(k_max))` is required
    (checked: `ConfigError` otherwise) and no clone is ever shrunk to fit.
-3. The crop is resized to each clone's side and pasted as a square; clone `i`'s mask is exactly the pixels
-   it covers (`masks[i]`), and `union` is their union. The condition maps (skeleton/landmark) cut out at the
+3. The crop is resized to each clone's side and pasted as a square; clone `i`'s mask is its face box
+   (`masks[i]`: where the face lies in the pasted crop, given as `face_box`, as for non-clone samples and at
+   inference; without `face_box`, the whole pasted square), and `union` is their union. The condition maps (skeleton/landmark) cut out at the
    same crop box are pasted at the same places, so pose/landmark conditioning stays aligned with the clones.
 
 How the identity is fed to MGMICA: all clones are one person, so the sample carries ONE identity (its
@@ -44,10 +45,11 @@ class CloneFaceSample:
 
     Attributes:
         image: the composed image, uint8 (H, W, 3).
-        masks: per-clone masks, float32 (k, H, W), exactly 1 on the pixels clone i covers, 0 elsewhere.
+        masks: per-clone masks, float32 (k, H, W), exactly 1 on clone i's face box (`face_boxes[i]`), 0 elsewhere.
         union: float32 (H, W), the union of `masks` (clones never overlap, so it is also their sum).
         boxes: int64 (k, 4), each clone's pixel box x0, y0, x1, y1 (x1, y1 exclusive).
         layers: extra canvases composed with the same boxes (e.g. `skeleton`, `landmark`), uint8 (H, W, C).
+        face_boxes: int64 (k, 4), each clone's face box (inside its box; equal to it without `face_box`).
     """
 
     image: np.ndarray
@@ -55,6 +57,7 @@ class CloneFaceSample:
     union: np.ndarray
     boxes: np.ndarray
     layers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    face_boxes: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -144,6 +147,7 @@ def make_clone_face_sample(
     rng: np.random.Generator,
     background: np.ndarray | None = None,
     layers: dict[str, np.ndarray] | None = None,
+    face_box: tuple[float, float, float, float] | None = None,
 ) -> CloneFaceSample:
     """Compose one Clone Face Tuning sample from one identity's face crop.
 
@@ -155,6 +159,8 @@ def make_clone_face_sample(
         background: uint8 (size, size, 3) to paste onto; default mid-grey.
         layers: patches aligned with `crop` (e.g. the skeleton/landmark maps cut at the crop box), each uint8
             (S', S', C); each is pasted at the same boxes onto a black canvas and returned in `layers`.
+        face_box: where the face lies in `crop`, as fractions `x0, y0, x1, y1` of its side (the crop's
+            margin around the face box); the clones' masks are then their face boxes. None: the whole crop.
 
     Returns:
         A `CloneFaceSample` with k in [k_min, k_max] clones.
@@ -169,12 +175,26 @@ def make_clone_face_sample(
     k = int(rng.integers(params.k_min, params.k_max + 1))
     boxes = place_clones(size, k, params.scale_min, params.scale_max, rng)
     image = paste_clones(background, crop, boxes)
-    masks = clone_masks(boxes, size, size)
+    face_boxes = boxes if face_box is None else clone_face_boxes(boxes, face_box)
+    masks = clone_masks(face_boxes, size, size)
     composed = {
         name: paste_clones(np.zeros((size, size, patch.shape[2]), dtype=np.uint8), patch, boxes)
         for name, patch in (layers or {}).items()
     }
-    return CloneFaceSample(image=image, masks=masks, union=masks.max(axis=0), boxes=boxes, layers=composed)
+    return CloneFaceSample(image=image, masks=masks, union=masks.max(axis=0), boxes=boxes, layers=composed,
+                           face_boxes=face_boxes)  # fmt: skip
+
+
+def clone_face_boxes(boxes: np.ndarray, face_box: tuple[float, float, float, float]) -> np.ndarray:
+    """int64 (k, 4): the face box (fractions of a crop's side) inside each pasted clone box (rounded outward)."""
+    fractions = np.clip(np.asarray(face_box, np.float64), 0.0, 1.0)
+    if not (fractions[2] > fractions[0] and fractions[3] > fractions[1]):
+        raise ValueError(f"face_box must be x0 < x1, y0 < y1 fractions of the crop, got {tuple(face_box)}")
+    boxes = np.asarray(boxes, np.int64)
+    side = (boxes[:, 2] - boxes[:, 0]).astype(np.float64)[:, None]
+    low = np.floor(boxes[:, :2] + fractions[None, :2] * side)
+    high = np.ceil(boxes[:, :2] + fractions[None, 2:] * side)
+    return np.concatenate([low, high], axis=1).astype(np.int64)
 
 
 def face_weight_map(

@@ -348,7 +348,7 @@ class IDZoomDataset(Dataset):
         landmark: np.ndarray,
         rng: np.random.Generator,
     ) -> dict[str, Any]:
-        from magicid.data.crops import expand_box
+        from magicid.imaging.crops import expand_box
 
         face = item.faces[int(rng.integers(len(item.faces)))]
         crop = self._crop(face, f"face_id={face.face_id}")
@@ -358,9 +358,12 @@ class IDZoomDataset(Dataset):
         )
         layers = {"skeleton": skeleton[y0:y1, x0:x1], "landmark": landmark[y0:y1, x0:x1]}
         size = self.resolution
+        # The clones' masks are their face boxes (as for non-clone samples), not the whole pasted crop.
+        face_box = tuple((np.asarray(face.bbox, np.float64) - [x0, y0, x0, y0]) / (x1 - x0))
         sample = make_clone_face_sample(
-            crop, size, self.clone_params, rng, background=flat_background(image, size), layers=layers
-        )
+            crop, size, self.clone_params, rng, background=flat_background(image, size), layers=layers,
+            face_box=face_box,
+        )  # fmt: skip
         union = torch.from_numpy(sample.union)
         return {
             "pixel_values": _to_signed(sample.image),

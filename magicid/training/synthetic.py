@@ -3,7 +3,7 @@
 Real versions come from `magicid build-data` (face detection on photographs, seconds per image). Training
 tests and `benchmarks/bench_train.py` only need the directory contract, so this writes it directly from a seed:
 smooth random backgrounds with one to three flat-coloured "faces" (ellipses), per-identity unit embeddings,
-skeleton/landmark maps drawn at the faces, zoomed crops (`magicid.data.crops.zoom_crop`).
+skeleton/landmark maps drawn at the faces, zoomed crops (`magicid.imaging.crops.zoom_crop`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from magicid.data.crops import zoom_crop
 from magicid.data.manifest import FACES_SCHEMA, IMAGES_SCHEMA, QUARANTINE_SCHEMA, write_table
+from magicid.imaging.crops import zoom_crop
 
 N_LANDMARKS = 68  # any fixed N works for training; the offline backend writes 478
 
@@ -29,17 +29,19 @@ def write_synthetic_idzoom(
     crop_margin: float = 0.4,
     sizes: tuple[tuple[int, int], ...] = ((160, 128), (128, 128), (96, 144)),
     seed: int = 0,
+    n_val: int = 0,
 ) -> Path:
     """Write a DESIGN §2 dataset version with `n_images` images (1-3 faces each) under `root`.
 
     Args:
         root: output directory (created).
-        n_images: number of images (all in split `train`).
+        n_images: number of images in split `train`.
         embed_dim: embedding size D (match `model.id_embed_dim`).
         crop_size: side of the zoomed crops.
         crop_margin: crop margin (as `data.crop_margin`).
         sizes: image (width, height) sizes, cycled.
         seed: the only source of randomness.
+        n_val: further images in split `val` (drawn after the train images: those do not change).
 
     Returns:
         `root`.
@@ -53,7 +55,7 @@ def write_synthetic_idzoom(
     identity_embeddings = rng.normal(size=(n_identities, embed_dim)).astype(np.float32)
     identity_embeddings /= np.linalg.norm(identity_embeddings, axis=1, keepdims=True)
     image_rows, face_rows = [], []
-    for index in range(n_images):
+    for index in range(n_images + n_val):
         width, height = sizes[index % len(sizes)]
         coarse = rng.integers(0, 255, size=(3, 4, 3), dtype=np.uint8)
         image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
@@ -92,7 +94,7 @@ def write_synthetic_idzoom(
                 height=height,
                 n_faces=n_faces,
                 source=f"synthetic/{index}.png",
-                split="train",
+                split="train" if index < n_images else "val",
             )
         )
         for person, bbox, identity, points in faces:

@@ -7,18 +7,27 @@ What is frozen: the backbone's UNet, VAE and text encoder. One optimizer step:
 2. the ControlNet gets the skeleton/landmark maps of the step's MMF mode (`mmf.MMFSchedule`);
 3. each sample's identities (embedding + zoomed crop -> ID tokens) go to MGMICA with their face masks
    (a Clone Face sample is one identity with the union of its clone masks, `clone_face.py`);
-4. the loss is the face-region weighted diffusion loss (`clone_face.weighted_diffusion_loss`), accumulated over
-   `train.grad_accum` micro-batches, then AdamW steps.
+4. condition dropout (IP-Adapter practice, `train.condition_dropout`): per sample, with small probabilities, the
+   caption becomes "" (text), the identities become the null identity (`magicid.models.denoise.null_identity`:
+   zero embedding, blank crop; masks kept), or both: exactly the unconditional branch that CFG uses at inference;
+5. the prediction is the one denoising step of inference (`magicid.models.denoise.guided_prediction`, conditional
+   branch); the loss is the face-region weighted diffusion loss (`clone_face.weighted_diffusion_loss`),
+   accumulated over `train.grad_accum` micro-batches, then AdamW steps.
 
 Exact resume: every random draw of step s (latent sample, noise, timesteps) comes from a generator seeded by
 (seed, s, micro-batch, process); the data order and Clone Face samples are functions of (seed, epoch, index);
-a checkpoint (`accelerator.save_state`: adapter safetensors, optimizer, LR scheduler, grad scaler, RNG states,
-plus `trainer_state.json` with the step and MLflow run id) is written at step boundaries. Resuming loads it and
-skips the data consumed so far (`skip_first_batches`), so step s+1 sees exactly what an uninterrupted run saw.
+a checkpoint (`accelerator.save_state` into `train.out_dir/checkpoints/checkpoint_<step>`: adapter safetensors,
+optimizer, LR scheduler, grad scaler, RNG states, plus `trainer_state.json` with the step and MLflow run id) is
+written at step boundaries; accelerate's `ProjectConfiguration(total_limit=train.keep_checkpoints)` prunes old
+ones. Resuming loads the newest complete one and skips the data consumed so far (`skip_first_batches`), so
+step s+1 sees exactly what an uninterrupted run saw.
+
+Device: under `accelerate launch` the device (and process count) is accelerate's; otherwise `model.device`.
 
 Tracking (main process only): MLflow run with all params, per-step metrics (`loss`, `loss_<mode>`, `lr`,
-`mmf_mode_id`), the dataset version as an input (DVC md5 from dvc.lock / `<dir>.dvc`, else a hash of the
-manifests), every checkpoint and the final adapter as artifacts.
+`mmf_mode_id`), `val_loss` on the val split every `train.eval_every` steps (fixed noise, fused conditions, no
+dropout), the dataset version as an input (the DVC hash DVC itself reports for the directory, else a hash of
+the manifests), the final adapter as an artifact, and checkpoints too when `train.log_checkpoints`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -35,15 +45,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from magicid.config import Params
+from magicid.config import ConditionDropoutParams, Params
 from magicid.errors import ConfigError, DataError
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
+from magicid.models.denoise import IdentityConditions, StepConditions, guided_prediction, null_identity
 from magicid.storage import use_s3_endpoint_for_mlflow
 from magicid.training.checkpoints import check_resume_checkpoint
 from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
@@ -51,8 +61,9 @@ from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate
 from magicid.training.mmf import MMFSchedule
 from magicid.utils import atomic_write_text, set_seed
 
-CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_PREFIX = "checkpoint_"  # accelerate's automatic checkpoint naming; the number is the step
 STATE_FILE = "trainer_state.json"
+VALIDATION_STREAM = 2**31  # the "step" of validation draws in `step_generator`: never a training step
 _METRICS_FLUSH_EVERY = 50  # steps between MLflow metric flushes (also flushed at checkpoints and the end)
 
 
@@ -70,6 +81,7 @@ class TrainResult:
         dataset_version: the dataset version logged as the run's input.
         steps_per_s: optimizer steps per second of this call (excluding set-up).
         step_times: `time.perf_counter()` when each step of this call finished (benchmarks skip warm-up steps).
+        val_losses: validation loss per evaluated step (empty when `train.eval_every` is 0 or no val split).
     """
 
     run_id: str | None
@@ -81,6 +93,7 @@ class TrainResult:
     dataset_version: str
     steps_per_s: float
     step_times: dict[int, float] = dataclasses.field(default_factory=dict)
+    val_losses: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 class MagicIDTrainingModule(nn.Module):
@@ -115,22 +128,17 @@ class MagicIDTrainingModule(nn.Module):
             id_masks: (B, n, H, W) in [0, 1], zero for padded identities.
 
         Returns:
-            (B, 4, h, w) the UNet's prediction with ControlNet residuals and MGMICA identities.
+            (B, 4, h, w) the UNet's prediction with ControlNet residuals and MGMICA identities: the one
+            denoising step of inference (`magicid.models.denoise.guided_prediction`), conditional branch only.
         """
-        from magicid.models.mgmica import identities
-
         tokens = self.adapter.encode_identities(id_embeddings, id_crops)  # (B, n, T, C)
-        down, mid = self.adapter.controlnet(
-            noisy_latents, timesteps, encoder_hidden_states=text, controlnet_cond=condition, return_dict=False
+        conditions = StepConditions(
+            text=text,
+            controlnet=self.adapter.controlnet,
+            control=condition,
+            identity=IdentityConditions(self.adapter.mgmica_context, tokens, id_masks),
         )
-        with identities(self.unet, tokens, id_masks):
-            return self.unet(
-                noisy_latents,
-                timesteps,
-                encoder_hidden_states=text,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-            ).sample
+        return guided_prediction(self.unet, noisy_latents, timesteps, conditions)
 
 
 class TextEncoderCache:
@@ -164,6 +172,52 @@ def step_generator(seed: int, step: int, micro: int, process: int = 0) -> torch.
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def draw_condition_dropout(
+    batch_size: int, dropout: ConditionDropoutParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which samples train without their text and which without their identities (disjoint cases).
+
+    One uniform draw u per sample: u < p_text drops the text, the next p_identity the identities, the next
+    p_both both (IP-Adapter's scheme).
+
+    Returns:
+        (drop_text, drop_identity): (B,) bool each.
+    """
+    u = torch.rand(batch_size, generator=generator)
+    text_only = u < dropout.text
+    identity_only = (u >= dropout.text) & (u < dropout.text + dropout.identity)
+    both = (u >= dropout.text + dropout.identity) & (u < dropout.text + dropout.identity + dropout.both)
+    return text_only | both, identity_only | both
+
+
+def apply_condition_dropout(
+    text: torch.Tensor,
+    null_text: torch.Tensor,
+    embeddings: torch.Tensor,
+    crops: torch.Tensor,
+    drop_text: torch.Tensor,
+    drop_identity: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace dropped samples' text by the empty prompt's and identities by the null identity.
+
+    Args:
+        text: (B, 77, C); null_text: (1, 77, C) the empty prompt's embeddings (CFG's unconditional text).
+        embeddings: (B, n, D); crops: (B, n, 3, S, S) in [-1, 1].
+        drop_text, drop_identity: (B,) bool (`draw_condition_dropout`).
+
+    Returns:
+        (text, embeddings, crops) with the dropped rows replaced; face masks stay (MGMICA attends the null
+        identity at the faces, as in CFG's unconditional branch).
+    """
+    drop_text = drop_text.to(text.device)
+    drop_identity = drop_identity.to(embeddings.device)
+    text = torch.where(drop_text.view(-1, 1, 1), null_text.to(text).expand_as(text), text)
+    null_embeddings, null_crops = null_identity(embeddings, crops)
+    embeddings = torch.where(drop_identity.view(-1, 1, 1), null_embeddings, embeddings)
+    crops = torch.where(drop_identity.view(-1, 1, 1, 1, 1).to(crops.device), null_crops, crops)
+    return text, embeddings, crops
+
+
 def diffusion_loss(
     module: nn.Module,
     backbone: Backbone,
@@ -172,6 +226,8 @@ def diffusion_loss(
     text: torch.Tensor,
     generator: torch.Generator,
     face_loss_weight: float,
+    dropout: ConditionDropoutParams | None = None,
+    null_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The face-region weighted diffusion loss of one batch (scalar, float32).
 
@@ -183,6 +239,8 @@ def diffusion_loss(
         text: (B, 77, C) text-encoder states.
         generator: CPU generator for the latent sample, noise and timesteps.
         face_loss_weight: `train.face_loss_weight`.
+        dropout: `train.condition_dropout` (None: no dropout, e.g. the validation loss); needs `null_text`
+            (1, 77, C), the empty prompt's embeddings. Drawn from `generator` after the noise and timesteps.
     """
     vae, scheduler = backbone.vae, backbone.scheduler
     device = backbone.unet.device
@@ -206,15 +264,19 @@ def diffusion_loss(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ConfigError(f"scheduler prediction_type {scheduler.config.prediction_type!r} is not supported")
+    embeddings, crops = batch["id_embeddings"], batch["id_crops"]
+    if dropout is not None:
+        if null_text is None:
+            raise ConfigError(
+                "diffusion_loss: condition dropout needs null_text (the empty prompt's embeddings)"
+            )
+        drop_text, drop_identity = draw_condition_dropout(latents.shape[0], dropout, generator)
+        text, embeddings, crops = apply_condition_dropout(
+            text, null_text, embeddings, crops, drop_text, drop_identity
+        )
     unet_dtype = backbone.unet.dtype
     prediction = module(
-        noisy.to(unet_dtype),
-        timesteps,
-        text.to(unet_dtype),
-        condition,
-        batch["id_embeddings"],
-        batch["id_crops"],
-        batch["id_masks"],
+        noisy.to(unet_dtype), timesteps, text.to(unet_dtype), condition, embeddings, crops, batch["id_masks"]
     )
     weight = face_weight_map(batch["face_mask"], tuple(latents.shape[-2:]), face_loss_weight)
     return weighted_diffusion_loss(prediction, target, weight)
@@ -223,27 +285,33 @@ def diffusion_loss(
 def dataset_version(root: str | Path) -> tuple[str, str]:
     """The version id of an IDZoom directory and where it came from.
 
-    Looks for the directory's DVC md5: a `dvc.lock` (in the directory's parents) listing it as a stage output, or
-    a `<dir>.dvc` file beside it; else the SHA-256 of `images.parquet` + `faces.parquet` (first 32 hex digits).
+    Inside a DVC repository, the hash DVC records for the directory (a stage output in dvc.lock or a
+    `<dir>.dvc` file), as DVC's own file system reports it (`dvc.api.DVCFileSystem`); else (no DVC repository,
+    or the directory is not tracked) the SHA-256 of `images.parquet` + `faces.parquet` (first 32 hex digits).
 
     Returns:
-        (version, origin) with origin `dvc.lock`, `.dvc` or `manifest-sha256`.
+        (version, origin) with origin `dvc` or `manifest-sha256`.
     """
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
     root = Path(root).resolve()
-    for parent in [root.parent, *root.parent.parents]:
-        lock = parent / "dvc.lock"
-        if lock.is_file():
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) or {}
-            for stage in stages.values():
-                for out in (stage or {}).get("outs", []) or []:
-                    if (parent / str(out.get("path", ""))).resolve() == root and out.get("md5"):
-                        return str(out["md5"]).removesuffix(".dir"), "dvc.lock"
-            break
-    dvc_file = root.parent / f"{root.name}.dvc"
-    if dvc_file.is_file():
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []) or []
-        if outs and outs[0].get("md5"):
-            return str(outs[0]["md5"]).removesuffix(".dir"), ".dvc"
+    try:
+        repo_root = Path(Repo.find_root(str(root)))
+    except NotDvcRepoError:
+        repo_root = None
+    if repo_root is not None:
+        from dvc.api import DVCFileSystem
+
+        fs = DVCFileSystem(str(repo_root))
+        try:
+            info = fs.info(root.relative_to(repo_root).as_posix())
+        except FileNotFoundError:
+            info = {}
+        entry = (info.get("dvc_info") or {}).get("entry")
+        hash_info = getattr(entry, "hash_info", None)
+        if hash_info is not None and hash_info.value:
+            return str(hash_info.value).removesuffix(".dir"), "dvc"
     digest = hashlib.sha256()
     for name in ("images.parquet", "faces.parquet"):
         digest.update((root / name).read_bytes())
@@ -355,12 +423,27 @@ class _Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         tags = [InputTag("mlflow.data.context", "training"), InputTag("version_origin", origin)]
+        from mlflow.entities import Dataset
+
         with warnings.catch_warnings():  # schema-inference hints about integer columns and source resolution
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(images_df, source=str(root), name="idzoom", digest=version)
-            entity = dataset._to_mlflow_entity()  # what mlflow.log_input does; the client API takes entities
+            # The client API takes entities: build one from the dataset's public config dict.
+            config = dataset.to_dict()
+        entity = Dataset(
+            name=config["name"],
+            digest=config["digest"],
+            source_type=config["source_type"],
+            source=config["source"],
+            schema=config.get("schema"),
+            profile=config.get("profile"),
+        )
         self._client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
         self._client.set_tag(self.run_id, "dataset_version", version)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self._client.set_tag(self.run_id, key, value)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -416,7 +499,7 @@ def train(
         DataError: a bad dataset row; ConfigError: impossible settings (e.g. `--resume` without a checkpoint).
     """
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
     from tqdm.auto import tqdm
 
     cfg = params.train
@@ -432,16 +515,32 @@ def train(
             f"--resume: no checkpoint under {out_dir / 'checkpoints'}; train without --resume first"
         )
 
-    # 1. Accelerator: mixed precision only on GPU (on CPU it is "no": fp16 autocast is unsupported there).
-    device = resolve_device(params.model.device)
+    # 1. Accelerator: under `accelerate launch` its device and processes; else `model.device`. Mixed precision only
+    #    on GPU (on CPU it is "no": fp16 autocast is unsupported there). Checkpoints: accelerate's automatic
+    #    naming (`checkpoints/checkpoint_<step>`) and pruning to `train.keep_checkpoints`.
+    launched = launched_by_accelerate()
+    if launched:
+        from accelerate import PartialState
+
+        device = PartialState().device
+    else:
+        device = resolve_device(params.model.device)
     mixed_precision = cfg.mixed_precision if device.type == "cuda" else "no"
     accelerator = Accelerator(
-        cpu=device.type == "cpu",
+        cpu=not launched and device.type == "cpu",
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.grad_accum, sync_with_dataloader=False
         ),
+        project_config=ProjectConfiguration(
+            project_dir=str(out_dir), automatic_checkpoint_naming=True, total_limit=cfg.keep_checkpoints
+        ),
     )
+    if launched and params.model.device not in ("auto", accelerator.device.type):
+        accelerator.print(
+            f"accelerate launch: training on {accelerator.device} ({accelerator.num_processes} process(es)); "
+            f"model.device={params.model.device} applies to runs without accelerate launch"
+        )
     set_seed(params.seed)
 
     # 2. Models: frozen backbone in the compute dtype, trainable adapter in float32.
@@ -460,6 +559,17 @@ def train(
     sampler = EpochShuffleSampler(len(dataset), params.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_idzoom)
     version, origin = dataset_version(data_dir)
+    # The val split (clean samples, no Clone Face): its loss every `train.eval_every` steps.
+    has_val = "split" in dataset.images_df and bool((dataset.images_df["split"] == "val").any())
+    val_loader = None
+    if cfg.eval_every > 0 and has_val:
+        val_set = IDZoomDataset(data_dir, params, split="val", clone_prob=0.0)
+        val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_idzoom)
+    elif cfg.eval_every > 0:
+        accelerator.print(
+            f"warning: {data_dir} has no val split: no validation loss (train.eval_every={cfg.eval_every}); "
+            "build the dataset with data.split.val > 0 or set train.eval_every=0"
+        )
 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # The LR schedule spans the configured run (`train.steps`), not this call's `--steps`: stopping early and
@@ -503,9 +613,13 @@ def train(
             }
         )
         tracker.log_dataset(dataset.images_df, data_dir, version, origin)
+        if cfg.eval_every > 0 and val_loader is None:
+            tracker.tag("val_loss", f"none: {data_dir.name} has no val split")
 
     schedule = MMFSchedule.from_params(params)
     texts = TextEncoderCache(backbone)
+    null_text = texts([""])  # (1, 77, C): what text dropout and CFG's unconditional branch both use
+    val_losses: dict[int, float] = {}
     per_epoch = len(loader)
     micro = step * cfg.grad_accum  # micro-batches consumed so far (checkpoints sit on step boundaries)
     epoch, skip = divmod(micro, per_epoch)
@@ -537,6 +651,8 @@ def train(
                         texts(batch["caption"]),
                         generator,
                         cfg.face_loss_weight,
+                        dropout=cfg.condition_dropout,
+                        null_text=null_text,
                     )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -568,6 +684,17 @@ def train(
                         },
                         step,
                     )
+                if val_loader is not None and (step % cfg.eval_every == 0 or step == total_steps):
+                    val_losses[step] = validation_loss(
+                        module,
+                        backbone,
+                        val_loader,
+                        texts,
+                        params.seed,
+                        cfg.face_loss_weight,
+                        accelerator.device,
+                    )
+                    tracker.metrics({"val_loss": val_losses[step]}, step)
                 if step % _METRICS_FLUSH_EVERY == 0:
                     tracker.flush()
                 if step % cfg.checkpoint_every == 0 or step == total_steps:
@@ -598,6 +725,7 @@ def train(
         dataset_version=version,
         steps_per_s=(step - start_step) / elapsed if elapsed > 0 else float("nan"),
         step_times=step_times,
+        val_losses=val_losses,
     )
 
 
@@ -619,24 +747,56 @@ def _replace_dir(target: Path, write) -> None:
 def _save_checkpoint(
     accelerator, module: nn.Module, out_dir: Path, step: int, tracker: _Tracker, extra: dict, params: Params
 ) -> None:
-    """`accelerator.save_state` (safetensors weights) + the adapter + trainer state, atomically; prune old ones."""
-    target = out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = target.with_name(f".{target.name}.tmp")
+    """`accelerator.save_state` into `checkpoints/checkpoint_<step>` (accelerate prunes to `total_limit`), then the
+    adapter and `trainer_state.json` (written last: only a folder holding it counts as a complete checkpoint)."""
+    target = out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process and target.exists():  # a leftover of an interrupted save at this step
+        shutil.rmtree(target)
+    accelerator.project_configuration.iteration = step  # the folder number is the step
+    accelerator.save_state(safe_serialization=True)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(module).adapter.save(tmp / "adapter")
+        accelerator.unwrap_model(module).adapter.save(target / "adapter")
         state = {"step": step, "run_id": tracker.run_id, "seed": params.seed, **extra}
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        atomic_write_text(target / STATE_FILE, json.dumps(state, indent=2))
         tracker.flush()
-        tracker.artifacts(target, f"checkpoints/{target.name}")
-        for old in list_checkpoints(out_dir)[: -params.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        if params.train.log_checkpoints:
+            tracker.artifacts(target, f"checkpoints/{target.name}")
     accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def validation_loss(
+    module: nn.Module,
+    backbone: Backbone,
+    loader: DataLoader,
+    texts: TextEncoderCache,
+    seed: int,
+    face_loss_weight: float,
+    device: torch.device,
+) -> float:
+    """Mean diffusion loss over the val split: fused conditions, no dropout, fixed noise per batch (comparable
+    across steps). Every process computes it over the whole split (it is small); the main process logs it."""
+    from accelerate.utils import send_to_device
+
+    from magicid.models.conditioning import make_condition
+
+    losses, weights = [], []
+    for index, batch in enumerate(loader):
+        batch = send_to_device(batch, device)
+        condition = make_condition(batch["skeleton"], batch["landmark"], "fused")
+        generator = step_generator(seed, VALIDATION_STREAM, index)
+        loss = diffusion_loss(
+            module, backbone, batch, condition, texts(batch["caption"]), generator, face_loss_weight
+        )
+        losses.append(float(loss))
+        weights.append(len(batch["caption"]))
+    return float(np.average(losses, weights=weights))
+
+
+def launched_by_accelerate() -> bool:
+    """Whether this process was started by `accelerate launch` (which sets ACCELERATE_* variables, e.g.
+    ACCELERATE_MIXED_PRECISION) or by a distributed launcher accelerate follows (torchrun: WORLD_SIZE > 1)."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def check_data_dir(data_dir: str | Path) -> Path:

@@ -20,6 +20,24 @@ def _inside(points: np.ndarray, box: np.ndarray, tol: float = 0.5) -> bool:
     )
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union)
+
+
+def _best_match(box: np.ndarray, faces: list[Face]) -> tuple[int, float]:
+    """(index, IoU) of the face in `faces` whose box overlaps `box` most."""
+    ious = [_iou(box, f.bbox) for f in faces]
+    return int(np.argmax(ious)), max(ious)
+
+
+def test_false_face_check_can_fail(t1_faces):
+    """The no-false-face check catches a box on no person even when the count is unchanged."""
+    planted = np.array([0, 0, 40, 40], np.float32)  # the top-left corner: nobody there
+    assert _best_match(planted, t1_faces)[1] < 0.4
+
+
 def _check_face(face: Face, image: np.ndarray) -> None:
     h, w = image.shape[:2]
     x0, y0, x1, y1 = face.bbox
@@ -64,14 +82,21 @@ def test_t1_faces_are_sorted_left_to_right_and_valid(t1, t1_faces):
 def test_t1_small_face_detection_counts(analyzer, t1, t1_faces, capsys):
     """All six at full size, >= 5 at half size; counts at 0.35x and 0.25x (faces ~0.5-1 % of the image)."""
     counts = {1.0: len(t1_faces)}
+    found_at = {}
     for scale in (0.5, 0.35, 0.25):
         small = cv2.resize(t1, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        counts[scale] = len(analyzer.analyze(small))
+        found_at[scale] = analyzer.analyze(small)
+        counts[scale] = len(found_at[scale])
     with capsys.disabled():
         print(f"\n[offline] t1 faces found by scale: {counts}")
     assert counts[1.0] == 6
     assert counts[0.5] >= 5
-    assert all(0 <= c <= 6 for c in counts.values())  # never more faces than people (no false positives)
+    # No false face: every face found at a smaller scale, scaled back, is one of the six found at full size,
+    # and no two of them are the same person (a false face plus a missed one would keep the count).
+    for scale, found in found_at.items():
+        matched = [_best_match(face.bbox / scale, t1_faces) for face in found]
+        assert all(iou > 0.4 for _, iou in matched), (scale, matched)
+        assert len({index for index, _ in matched}) == len(found), (scale, matched)
 
 
 def test_embedding_same_person_closer_than_different(analyzer, astronaut, astronaut_faces, hanks):
@@ -123,7 +148,22 @@ def test_pose_skeleton_belongs_to_the_face(astronaut, astronaut_faces):
     assert (shoulders[:, 1] > astronaut_faces[0].bbox[3]).all()  # shoulders below the face
 
 
-def test_backend_status_reports_both_backends(default_params):
+def test_backend_status_reports_both_backends(default_params, tmp_path):
+    """Each backend's status follows what is on disk: the offline one ships its models, insightface needs a
+    model folder (none by default; an empty one is named; a complete one is usable)."""
+    from magicid.faces.insightface_backend import EXPECTED_FILES
+
     status = backend_status(default_params)
     assert status["offline"].startswith("usable")
-    assert status["insightface"].startswith("unusable") or status["insightface"].startswith("usable")
+    assert default_params.faces.insightface_root is None
+    assert (
+        status["insightface"].startswith("unusable: ")
+        and "insightface_root is not set" in status["insightface"]
+    )
+    empty = default_params.faces.model_copy(update={"insightface_root": str(tmp_path)})
+    assert backend_status(empty)["insightface"].startswith("unusable: ")
+    folder = tmp_path / "models" / empty.insightface_model
+    folder.mkdir(parents=True)
+    for name in EXPECTED_FILES[empty.insightface_model]:
+        (folder / name).write_bytes(b"")  # status only checks the files are there; nothing is loaded
+    assert backend_status(empty)["insightface"] == f"usable (models in {folder})"

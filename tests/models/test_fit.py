@@ -111,7 +111,8 @@ def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
     fit_data, fit_params, tmp_path
 ):
     from magicid.models.backbone import check_sd_folder, load_backbone
-    from magicid.models.fit import REPORT_FILE, fit_backbone, load_fit_data
+    from magicid.models.fit import REPORT_FILE, fit_backbone
+    from magicid.training.fit_data import load_fit_data
 
     params = fit_params()
     fit_backbone(params, fit_data, tmp_path / "fitted", progress=False, track=False)
@@ -190,7 +191,7 @@ def test_augment_without_jitter_is_the_identity_and_flip_mirrors(fit_params):
 
 def test_bad_data_dir_is_a_clear_error(tmp_path, fit_params, repo_root):
     from magicid.cli import app
-    from magicid.models.fit import load_fit_data
+    from magicid.training.fit_data import load_fit_data
 
     with pytest.raises(DataError, match="build-data"):
         load_fit_data(tmp_path / "nope", fit_params().fit)
@@ -212,7 +213,7 @@ def test_bad_data_dir_is_a_clear_error(tmp_path, fit_params, repo_root):
 
 
 def test_empty_splits_selection_is_a_clear_error(fit_data, fit_params):
-    from magicid.models.fit import load_fit_data
+    from magicid.training.fit_data import load_fit_data
 
     with pytest.raises(DataError, match="fit.splits"):
         load_fit_data(fit_data, fit_params("fit.splits=[test]").fit)

@@ -9,10 +9,11 @@ from typer.testing import CliRunner
 
 from magicid.cli import app
 from magicid.config import load_params
-from magicid.errors import DataError, ModelInputError
+from magicid.errors import ConfigError, DataError, ModelInputError
 from magicid.generate import generate_image, generate_to_file, parse_boxes
 
 FAST = ["model.resolution=64", "model.num_inference_steps=2"]
+UNTRAINED = [*FAST, "model.untrained_adapter=true"]
 
 
 def test_parse_boxes_accepts_the_documented_form_and_names_bad_parts():
@@ -24,7 +25,7 @@ def test_parse_boxes_accepts_the_documented_form_and_names_bad_parts():
 
 
 def test_generate_is_deterministic_and_identities_change_the_image(fresh_backbone):
-    params = load_params(None, FAST)
+    params = load_params(None, UNTRAINED)
     plain = np.asarray(generate_image(params, "a photo of a person", 3, fresh_backbone, progress=False))
     again = np.asarray(generate_image(params, "a photo of a person", 3, fresh_backbone, progress=False))
     assert plain.shape == (64, 64, 3) and np.array_equal(plain, again)
@@ -42,11 +43,27 @@ def test_generate_is_deterministic_and_identities_change_the_image(fresh_backbon
     assert not np.array_equal(np.asarray(with_id), plain)
 
 
+def test_identities_without_a_trained_adapter_stop_unless_an_untrained_one_is_asked_for(fresh_backbone):
+    embedding = np.zeros(128, np.float32)
+    embedding[0] = 1
+    for layout in ([(8, 8, 40, 40)], None):
+        with pytest.raises(ConfigError, match="magicid train") as raised:
+            generate_image(load_params(None, FAST), "a person", 0, fresh_backbone, False, [embedding], layout)
+        assert "model.adapter_path" in str(raised.value) and "--untrained-adapter" in str(raised.value)
+    # Plain text-to-image needs no adapter.
+    assert generate_image(load_params(None, FAST), "a person", 0, fresh_backbone, progress=False).size == (
+        64,
+        64,
+    )
+
+
 def test_cli_generate_with_boxes_and_missing_ref(tmp_path):
     runner = CliRunner()
     out = tmp_path / "out.png"
     base = ["--set", FAST[0], "--set", FAST[1], "generate", "-p", "two people", "-o", str(out)]
     result = runner.invoke(app, base + ["--boxes", "4,4,28,28;36,36,60,60"])
+    assert result.exit_code == 2 and "model.adapter_path is null" in result.output and not out.exists()
+    result = runner.invoke(app, base + ["--boxes", "4,4,28,28;36,36,60,60", "--untrained-adapter"])
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (64, 64)
     result = runner.invoke(app, base + ["--ref", str(tmp_path / "missing.png")])
@@ -58,7 +75,7 @@ def test_cli_generate_with_boxes_and_missing_ref(tmp_path):
 @pytest.mark.slow
 def test_generate_from_a_reference_photo_with_the_offline_face_backend(tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
-    params = load_params(None, FAST)
+    params = load_params(None, UNTRAINED)
     ref = tmp_path / "astronaut.png"
     Image.fromarray(skimage_data.astronaut()).save(ref)
     try:

@@ -136,7 +136,7 @@ def test_bad_identity_and_layout_inputs_raise_clear_errors(fresh_backbone):
 
 
 def test_masks_from_landmark_and_skeleton_maps_are_one_per_face_left_to_right(fresh_backbone):
-    from magicid.data.conditions import render_skeleton_map
+    from magicid.imaging.conditions import render_skeleton_map
 
     height, width = 128, 192
     landmark = render_box_landmarks(height, width, [(120, 30, 170, 80), (10, 40, 60, 90)])

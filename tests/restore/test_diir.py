@@ -13,21 +13,18 @@ import torch
 from PIL import Image
 
 from magicid.config import load_params
-from magicid.data.crops import expand_box, zoom_crop
-from magicid.restore.diir import (
-    DIIR,
-    ReferenceIdentity,
-    blend_alpha,
-    choose_bucket,
-    compose,
+from magicid.imaging.crops import expand_box, zoom_crop
+from magicid.restore.diir import DIIR
+from magicid.restore.inversion import (
     ddim_invert,
     ddim_reconstruct,
     ddim_step,
-    hungarian_assign,
     inverse_step_noise_coefficient,
-    predict_noise,
     strength_timesteps,
 )
+from magicid.restore.matching import ReferenceIdentity, hungarian_assign
+from magicid.restore.noise import noise_function
+from magicid.restore.plan import blend_alpha, choose_bucket, compose
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +52,7 @@ def _params(**diir):
 
 
 def _diir(backbone, params, adapter=None) -> DIIR:
-    return DIIR(backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler,
-                adapter=adapter, params=params)  # fmt: skip
+    return DIIR.from_backbone(backbone, adapter=adapter, params=params)
 
 
 BOXES = [(40, 40, 68, 68), (150, 30, 190, 70), (100, 160, 124, 184)]  # 28, 40, 24 px faces
@@ -90,11 +86,10 @@ def test_fixed_point_inversion_round_trips(tiny_backbone, text, astronaut, defau
     cond = text.expand(len(crops), -1, -1)
     figures = {}
     for name, iters in (("plain", 0), ("fixed_point", cfg.inversion_iters)):
-        inverted = ddim_invert(tiny_backbone.unet, tiny_backbone.scheduler, latents, cond, 10, 0.5,
-                               max_iters=iters, tol=cfg.inversion_tol)  # fmt: skip
-        rec = ddim_reconstruct(
-            tiny_backbone.unet, tiny_backbone.scheduler, inverted.latents, cond, inverted.timesteps
-        )
+        noise_fn = noise_function(tiny_backbone.unet, tiny_backbone.scheduler, cond)
+        inverted = ddim_invert(noise_fn, tiny_backbone.scheduler, latents, 10, 0.5, max_iters=iters,
+                               tol=cfg.inversion_tol)  # fmt: skip
+        rec = ddim_reconstruct(noise_fn, tiny_backbone.scheduler, inverted.latents, inverted.timesteps)
         figures[name] = float(((rec - latents) ** 2).mean() / latents.var())
         figures[f"{name}_evals"] = inverted.sample_evals / len(crops)
     print(f"inversion_mse_plain: {figures['plain']:.3g}  inversion_mse_fixed_point: {figures['fixed_point']:.3g}  "
@@ -135,12 +130,14 @@ def test_refinement_evaluates_only_unconverged_samples(tiny_backbone, text):
     unet, scheduler = tiny_backbone.unet, tiny_backbone.scheduler
     sizes: list[int] = []
 
-    def counting(x, t, c):
+    noise_fn = noise_function(unet, scheduler, cond)
+
+    def counting(x, t, rows):
         sizes.append(x.shape[0])
-        return predict_noise(unet, scheduler, x, t, c)
+        return noise_fn(x, t, rows)
 
     steps_done: list[int] = []
-    batched = ddim_invert(unet, scheduler, latents, cond, 10, 0.5, max_iters=4, tol=2e-3, noise_fn=counting,
+    batched = ddim_invert(counting, scheduler, latents, 10, 0.5, max_iters=4, tol=2e-3,
                           progress=steps_done.append)  # fmt: skip
     assert steps_done == [0, 1, 2, 3, 4]  # one progress call per inverse step, however many refinements
     assert sum(sizes) == batched.sample_evals and len(sizes) == batched.unet_calls
@@ -148,7 +145,8 @@ def test_refinement_evaluates_only_unconverged_samples(tiny_backbone, text):
     assert len(set(batched.iterations.sum(0).tolist())) > 1  # samples stopped at different iterations
     assert (batched.error_estimate[batched.iterations < 4] < 2e-3).all()  # stopped early only when converged
     for i in range(3):
-        alone = ddim_invert(unet, scheduler, latents[i : i + 1], cond[:1], 10, 0.5, max_iters=4, tol=2e-3)
+        alone = ddim_invert(noise_function(unet, scheduler, cond[:1]), scheduler, latents[i : i + 1], 10, 0.5,
+                            max_iters=4, tol=2e-3)  # fmt: skip
         torch.testing.assert_close(alone.latents, batched.latents[i : i + 1], rtol=1e-3, atol=1e-4)
         assert alone.iterations[:, 0].tolist() == batched.iterations[:, i].tolist()
 

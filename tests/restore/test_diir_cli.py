@@ -12,6 +12,15 @@ from magicid.cli import app
 runner = CliRunner()
 
 
+def test_restore_without_a_trained_adapter_says_how_to_get_one(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    result = runner.invoke(app, ["restore", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.png")])
+    assert (
+        result.exit_code == 2 and "magicid train" in result.output and "--untrained-adapter" in result.output
+    )
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_missing_input_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["restore", str(tmp_path / "nope.png"), "--out", str(tmp_path / "o.png")])
     assert result.exit_code == 2
@@ -28,7 +37,7 @@ def test_restore_writes_output_and_comparison(tmp_path):
     out = tmp_path / "out.png"
     result = runner.invoke(
         app, ["restore", str(tmp_path / "in.png"), "--ref", str(tmp_path / "ref.png"), "--out", str(out),
-              "--faces", "all"],
+              "--faces", "all", "--untrained-adapter"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "identity ref.png" in result.output

@@ -113,3 +113,22 @@ def test_weight_map_is_the_area_fraction_of_face_per_latent_cell():
     prediction[..., 7, 7] = 1.0
     background_error = weighted_diffusion_loss(prediction, target, weight[None, None])
     torch.testing.assert_close(face_error, 3.0 * background_error)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clone_masks_are_the_clones_face_boxes(seed):
+    """With the face's place in the crop given, each clone's mask is its face box, not the pasted square."""
+    size, face_box = 128, (0.25, 0.2, 0.75, 0.8)  # the crop's margin around its face box
+    background = np.zeros((size, size, 3), dtype=np.uint8)
+    sample = make_clone_face_sample(
+        _crop(seed), size, PARAMS, np.random.default_rng(seed), background=background, face_box=face_box
+    )
+    pasted = (sample.image != background).any(axis=-1)
+    assert sample.union.astype(bool).sum() < pasted.sum()  # smaller than the pasted crops
+    assert not (sample.union.astype(bool) & ~pasted).any()  # and inside them
+    for mask, (x0, y0, x1, _y1), face in zip(sample.masks, sample.boxes, sample.face_boxes, strict=True):
+        side = x1 - x0
+        ys, xs = np.nonzero(mask)
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == tuple(face)
+        expected = (x0 + 0.25 * side, y0 + 0.2 * side, x0 + 0.75 * side, y0 + 0.8 * side)
+        assert np.abs(np.asarray(face, float) - expected).max() <= 1.0

@@ -130,3 +130,23 @@ def render_landmark_map(height: int, width: int, faces_landmarks) -> np.ndarray:
             for x, y in xy:
                 cv2.circle(canvas, (int(x), int(y)), thickness, (255, 255, 255), -1, cv2.LINE_AA)
     return canvas
+
+
+def template_landmarks(box) -> np.ndarray:
+    """(478, 2) float32: the face-mesh template (`mesh_template.MESH_TEMPLATE_XY`) fitted to a face box.
+
+    What a box-only layout draws in each box, so that the ControlNet sees the same kind of landmark map as
+    in training (real 478-point meshes drawn by `render_landmark_map`), not a different drawing.
+
+    Args:
+        box: `x0, y0, x1, y1` in pixels (a face detection box, or a layout box meant as one).
+    """
+    from magicid.imaging.mesh_template import MESH_TEMPLATE_XY
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"expected a box x0 < x1, y0 < y1, got {tuple(box)}")
+    template = np.asarray(MESH_TEMPLATE_XY, np.float32)  # (478, 2) in box coordinates
+    return (template * np.array([x1 - x0, y1 - y0], np.float32) + np.array([x0, y0], np.float32)).astype(
+        np.float32
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from magicid.data.conditions import render_landmark_map, render_skeleton_map
-from magicid.data.crops import expand_box, person_box, zoom_crop
+from magicid.imaging.conditions import render_landmark_map, render_skeleton_map
+from magicid.imaging.crops import expand_box, person_box, zoom_crop
 
 
 def test_expand_box_is_square_inside_and_contains_the_face():

@@ -1,0 +1,111 @@
+"""The noise function DIIR inverts and denoises with: MagicID's one denoising step, read as epsilon.
+
+The model evaluation is `magicid.models.denoise.guided_prediction` (ControlNet residuals -> MGMICA identities
+-> UNet -> CFG, one CFG rule for the pipeline, DIIR and training) over `StepConditions`; here it is converted
+to epsilon whatever the scheduler's prediction type (`predict_noise`) and bound, with a UNet, scheduler and
+the batch's conditions, into the `NoiseFn` that `magicid.restore.inversion` iterates on (`noise_function`).
+`encode_prompt` gives the text conditions of SD 1.x and SDXL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from magicid.errors import MagicIDError
+from magicid.models.denoise import StepConditions, guided_prediction
+from magicid.restore.inversion import NoiseFn, alpha_prod
+
+
+def has_mgmica(unet: torch.nn.Module) -> bool:
+    """Whether MGMICA is installed on `unet`."""
+    from magicid.models.mgmica import mgmica_context
+
+    return mgmica_context(unet) is not None
+
+
+def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, prediction_type: str):
+    """The model output of any diffusers prediction type as a noise prediction epsilon (alpha: alpha-bar_t)."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
+    if prediction_type == "sample":
+        return (sample - alpha**0.5 * model_output) / (1 - alpha) ** 0.5
+    raise MagicIDError(
+        f"scheduler prediction_type={prediction_type!r}: DIIR supports epsilon, v_prediction, sample"
+    )
+
+
+@torch.no_grad()
+def predict_noise(
+    unet: torch.nn.Module, scheduler: Any, sample: torch.Tensor, timestep: int, conditions: StepConditions
+) -> torch.Tensor:
+    """epsilon(x_t, t) for a batch: MagicID's denoising step (`guided_prediction`) as `conditions` say.
+
+    Args:
+        sample: latents x_t (B, 4, h, w).
+        timestep: the training timestep t (an int in [0, num_train_timesteps)).
+        conditions: the batch's `StepConditions` (batch B).
+
+    Returns:
+        The noise prediction (B, 4, h, w), converted to epsilon whatever the scheduler's prediction type.
+    """
+    out = guided_prediction(unet, sample, torch.tensor(timestep, device=sample.device), conditions)
+    alpha = alpha_prod(scheduler, timestep).to(sample.device, sample.dtype)
+    return to_epsilon(out, sample, alpha, scheduler.config.prediction_type)
+
+
+def noise_function(
+    unet: torch.nn.Module, scheduler: Any, conditions: StepConditions | torch.Tensor
+) -> NoiseFn:
+    """`(x, t, rows) -> eps` over `unet` with the rows `rows` of `conditions` (the inversion's `NoiseFn`).
+
+    Args:
+        conditions: the whole batch's `StepConditions` (batch B), or text embeddings (B, L, C) alone.
+    """
+    if isinstance(conditions, torch.Tensor):
+        conditions = StepConditions(text=conditions)
+    whole = conditions
+
+    def noise_fn(sample: torch.Tensor, timestep: int, rows: torch.Tensor) -> torch.Tensor:
+        if len(rows) != sample.shape[0]:
+            raise MagicIDError(f"noise function: {len(rows)} rows for a batch of {sample.shape[0]} latents")
+        sub = whole if len(rows) == whole.batch_size else whole.select(rows)
+        return predict_noise(unet, scheduler, sample, timestep, sub)
+
+    return noise_fn
+
+
+def encode_prompt(
+    encoders: Sequence[tuple[Any, torch.nn.Module]], prompt: str, sdxl: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings (1, L, C) and SDXL's pooled text embedding (1, C_pool) (None for SD 1.x).
+
+    SD 1.x: the encoder's last hidden state. SDXL, as its pipeline does: both encoders' penultimate hidden
+    states concatenated on C, the pooled output of the second (a `CLIPTextModelWithProjection`).
+
+    Args:
+        encoders: `(tokenizer, text_encoder)` pairs: one for SD 1.x, two for SDXL.
+    """
+    hidden, pooled = [], None
+    with torch.no_grad():
+        for tokenizer, encoder in encoders:
+            ids = tokenizer(
+                prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)  # fmt: skip
+            if not sdxl:
+                hidden.append(encoder(ids)[0])
+                continue
+            output = encoder(ids, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            if output[0].ndim == 2:  # text_embeds (1, C_pool) of the encoder with projection
+                pooled = output[0]
+    if sdxl and pooled is None:
+        raise MagicIDError(
+            "DIIR (SDXL): text_encoder_2 must be a CLIPTextModelWithProjection (pooled output)"
+        )
+    return torch.cat(hidden, dim=-1), pooled
