@@ -274,7 +274,7 @@ def main() -> None:
             fitted_dir = args.fitted
             seconds = json.loads((fitted_dir / "fit_report.json").read_text())["seconds_this_call"]
         else:
-            from magicid.models.fit import fit_backbone
+            from magicid.training.fit import fit_backbone
 
             start = time.perf_counter()
             fitted_dir = fit_backbone(

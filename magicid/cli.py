@@ -198,7 +198,7 @@ def fit_backbone(
     progress: ProgressOption = True,
 ) -> None:
     """Fit the tiny backbone (VAE, then UNet) on an IDZoom version; writes a diffusers SD folder, tracked in MLflow."""
-    from magicid.models.fit import fit_backbone as run_fit
+    from magicid.training.fit import fit_backbone as run_fit
 
     params = _params(ctx)
     try:

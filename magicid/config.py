@@ -248,7 +248,7 @@ class FitQualityParams(_Section):
 
 
 class FitParams(_Section):
-    """`magicid fit-backbone`: fitting the tiny backbone to an IDZoom version (`models/fit.py`)."""
+    """`magicid fit-backbone`: fitting the tiny backbone to an IDZoom version (`training/fit.py`)."""
 
     out_dir: str = "models/fitted_tiny"
     splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]

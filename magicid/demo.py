@@ -3,7 +3,7 @@
 1. sample-data: a raw set from photos shipped in pip packages (+ composited group photos down to ~2 % faces);
 2. build IDZoom (faces, landmarks, embeddings, zoomed crops, skeletons, condition maps; quarantine);
 3. validate it (Great Expectations checkpoint; fails loudly with the data-docs path);
-3b. fit the tiny backbone to it (`models/fit.py`), once: the fitted folder is reused while its inputs (dataset
+3b. fit the tiny backbone to it (`training/fit.py`), once: the fitted folder is reused while its inputs (dataset
    version + `fit` params + seed, its `fit_key.json`) are unchanged;
 4. train the adapter (MMF schedule + Clone Face Tuning; MLflow on local SQLite);
 5. generate a two-person group photo with MGMICA, each identity bound to its own face box;
@@ -74,7 +74,7 @@ def run_demo(
 
     # 3b. The fitted tiny backbone (fitted once, reused while its inputs are unchanged), loaded as SD 1.5 is.
     if params.model.backbone == "tiny" and not random_backbone:
-        from magicid.models.fit import ensure_fitted_backbone
+        from magicid.training.fit import ensure_fitted_backbone
 
         fitted = ensure_fitted_backbone(
             params, out_dir / "idzoom", out_dir / "fitted_backbone", progress=progress

@@ -1,7 +1,6 @@
 """The fitted backbone's training data: an IDZoom version's images and zoomed face crops in memory.
 
-Reading a dataset version is the data layer's business, so it lives here, beside the adapter's dataset:
-`models/fit.py` (the fitting itself) imports nothing from `magicid.data`.
+Kept apart from `training/fit.py` (the fitting itself), as the adapter's dataset is kept apart from its trainer.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def fitted_on_sample(tmp_path_factory):
     from magicid.data.builder import build_idzoom
     from magicid.data.sample import build_sample_set
     from magicid.models.backbone import load_sd_folder
-    from magicid.models.fit import fit_backbone
+    from magicid.training.fit import fit_backbone
 
     root = tmp_path_factory.mktemp("fitdir")
     params = load_params(

@@ -64,7 +64,7 @@ def _same(a, b) -> bool:
 
 def test_fit_changes_weights_and_is_deterministic_by_seed(fit_data, fit_params, tmp_path):
     from magicid.models.backbone import build_tiny_backbone
-    from magicid.models.fit import fit_backbone
+    from magicid.training.fit import fit_backbone
 
     first = fit_backbone(fit_params(), fit_data, tmp_path / "a", progress=False, track=False)
     fit_backbone(fit_params(), fit_data, tmp_path / "b", progress=False, track=False)
@@ -82,7 +82,7 @@ def test_fit_changes_weights_and_is_deterministic_by_seed(fit_data, fit_params, 
 
 @pytest.mark.parametrize("stop_after", [1, 3])  # inside the VAE phase, inside the UNet phase
 def test_resume_reaches_the_uninterrupted_weights(fit_data, fit_params, tmp_path, stop_after):
-    from magicid.models.fit import fit_backbone
+    from magicid.training.fit import fit_backbone
 
     fit_backbone(fit_params(), fit_data, tmp_path / "whole", progress=False, track=False)
     stopped = fit_backbone(
@@ -96,7 +96,7 @@ def test_resume_reaches_the_uninterrupted_weights(fit_data, fit_params, tmp_path
 
 
 def test_resume_refuses_a_missing_or_foreign_checkpoint(fit_data, fit_params, tmp_path):
-    from magicid.models.fit import fit_backbone
+    from magicid.training.fit import fit_backbone
 
     with pytest.raises(ConfigError, match="no checkpoint"):
         fit_backbone(fit_params(), fit_data, tmp_path / "x", progress=False, track=False, resume=True)
@@ -111,7 +111,7 @@ def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
     fit_data, fit_params, tmp_path
 ):
     from magicid.models.backbone import check_sd_folder, load_backbone
-    from magicid.models.fit import REPORT_FILE, fit_backbone
+    from magicid.training.fit import REPORT_FILE, fit_backbone
     from magicid.training.fit_data import load_fit_data
 
     params = fit_params()
@@ -142,7 +142,7 @@ def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
 def test_fit_is_tracked_in_mlflow(fit_data, fit_params, tmp_path):
     from mlflow import MlflowClient
 
-    from magicid.models.fit import fit_backbone
+    from magicid.training.fit import fit_backbone
 
     params = fit_params()
     result = fit_backbone(params, fit_data, tmp_path / "tracked", progress=False, track=True)
@@ -157,7 +157,7 @@ def test_fit_is_tracked_in_mlflow(fit_data, fit_params, tmp_path):
 
 
 def test_ensure_fitted_backbone_reuses_while_inputs_are_unchanged(fit_data, fit_params, tmp_path):
-    from magicid.models.fit import KEY_FILE, ensure_fitted_backbone
+    from magicid.training.fit import KEY_FILE, ensure_fitted_backbone
 
     first = ensure_fitted_backbone(fit_params(), fit_data, tmp_path / "cached", progress=False, track=False)
     again = ensure_fitted_backbone(fit_params(), fit_data, tmp_path / "cached", progress=False, track=False)
@@ -171,7 +171,7 @@ def test_ensure_fitted_backbone_reuses_while_inputs_are_unchanged(fit_data, fit_
 
 
 def test_augment_without_jitter_is_the_identity_and_flip_mirrors(fit_params):
-    from magicid.models.fit import augment
+    from magicid.training.fit import augment
 
     images = torch.rand(3, 3, 64, 64) * 2 - 1
     still = fit_params(
@@ -224,7 +224,7 @@ def test_adapter_trains_on_the_fitted_backbone_through_the_cli(fit_data, fit_par
     from mlflow import MlflowClient
 
     from magicid.cli import app
-    from magicid.models.fit import fit_backbone
+    from magicid.training.fit import fit_backbone
 
     params = fit_params()
     fit_backbone(params, fit_data, tmp_path / "fitted", progress=False, track=False)
