@@ -17,7 +17,11 @@ then the other method; five pairs, `--quick` one): both runs of a pair see the s
 drifts by tens of percent on a shared machine; `..._pair_min` / `..._pair_max` give the pairs' range. The
 host's speed is gauged before and after the tiny config (`host_unet_ms_batch4_latent24_start` / `_end`, see
 `host_speed_ms`): read the ratios with it. `--quick` also runs the compute config smaller (256 x 256 crops)
-under the same names.
+under its own names (`..._compute_quick`).
+
+Network evaluations: DIIR runs the MMF ControlNet next to the UNet at every noise evaluation (landmark
+conditioning), the baseline none; so `diir_unet_calls` and `unet_sample_evals_ratio_*` count the UNet's and
+the ControlNet's evaluations together (`diir_controlnet_calls_*` gives the ControlNet's share).
 
 Prints `name: value` lines only. Targets (CPU, tiny): diir_vs_adetailer_8faces <= 1.5,
 diir_batched_vs_sequential_8faces <= 0.6, inversion_mse_fixed_point <= 1e-5.
@@ -225,19 +229,20 @@ def run_config(
     repeats: int,
     face_px: int | None,
 ) -> dict:
-    compute = name == "compute"
+    compute = name.startswith("compute")
     backbone, adapter = build(config, params)
     results: dict[str, float] = {}
     if not compute:
         results["host_unet_ms_batch4_latent24_start"] = host_speed_ms(backbone)
     counter = CallCounter(backbone.unet)
+    control_counter = CallCounter(adapter.controlnet)
     diir = DIIR.from_backbone(backbone, adapter=adapter, params=params)
     sequential = DIIR.from_backbone(backbone, adapter=adapter, params=params.model_copy(
         update={"diir": params.diir.model_copy(update={"batch": 1})}))  # fmt: skip
     for restorer in (diir, sequential):
         restorer.set_progress_bar_config(disable=True)
     pipe = inpaint_pipe(backbone)
-    suffix = "_compute" if compute else ""
+    suffix = f"_{name}" if compute else ""
     for n in counts:
         image, faces = composite(n, face_px)
         label = f"{n}face" if n == 1 else f"{n}faces"
@@ -251,8 +256,12 @@ def run_config(
 
         # The counted runs double as warm-up.
         counter.reset()
+        control_counter.reset()
         run_diir()
-        diir_calls, diir_rows = counter.calls, counter.rows
+        # UNet + ControlNet evaluations (the baseline runs no ControlNet).
+        diir_calls = counter.calls + control_counter.calls
+        diir_rows = counter.rows + control_counter.rows
+        results[f"diir_controlnet_calls_{label}{suffix}"] = control_counter.calls
         counter.reset()
         run_adetailer()
         ad_calls, ad_rows = counter.calls, counter.rows
@@ -304,7 +313,8 @@ def main() -> None:
     )
     # Full: 2x wider at 512 x 512 crops (4x wider took well over 5 minutes on 2 shared CPU cores).
     wide = TinyBackboneConfig(block_out_channels=(64, 128, 128))
-    compute = run_config("compute", wide, [8], compute_params, 1, 64 if args.quick else 128)
+    compute_name = "compute_quick" if args.quick else "compute"
+    compute = run_config(compute_name, wide, [8], compute_params, 1, 64 if args.quick else 128)
     figures = {**tiny, **compute}
     figures["diir_bg_psnr"] = min(v for k, v in figures.items() if k.startswith("diir_bg_psnr_"))
     figures["adetailer_bg_psnr"] = min(v for k, v in figures.items() if k.startswith("adetailer_bg_psnr_"))
@@ -314,7 +324,7 @@ def main() -> None:
         "diir_vs_adetailer_1face", "diir_vs_adetailer_4faces", "diir_vs_adetailer_8faces",
         "diir_batched_vs_sequential_8faces", "diir_bg_psnr", "adetailer_bg_psnr",
         "inversion_mse_plain", "inversion_mse_fixed_point", "diir_unet_calls", "adetailer_unet_calls",
-        "diir_vs_adetailer_8faces_compute", "unet_sample_evals_ratio_8faces_compute",
+        f"diir_vs_adetailer_8faces_{compute_name}", f"unet_sample_evals_ratio_8faces_{compute_name}",
     ]  # fmt: skip
     for key in order + sorted(k for k in figures if k not in order):
         value = figures[key]

@@ -150,3 +150,16 @@ def template_landmarks(box) -> np.ndarray:
     return (template * np.array([x1 - x0, y1 - y0], np.float32) + np.array([x0, y0], np.float32)).astype(
         np.float32
     )
+
+
+def box_from_mesh_extent(drawn_box) -> tuple[float, float, float, float]:
+    """The face box whose template mesh (`template_landmarks`) spans `drawn_box` (x0, y0, x1, y1 px): the
+    inverse of drawing a box's template, for reading face boxes back from a landmark map."""
+    from magicid.imaging.mesh_template import MESH_TEMPLATE_XY
+
+    template = np.asarray(MESH_TEMPLATE_XY, np.float64)
+    low, high = template.min(axis=0), template.max(axis=0)  # the mesh's extent inside its box (fractions)
+    x0, y0, x1, y1 = (float(v) for v in drawn_box)
+    width, height = (x1 - x0) / (high[0] - low[0]), (y1 - y0) / (high[1] - low[1])
+    left, top = x0 - low[0] * width, y0 - low[1] * height
+    return left, top, left + width, top + height

@@ -137,7 +137,10 @@ def boxes_from_landmark_map(landmark_map: np.ndarray, margin: float = 0.1) -> li
     drawn = landmark_map.max(axis=2) > 0
     join = max(1, round(max(height, width) / 128))
     boxes = _component_boxes(drawn, join, min_area=4)
-    return [_grow(b, margin, height, width) for b in boxes]
+    # A drawing is a face mesh: its face box is the one whose mesh template spans the drawing.
+    from magicid.imaging.conditions import box_from_mesh_extent
+
+    return [_grow(box_from_mesh_extent(b), margin, height, width) for b in boxes]
 
 
 def boxes_from_skeleton_map(skeleton_map: np.ndarray, margin: float = 0.4) -> list[Box]:
