@@ -31,6 +31,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from flows.common import (
+    api_for_worker_processes,
     cache_key,
     dask_runner,
     flow_params,
@@ -130,8 +131,12 @@ def run_dvc(project_dir: str, *args: str) -> str:
 
 @task(name="dvc-repro", **IO_RETRIES)
 def dvc_repro(project_dir: str, stages: list[str]) -> str:
+    from magicid.native_logs import is_native_noise
+
     output = run_dvc(project_dir, "repro", *stages)
-    get_run_logger().info("dvc repro %s:\n%s", " ".join(stages), output)
+    # The stage commands' native INFO/WARNING chatter (MediaPipe, TF Lite) stays out of the log; errors stay.
+    shown = [line for line in output.splitlines() if not is_native_noise(line.encode())]
+    get_run_logger().info("dvc repro %s:\n%s", " ".join(stages), "\n".join(shown))
     return output
 
 
@@ -250,8 +255,9 @@ def build_idzoom_flow(
     # Fan-out: shards analysed by the flow's task runner, journalled in the dataset folder.
     pending = pending_inputs(input_dir, out_dir, params)
     shards = _shards(pending, params.orchestration.preprocess_shards)
-    futures = [analyse_shard.submit(input_dir, out_dir, params, shard) for shard in shards]
-    n_analysed = sum(future.result() for future in futures)
+    with api_for_worker_processes():
+        futures = [analyse_shard.submit(input_dir, out_dir, params, shard) for shard in shards]
+        n_analysed = sum(future.result() for future in futures)
     logger.info("IDZoom: %d inputs to analyse in %d shards", len(pending), len(shards))
 
     if use_dvc:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,27 @@ def local_process_pool(workers: int):
     from prefect.task_runners import ProcessPoolTaskRunner
 
     return ProcessPoolTaskRunner(max_workers=workers)
+
+
+@contextmanager
+def api_for_worker_processes() -> Iterator[str]:
+    """Point worker processes started inside the block (process-pool task runner) at this process's Prefect API.
+
+    Without a configured server each process would otherwise start an ephemeral API server of its own (tens of
+    seconds each on a busy machine); with `PREFECT_API_URL` in their environment they report to ours.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 def dask_runner(address: str):

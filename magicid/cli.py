@@ -104,10 +104,13 @@ def demo(
     ] = Path("."),
 ) -> None:
     """Run the `retrain` flow end to end on the embedded offline defaults, then generate and restore."""
+    import os
     import time
 
     from magicid.native_logs import filter_native_stderr
 
+    # Without a server Prefect starts a local API process; on a busy 2-core machine it can take over 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     started = time.perf_counter()
     use_dvc = (project / "dvc.yaml").is_file()
     if not use_dvc:

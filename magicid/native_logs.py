@@ -86,5 +86,5 @@ def filter_native_stderr() -> Iterator[dict[str, int]]:
         sys.stderr = saved_stderr
         os.dup2(original_fd, 2)  # closes the pipe's last write end: the reader drains and stops
         reader.join(timeout=5)
-        python_stderr.close()
         os.close(original_fd)
+        # `python_stderr` stays open: loggers configured inside the block (Prefect's console) may still hold it.
