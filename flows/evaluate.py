@@ -33,15 +33,14 @@ EVAL_SECTIONS = ("seed", "model", "eval", "faces", "tracking", "promotion")
 def registry_available() -> bool:
     """Whether this checkout has the registry and evaluation (`magicid.registry`, `magicid.evaluation`, issue 14)."""
     return all(
-        importlib.util.find_spec(name) is not None
-        for name in ("magicid.registry", "magicid.evaluation.evaluate")
+        importlib.util.find_spec(name) is not None for name in ("magicid.registry", "magicid.evaluation.run")
     )
 
 
 def _require_registry() -> None:
     if not registry_available():
         raise ConfigError(
-            "evaluate/promote: magicid.registry and magicid.evaluation.evaluate are not in this checkout (issue 14)"
+            "evaluate/promote: magicid.registry and magicid.evaluation.run are not in this checkout (issue 14)"
         )
 
 
@@ -91,19 +90,22 @@ def register(params: Params, adapter_dir: str, run_id: str | None) -> dict:
     retry_delay_seconds=2,
     retry_condition_fn=retry_on_io,
 )
-def evaluate_model(params: Params, model_uri: str) -> dict:
+def evaluate_model(params: Params, model_uri: str, dataset_dir: str | None = None) -> dict:
     """`{"version", "run_id", "report", "slices": {slice: {metric: value}}}` of one evaluation.
 
-    MERGE: the one call into issue 14's evaluation entry point (`magicid evaluate --model URI`).
+    The one call into the evaluation entry point (`magicid evaluate --model URI`, issue 14).
     """
-    from magicid.evaluation.evaluate import evaluate_model as run_evaluation
+    from magicid.evaluation.run import evaluate_model as run_evaluation
 
-    result = run_evaluation(params, model_uri, progress=False)
+    result = run_evaluation(params, model_uri, dataset_dir=dataset_dir, progress=False)
     return {
         "version": _resolve(params, model_uri),
         "run_id": result.run_id,
-        "report": str(result.report_path),
-        "slices": {str(name): dict(values) for name, values in result.slices.items()},
+        "report": str(result.out_dir),
+        "slices": {
+            str(name): {k: v for k, v in values.items() if isinstance(v, (int, float))}
+            for name, values in result.metrics["slices"].items()
+        },
     }
 
 
@@ -123,13 +125,14 @@ def evaluate_flow(
     model_uri: str = "models:/magicid@challenger",
     params_path: str | None = "params.yaml",
     overrides: list[str] | None = None,
+    dataset_dir: str | None = None,
 ) -> dict:
-    """Evaluate `model_uri`; returns its metrics per slice."""
+    """Evaluate `model_uri` on the evaluation set of `dataset_dir` (default `data.out_dir`); metrics per slice."""
     _require_registry()
     if params_path and not Path(params_path).exists():
         params_path = None
     params = flow_params(params_path, overrides)
-    result = evaluate_model(params, model_uri)
+    result = evaluate_model(params, model_uri, dataset_dir)
     publish("evaluation-metrics", metrics_markdown(result, params), f"metrics per slice of {model_uri}")
     get_run_logger().info("evaluated %s (%d slices)", result["version"], len(result["slices"]))
     return result

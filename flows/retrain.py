@@ -101,11 +101,16 @@ def retrain_flow(
     params = flow_params(params_path, overrides)
     out["model"] = register(params, out["train"]["adapter_dir"], out["train"]["run_id"])
     challenger_uri = f"models:/{out['model']['name']}/{out['model']['version']}"
-    out["evaluation"] = evaluate_flow(challenger_uri, params_path=params_path, overrides=overrides)
+    out["evaluation"] = evaluate_flow(
+        challenger_uri, params_path=params_path, overrides=overrides, dataset_dir=data_dir
+    )
     champion = _champion_version(params)
     if champion is not None and champion != out["model"]["version"]:
         out["champion_evaluation"] = evaluate_flow(
-            f"models:/{out['model']['name']}/{champion}", params_path=params_path, overrides=overrides
+            f"models:/{out['model']['name']}/{champion}",
+            params_path=params_path,
+            overrides=overrides,
+            dataset_dir=data_dir,
         )
     out["promotion"] = promote_flow(params_path=params_path, overrides=overrides)
     return out
