@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 # absl/glog prefix: severity letter, MMDD, time, thread id, file:line]. Only I(nfo) and W(arning) are dropped.
 _NOISE = re.compile(
-    rb"^(?:[IW]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [\w./-]+:\d+\]"
+    rb"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w./-]+:\d+\]"
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|INFO: Created TensorFlow Lite \w+ delegate for \w+\.)"
 )
