@@ -120,3 +120,15 @@ def mlflow_run_link(params: Params, run_id: str | None) -> str:
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/0/runs/{run_id}  (run {run_id})"
     return f"run `{run_id}` (open with `mlflow ui --backend-store-uri {uri}`)"
+
+
+def has_module(name: str) -> bool:
+    """Whether `name` (a `magicid.` submodule) is part of the imported `magicid` package's own folder; a module
+    another checkout's editable install would supply does not count (it would not match this code)."""
+    import importlib.util
+
+    import magicid
+
+    spec = importlib.util.find_spec(name)
+    root = Path(magicid.__file__).resolve().parent
+    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().is_relative_to(root)

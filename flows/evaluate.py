@@ -9,7 +9,6 @@ Run locally: `python -m flows.evaluate --model models:/magicid@challenger`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -18,6 +17,7 @@ from flows.common import (
     cache_key,
     flow_params,
     folder_fingerprint,
+    has_module,
     markdown_table,
     mlflow_run_link,
     params_hash,
@@ -32,9 +32,7 @@ EVAL_SECTIONS = ("seed", "model", "eval", "faces", "tracking", "promotion")
 
 def registry_available() -> bool:
     """Whether this checkout has the registry and evaluation (`magicid.registry`, `magicid.evaluation`, issue 14)."""
-    return all(
-        importlib.util.find_spec(name) is not None for name in ("magicid.registry", "magicid.evaluation.run")
-    )
+    return all(has_module(name) for name in ("magicid.registry", "magicid.evaluation.run"))
 
 
 def _require_registry() -> None:

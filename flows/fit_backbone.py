@@ -10,7 +10,6 @@ Run locally: `python -m flows.fit_backbone --data data/idzoom --out models/fitte
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -18,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from flows.common import (
     cache_key,
     flow_params,
+    has_module,
     markdown_table,
     mlflow_run_link,
     params_hash,
@@ -30,7 +30,7 @@ from magicid.errors import ConfigError
 
 def fit_available() -> bool:
     """Whether this checkout has the backbone fitter (`magicid.models.fit`, issue 13)."""
-    return importlib.util.find_spec("magicid.models.fit") is not None
+    return has_module("magicid.models.fit")
 
 
 def _fit_key(context, arguments: dict) -> str:
