@@ -51,7 +51,11 @@ def main(
     try:
         # Without a params.yaml in the working directory the embedded defaults apply (demo on a bare machine).
         path = params_file if (params_file.exists() or params_file != Path("params.yaml")) else None
-        ctx.obj = {"params": load_params(path, overrides or []), "params_path": path, "overrides": overrides or []}
+        ctx.obj = {
+            "params": load_params(path, overrides or []),
+            "params_path": path,
+            "overrides": overrides or [],
+        }
     except MagicIDError as error:
         raise _fail(error) from error
 
@@ -133,8 +137,12 @@ def demo(
         typer.echo(f"{key}: {value}")
     params = _params(ctx)
     typer.echo("")
-    typer.echo(f"MLflow UI:   mlflow ui --backend-store-uri {params.tracking.uri}   # then http://127.0.0.1:5000")
-    typer.echo("Prefect UI:  prefect server start   # then http://127.0.0.1:4200 (the demo's runs are in its database)")
+    typer.echo(
+        f"MLflow UI:   mlflow ui --backend-store-uri {params.tracking.uri}   # then http://127.0.0.1:5000"
+    )
+    typer.echo(
+        "Prefect UI:  prefect server start   # then http://127.0.0.1:4200 (the demo's runs are in its database)"
+    )
     typer.echo(f"Reviews:     streamlit run dashboards/review.py   # ratings in {params.review.db_url}")
     typer.echo(f"demo_seconds: {time.perf_counter() - started:.0f}")
 
@@ -142,9 +150,9 @@ def demo(
 @app.command("serve-flows")
 def serve_flows(
     ctx: typer.Context,
-    project: Annotated[Path, typer.Option("--project", help="Project checkout (dvc.yaml, params.yaml).")] = Path(
-        "."
-    ),
+    project: Annotated[
+        Path, typer.Option("--project", help="Project checkout (dvc.yaml, params.yaml).")
+    ] = Path("."),
 ) -> None:
     """Serve the `retrain` deployment on its cron schedule (orchestration.retrain_cron); starts a local Prefect
     server on loopback when PREFECT_API_URL is not set. Ctrl-C stops both."""

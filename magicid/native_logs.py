@@ -77,7 +77,9 @@ def filter_native_stderr() -> Iterator[dict[str, int]]:
     os.dup2(write_fd, 2)
     os.close(write_fd)
     saved_stderr = sys.stderr
-    python_stderr = os.fdopen(os.dup(original_fd), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    python_stderr = os.fdopen(
+        os.dup(original_fd), "w", buffering=1, encoding="utf-8", errors="backslashreplace"
+    )
     sys.stderr = python_stderr
     try:
         yield counts

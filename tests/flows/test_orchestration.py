@@ -158,6 +158,7 @@ def test_a_validation_failure_stops_retrain_before_training(monkeypatch, synthet
 
     overrides = _tiny(tmp_path, "promotion.model_name=gate-test")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # the stand-in champion's artifacts go to ./mlruns
     champion = _register_champion(tracking_uri, "gate-test")
 
     def must_not_train(*args, **kwargs):
