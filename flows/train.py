@@ -1,6 +1,11 @@
 """Prefect flow `train`: train the MagicID adapter on an IDZoom version (MLflow tracks the run).
 
-Run locally: `.venv/bin/python -m flows.train --data data/idzoom`.
+The training task is cached on the dataset's data version (DVC md5 from dvc.lock, what the trainer logs to
+MLflow as the run's input), the params the trainer reads, and the backbone folder's fingerprint: a re-run with
+unchanged data and params returns the finished run instead of training again (and trains again if the adapter
+folder was deleted).
+
+Run locally: `python -m flows.train --data data/idzoom`.
 """
 
 from __future__ import annotations
@@ -8,23 +13,81 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
-from magicid.config import load_params
+from flows.common import (
+    cache_key,
+    flow_params,
+    folder_fingerprint,
+    markdown_table,
+    mlflow_run_link,
+    params_hash,
+    publish,
+    retry_on_io,
+)
+from magicid.config import Params
+
+# What the trainer reads (seed, crops, model, train, tracking); other sections do not change its result.
+TRAIN_SECTIONS = ("seed", "data", "model", "train", "tracking")
 
 
-@task(name="train-adapter")
-def train_adapter(data_dir: str, params_path: str | None, overrides: list[str], resume: bool) -> dict:
+def _train_key(context, arguments: dict) -> str:
+    from magicid.training.trainer import dataset_version
+
+    params: Params = arguments["params"]
+    version, _ = dataset_version(arguments["data_dir"])
+    return cache_key(
+        "train-adapter",
+        version,
+        params_hash(params, *TRAIN_SECTIONS),
+        folder_fingerprint(params.model.backbone),
+        arguments["resume"],
+    )
+
+
+@task(
+    name="train-adapter",
+    cache_key_fn=_train_key,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io,
+)
+def train_adapter(data_dir: str, params: Params, resume: bool, progress: bool) -> dict:
     from magicid.training.trainer import check_data_dir, train
 
-    params = load_params(params_path, overrides)
-    result = train(params, check_data_dir(data_dir), resume=resume, progress=False)
+    result = train(params, check_data_dir(data_dir), resume=resume, progress=progress)
     return {
         "run_id": result.run_id,
         "adapter_dir": str(result.adapter_dir),
         "step": result.step,
         "dataset_version": result.dataset_version,
+        "losses": {int(step): float(loss) for step, loss in result.losses.items()},
     }
+
+
+def losses_markdown(result: dict, params: Params, rows: int = 10) -> str:
+    losses = result["losses"]
+    steps = sorted(losses)
+    shown = (
+        steps
+        if len(steps) <= rows
+        else [steps[round(i * (len(steps) - 1) / (rows - 1))] for i in range(rows)]
+    )
+    table = markdown_table([(s, f"{losses[s]:.5f}") for s in shown], ("step", "loss"))
+    return (
+        "# Training\n\n"
+        + markdown_table(
+            [
+                ("steps", result["step"]),
+                ("data version (MLflow input)", f"`{result['dataset_version']}`"),
+                ("adapter", result["adapter_dir"]),
+                ("MLflow", mlflow_run_link(params, result["run_id"])),
+            ],
+            ("run", "value"),
+        )
+        + "\n\n## Loss\n\n"
+        + table
+    )
 
 
 @flow(name="train")
@@ -33,18 +96,35 @@ def train_flow(
     params_path: str | None = "params.yaml",
     overrides: list[str] | None = None,
     resume: bool = False,
+    progress: bool = False,
 ) -> dict:
-    path = params_path if params_path and Path(params_path).exists() else None
-    return train_adapter(data_dir, path, overrides or [], resume)
+    """Train on `data_dir`; returns run id, adapter folder, steps, data version and losses."""
+    if params_path and not Path(params_path).exists():
+        params_path = None
+    params = flow_params(params_path, overrides)
+    # A cached result names an adapter folder: train again (refreshing the cache) when it is gone.
+    adapter = Path(params.train.out_dir) / "adapter"
+    runner = train_adapter.with_options(refresh_cache=True) if not adapter.is_dir() else train_adapter
+    result = runner(data_dir, params, resume, progress)
+    publish("train-summary", losses_markdown(result, params), "training run")
+    get_run_logger().info(
+        "trained %d steps on data version %s (MLflow run %s)",
+        result["step"],
+        result["dataset_version"],
+        result["run_id"],
+    )
+    return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="data/idzoom")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    print(train_flow(args.data, overrides=args.overrides, resume=args.resume))
+    print(train_flow(args.data, overrides=args.overrides, resume=args.resume, progress=True))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ def main(
     try:
         # Without a params.yaml in the working directory the embedded defaults apply (demo on a bare machine).
         path = params_file if (params_file.exists() or params_file != Path("params.yaml")) else None
-        ctx.obj = {"params": load_params(path, overrides or [])}
+        ctx.obj = {
+            "params": load_params(path, overrides or []),
+            "params_path": path,
+            "overrides": overrides or [],
+        }
     except MagicIDError as error:
         raise _fail(error) from error
 
@@ -121,18 +125,70 @@ def demo(
             "--random-backbone", help="Keep the random tiny backbone (default: fit it to the sample set)."
         ),
     ] = False,
+    project: Annotated[
+        Path, typer.Option("--project", help="DVC project whose data stages build the dataset.")
+    ] = Path("."),
 ) -> None:
-    """Run the main job end to end on the embedded offline defaults."""
-    from magicid.demo import run_demo
+    """Run the `retrain` flow end to end on the embedded offline defaults, then generate and restore."""
+    import os
+    import time
+
+    from magicid.native_logs import filter_native_stderr
     from magicid.safety import check_output_folder
 
+    # Without a server Prefect starts a local API process; on a busy 2-core machine it can take over 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    started = time.perf_counter()
+    use_dvc = (project / "dvc.yaml").is_file()
+    if not use_dvc:
+        typer.echo(f"note: no dvc.yaml in {project}: the dataset is built without DVC versioning")
     try:
         check_output_folder(out_dir, "--out-dir")
-        summary = run_demo(_params(ctx), out_dir, random_backbone=random_backbone)
+        # MediaPipe/TF Lite print INFO/WARNING lines from C++ in this process; errors still come through.
+        with filter_native_stderr():
+            from flows.demo import demo_flow
+
+            params_path = ctx.obj["params_path"]
+            summary = demo_flow(
+                out_dir=str(out_dir),
+                project_dir=str(project) if use_dvc else None,
+                params_path=str(params_path) if params_path else None,
+                overrides=ctx.obj["overrides"],
+                fit=False if random_backbone else None,
+            )
     except MagicIDError as error:
         raise _fail(error) from error
     for key, value in summary.items():
         typer.echo(f"{key}: {value}")
+    params = _params(ctx)
+    typer.echo("")
+    typer.echo(
+        f"MLflow UI:   mlflow ui --backend-store-uri {params.tracking.uri}   # then http://127.0.0.1:5000"
+    )
+    typer.echo(
+        "Prefect UI:  prefect server start   # then http://127.0.0.1:4200 (the demo's runs are in its database)"
+    )
+    typer.echo(f"Reviews:     streamlit run dashboards/review.py   # ratings in {params.review.db_url}")
+    typer.echo(f"demo_seconds: {time.perf_counter() - started:.0f}")
+
+
+@app.command("serve-flows")
+def serve_flows(
+    ctx: typer.Context,
+    project: Annotated[
+        Path, typer.Option("--project", help="Project checkout (dvc.yaml, params.yaml).")
+    ] = Path("."),
+) -> None:
+    """Serve the `retrain` deployment on its cron schedule (orchestration.retrain_cron); starts a local Prefect
+    server on loopback when PREFECT_API_URL is not set. Ctrl-C stops both."""
+    from flows.serve import serve_flows as serve
+
+    params_path = ctx.obj["params_path"]
+    try:
+        code = serve(_params(ctx), project, str(params_path) if params_path else None)
+    except MagicIDError as error:
+        raise _fail(error) from error
+    raise typer.Exit(code=code)
 
 
 @app.command()

@@ -391,6 +391,27 @@ class ReviewParams(_Section):
     reviewers_file: str = "reviewers.yaml"
 
 
+class OrchestrationParams(_Section):
+    """Prefect (flows/): the retrain deployment's schedule, the local server `serve-flows` starts, fan-out."""
+
+    retrain_cron: str = "0 3 * * *"
+    deployment_name: str = "nightly"
+    server_host: str = "127.0.0.1"
+    server_port: int = Field(4200, ge=1, le=65535)
+    preprocess_shards: int = Field(2, ge=1)
+    dvc_stages: list[str] = ["sample_data", "build_idzoom", "validate"]
+    dvc_push: bool = True
+    task_retries: int = Field(2, ge=0)
+    retry_delay_seconds: float = Field(2.0, ge=0)
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"expected a five-field cron expression like '0 3 * * *', got {value!r}")
+        return value
+
+
 class Params(_Section):
     """All of params.yaml. Build it once at the entry point (`load_params`) and pass it down."""
 
@@ -406,6 +427,7 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     storage: StorageParams = StorageParams()
     review: ReviewParams = ReviewParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
 
 def _quote(value: Any) -> str:

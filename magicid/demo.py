@@ -50,12 +50,10 @@ def run_demo(
         A summary mapping (printed by the CLI), with the paths of what was produced and key figures.
     """
     from magicid.data.builder import build_idzoom
-    from magicid.data.sample import build_sample_set, package_photo
+    from magicid.data.sample import build_sample_set
     from magicid.data.validation import validate_idzoom
-    from magicid.generate import generate_image, restore_file
     from magicid.models.backbone import load_backbone
     from magicid.training.trainer import train
-    from magicid.utils import atomic_save_image
 
     out_dir = Path(out_dir)
     summary: dict[str, str] = {"backbone": params.model.backbone}
@@ -93,9 +91,24 @@ def run_demo(
     summary["mlflow_run_id"] = str(result.run_id)
     summary["dataset_version"] = result.dataset_version
 
-    # 5. Two identities, each bound to its own face box by MGMICA.
-    trained = _with(params, model={"adapter_path": str(result.adapter_dir)})
+    # 5-6. The science stages after training (also run as tasks of the demo flow, flows/demo.py).
+    summary["group_photo"] = generate_group_photo(params, result.adapter_dir, raw_dir, out_dir, progress)
+    summary.update(restore_group_photo(params, result.adapter_dir, out_dir, progress))
+    return summary
+
+
+def generate_group_photo(
+    params: Params, adapter_dir: str | Path, raw_dir: str | Path, out_dir: str | Path, progress: bool = True
+) -> str:
+    """Stage 5: two identities (the sample set's Tom Hanks and astronaut photos), each bound to its own face box
+    by MGMICA; writes `out_dir/group_photo.png` and returns its path."""
+    from magicid.generate import generate_image
+    from magicid.models.backbone import load_backbone
+    from magicid.utils import atomic_save_image
+
+    trained = _with(params, model={"adapter_path": str(adapter_dir)})
     side = trained.model.resolution
+    raw_dir = Path(raw_dir)
     references = [
         np.asarray(Image.open(raw_dir / "tom_hanks.png").convert("RGB")),
         np.asarray(Image.open(raw_dir / "astronaut.png").convert("RGB")),
@@ -113,18 +126,28 @@ def run_demo(
         identities=references,
         layout=boxes,
     )
-    summary["group_photo"] = str(atomic_save_image(group, out_dir / "group_photo.png"))
+    return str(atomic_save_image(group, Path(out_dir) / "group_photo.png"))
 
-    # 6. DIIR on a real group photo: faces under `diir.max_face_ratio`, each with its own embedding (no refs).
+
+def restore_group_photo(
+    params: Params, adapter_dir: str | Path, out_dir: str | Path, progress: bool = True
+) -> dict[str, str]:
+    """Stage 6: DIIR on a real group photo (insightface's t1.jpg): faces under `diir.max_face_ratio`, each with
+    its own embedding (no references). Returns `restored` (+ `restore_note`) summary lines."""
+    from magicid.data.sample import package_photo
+    from magicid.generate import restore_file
+
+    trained = _with(params, model={"adapter_path": str(adapter_dir)})
     restored, out_path, compare_path = restore_file(
         trained,
         package_photo("t1.jpg"),
         [],
-        out_dir / "restored_t1.png",
+        Path(out_dir) / "restored_t1.png",
         prompt="a group photo",
         faces="small",
+        progress=progress,
     )
-    summary["restored"] = f"{out_path} ({len(restored.faces)} faces; compare: {compare_path})"
+    summary = {"restored": f"{out_path} ({len(restored.faces)} faces; compare: {compare_path})"}
     if restored.note:
         summary["restore_note"] = restored.note
     return summary

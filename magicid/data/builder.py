@@ -791,3 +791,50 @@ def _clear_journal(out_dir: Path) -> None:
         journal.rmdir()
     except OSError:
         pass  # something not the builder's is in there: leave it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fan-out by an outside task runner (Prefect's process pool, Dask): shards are analysed anywhere, journalled in
+# the dataset, and `build_idzoom` then assembles the version, reusing every journalled record
+# ---------------------------------------------------------------------------------------------------------------
+def pending_inputs(input_dir: str | Path, out_dir: str | Path, params: Params) -> list[str]:
+    """Sources under `input_dir` that `build_idzoom` would analyse now (not done by an earlier run), sorted.
+
+    Duplicates (same bytes as an earlier source) are left out: `build_idzoom` decides them without analysis.
+    """
+    input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
+    check_folders(input_dir, out_dir)
+    previous = _previous_records(out_dir, config_hash(params)) if out_dir.is_dir() else {}
+    pending, seen = [], set()
+    for path, source in list_inputs(input_dir):
+        image_id = file_image_id(path)
+        if image_id in seen:
+            continue
+        seen.add(image_id)
+        old = previous.get((source, image_id))
+        if old is None or not all((out_dir / name).is_file() for name in _files_of(old)):
+            pending.append(source)
+    return pending
+
+
+def analyse_inputs(input_dir: str | Path, out_dir: str | Path, params: Params, sources: list[str]) -> int:
+    """Analyse `sources` (paths relative to `input_dir`) in this process and journal their records in `out_dir`,
+    so that a later `build_idzoom(input_dir, out_dir, params)` reuses them instead of analysing them again.
+
+    Returns:
+        The number of records journalled.
+    """
+    input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
+    check_folders(input_dir, out_dir)
+    cfg_hash = config_hash(params)
+    init_worker(params.model_dump_json(), pin=False, quiet=False)
+    for source in sources:
+        path = input_dir / source
+        if not path.is_file():
+            raise DataError(f"{path}: input listed for analysis is not a file (list it with pending_inputs)")
+        record = process_input(Task(str(path), source, file_image_id(path), str(out_dir)))
+        name = _record_key(record["source"], record["image_id"])
+        atomic_write_text(
+            out_dir / JOURNAL_DIR / f"{name}.json", json.dumps({"config_hash": cfg_hash, "record": record})
+        )
+    return len(sources)

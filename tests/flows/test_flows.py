@@ -12,14 +12,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture()
-def prefect_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
-    return tmp_path
-
-
 def test_flows_hold_no_science():
     found = subprocess.run(
         ["grep", "-rlE", "import torch|diffusers", str(ROOT / "flows")], capture_output=True, text=True

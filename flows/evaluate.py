@@ -1,0 +1,135 @@
+"""Prefect flow `evaluate`: score a registered model version on the evaluation set (`magicid evaluate --model`).
+
+Cached on the model version (resolved from the URI, so `@challenger` moving to a new version is a new key) and
+the params evaluation reads. The artifact is a table of metrics per slice (people per image x face size).
+
+Run locally: `python -m flows.evaluate --model models:/magicid@challenger`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from flows.common import (
+    cache_key,
+    flow_params,
+    folder_fingerprint,
+    markdown_table,
+    mlflow_run_link,
+    params_hash,
+    publish,
+    retry_on_io,
+)
+from magicid.config import Params
+
+EVAL_SECTIONS = ("seed", "model", "eval", "faces", "tracking", "promotion")
+
+
+def _resolve(params: Params, model_uri: str) -> str:
+    from magicid.registry import resolve_version
+
+    version = resolve_version(params, model_uri)
+    return f"{version.name}/{version.version}"
+
+
+def _eval_key(context, arguments: dict) -> str:
+    params: Params = arguments["params"]
+    return cache_key(
+        "evaluate-model", _resolve(params, arguments["model_uri"]), params_hash(params, *EVAL_SECTIONS)
+    )
+
+
+def _register_key(context, arguments: dict) -> str:
+    """The training run and the adapter folder's files: a cached training run is not registered twice."""
+    params: Params = arguments["params"]
+    return cache_key(
+        "register-model",
+        arguments["run_id"],
+        folder_fingerprint(arguments["adapter_dir"]),
+        params_hash(params, "promotion", "tracking"),
+    )
+
+
+@task(
+    name="register-model",
+    cache_key_fn=_register_key,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io,
+)
+def register(params: Params, adapter_dir: str, run_id: str | None) -> dict:
+    from magicid.registry import register_adapter
+
+    version = register_adapter(params, adapter_dir, run_id)
+    return {"name": version.name, "version": str(version.version), "run_id": version.run_id}
+
+
+@task(
+    name="evaluate-model",
+    cache_key_fn=_eval_key,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io,
+)
+def evaluate_model(params: Params, model_uri: str, dataset_dir: str | None = None) -> dict:
+    """`{"version", "run_id", "report", "slices": {slice: {metric: value}}}` of one evaluation.
+
+    The one call into the evaluation entry point (`magicid evaluate --model URI`, issue 14).
+    """
+    from magicid.evaluation.run import evaluate_model as run_evaluation
+
+    result = run_evaluation(params, model_uri, dataset_dir=dataset_dir, progress=False)
+    return {
+        "version": _resolve(params, model_uri),
+        "run_id": result.run_id,
+        "report": str(result.out_dir),
+        "slices": {
+            str(name): {k: v for k, v in values.items() if isinstance(v, (int, float))}
+            for name, values in result.metrics["slices"].items()
+        },
+    }
+
+
+def metrics_markdown(result: dict, params: Params) -> str:
+    slices = result["slices"]
+    metrics = sorted({m for values in slices.values() for m in values})
+    rows = [(name, *(f"{slices[name].get(m, float('nan')):.4f}" for m in metrics)) for name in sorted(slices)]
+    return (
+        f"# Evaluation of {result['version']}\n\n"
+        + markdown_table(rows, ("slice", *metrics))
+        + f"\n\nreport: {result['report']}\n\nMLflow: {mlflow_run_link(params, result['run_id'])}"
+    )
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    model_uri: str = "models:/magicid@challenger",
+    params_path: str | None = "params.yaml",
+    overrides: list[str] | None = None,
+    dataset_dir: str | None = None,
+) -> dict:
+    """Evaluate `model_uri` on the evaluation set of `dataset_dir` (default `data.out_dir`); metrics per slice."""
+    if params_path and not Path(params_path).exists():
+        params_path = None
+    params = flow_params(params_path, overrides)
+    result = evaluate_model(params, model_uri, dataset_dir)
+    publish("evaluation-metrics", metrics_markdown(result, params), f"metrics per slice of {model_uri}")
+    get_run_logger().info("evaluated %s (%d slices)", result["version"], len(result["slices"]))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="models:/magicid@challenger")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    print(evaluate_flow(args.model, overrides=args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Prefect flow `retrain`: data -> (fit backbone) -> train -> register -> evaluate -> promote, and its deployment.
+
+1. `build_idzoom` (sub-flow): the DVC data stages of `project_dir` (fan-out on the process pool or Dask), push;
+   or, given `data_dir`, only the validation of that version. A failed validation ends the flow here: nothing
+   is trained, registered or promoted, so the champion is untouched.
+2. `fit_backbone` (sub-flow, when `fit` is on): the offline tiny backbone fitted on the version; training and
+   evaluation then load it as `model.backbone`.
+3. `train` (sub-flow): MLflow run whose input is the data version (DVC md5).
+4. register the adapter as the next model version (alias `challenger`), `evaluate` it (and the champion, on
+   the same evaluation set, cached when already scored), then `promote`: the gate moves `champion` or not.
+Every task is cached on data hash + params hash, so a re-run with nothing changed is mostly cache hits.
+
+`retrain_deployment(params)` is the deployment `retrain/<orchestration.deployment_name>` on the cron schedule
+`orchestration.retrain_cron`; `magicid serve-flows` serves it (flows/serve.py).
+
+Run once locally: `python -m flows.retrain` (Prefect without a server).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow
+
+from flows.build_idzoom import build_idzoom_flow, validate
+from flows.common import dask_runner, flow_params, local_process_pool
+from flows.evaluate import evaluate_flow, register
+from flows.fit_backbone import fit_backbone_flow
+from flows.promote import promote_flow
+from flows.train import train_flow
+from magicid.config import Params
+
+
+def _champion_version(params: Params) -> str | None:
+    from magicid.registry import aliases
+
+    return aliases(params).get("champion")
+
+
+@flow(name="retrain")
+def retrain_flow(
+    project_dir: str | None = ".",
+    params_path: str | None = "params.yaml",
+    overrides: list[str] | None = None,
+    data_dir: str | None = None,
+    fit: bool | None = None,
+    progress: bool = False,
+    dask_address: str | None = None,
+    report_dir: str = "reports/validation",
+) -> dict:
+    """The whole chain; returns each stage's result (`data`, `fit`, `train`, `model`, `evaluation`, `promotion`).
+
+    Args:
+        project_dir: the DVC project whose data stages build the version (None: build without DVC into
+            `data.out_dir` from `data.raw_dir`).
+        params_path, overrides: params (None = embedded defaults); passed to every sub-flow.
+        data_dir: an existing dataset version: skip building, validate it (into `report_dir`) and go on.
+        fit: fit the offline backbone first (default: when `model.backbone` is
+            `tiny`).
+        progress: progress bars of the long tasks (training, fitting).
+        dask_address: fan the IDZoom analysis out on this Dask scheduler instead of the local process pool.
+    """
+    if params_path and not Path(params_path).exists():
+        params_path = None
+    overrides = list(overrides or [])
+    params = flow_params(params_path, overrides)
+    out: dict = {}
+
+    # 1. Data: a validated version (a ValidationFailed here fails the flow before any training).
+    if data_dir is None:
+        runner = dask_runner(dask_address) if dask_address else local_process_pool(params.data.workers)
+        out["data"] = build_idzoom_flow.with_options(task_runner=runner)(
+            params_path=params_path,
+            overrides=overrides,
+            project_dir=project_dir,
+            report_dir=report_dir,
+            sample=project_dir is None,
+        )
+        data_dir = out["data"]["out_dir"]
+    else:
+        out["data"] = {"out_dir": data_dir, "validation": validate(data_dir, report_dir)}
+
+    # 2. The offline backbone, fitted on this version.
+    if fit is None:
+        fit = params.model.backbone == "tiny"
+    if fit:
+        out["fit"] = fit_backbone_flow(
+            data_dir, params_path=params_path, overrides=overrides, progress=progress
+        )
+        overrides.append(f"model.backbone={out['fit']['out_dir']}")
+
+    # 3. Training.
+    out["train"] = train_flow(data_dir, params_path=params_path, overrides=overrides, progress=progress)
+
+    # 4. Registry, evaluation, the gate.
+    params = flow_params(params_path, overrides)
+    out["model"] = register(params, out["train"]["adapter_dir"], out["train"]["run_id"])
+    challenger_uri = f"models:/{out['model']['name']}/{out['model']['version']}"
+    out["evaluation"] = evaluate_flow(
+        challenger_uri, params_path=params_path, overrides=overrides, dataset_dir=data_dir
+    )
+    champion = _champion_version(params)
+    if champion is not None and champion != out["model"]["version"]:
+        out["champion_evaluation"] = evaluate_flow(
+            f"models:/{out['model']['name']}/{champion}",
+            params_path=params_path,
+            overrides=overrides,
+            dataset_dir=data_dir,
+        )
+    out["promotion"] = promote_flow(params_path=params_path, overrides=overrides)
+    return out
+
+
+def retrain_deployment(
+    params: Params, project_dir: str | Path = ".", params_path: str | None = "params.yaml"
+):
+    """The `retrain` deployment on the cron schedule `orchestration.retrain_cron` (a RunnerDeployment)."""
+    project_dir = Path(project_dir).resolve()
+    return retrain_flow.to_deployment(
+        name=params.orchestration.deployment_name,
+        cron=params.orchestration.retrain_cron,
+        parameters={
+            "project_dir": str(project_dir),
+            "params_path": str(project_dir / params_path) if params_path else None,
+        },
+        description="Scheduled retraining: IDZoom (DVC) -> fit -> train -> evaluate -> promote.",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--project", default=".")
+    parser.add_argument("--data", default=None, help="an existing dataset version (skip building)")
+    parser.add_argument("--dask", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    print(retrain_flow(args.project, overrides=args.overrides, data_dir=args.data, dask_address=args.dask))
+
+
+if __name__ == "__main__":
+    main()
