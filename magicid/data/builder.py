@@ -800,20 +800,27 @@ def _clear_journal(out_dir: Path) -> None:
 def pending_inputs(input_dir: str | Path, out_dir: str | Path, params: Params) -> list[str]:
     """Sources under `input_dir` that `build_idzoom` would analyse now (not done by an earlier run), sorted.
 
-    Duplicates (same bytes as an earlier source) are left out: `build_idzoom` decides them without analysis.
+    Left out, because `build_idzoom` decides them without analysis: inputs refused while listing or hashing
+    (FIFOs, escaping links, ...: quarantined), forgotten images, and duplicates (same bytes as an earlier source).
     """
     input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
     check_folders(input_dir, out_dir)
     previous = _previous_records(out_dir, config_hash(params)) if out_dir.is_dir() else {}
+    forgotten_ids, _ = read_forgotten(out_dir) if out_dir.is_dir() else (set(), set())
     pending, seen = [], set()
-    for path, source in list_inputs(input_dir):
-        image_id = file_image_id(path)
-        if image_id in seen:
+    for entry in list_inputs(input_dir):
+        if entry.path is None:
+            continue
+        try:
+            image_id = file_image_id(entry.path)
+        except InputRejected:
+            continue
+        if image_id in seen or image_id in forgotten_ids:
             continue
         seen.add(image_id)
-        old = previous.get((source, image_id))
+        old = previous.get((entry.source, image_id))
         if old is None or not all((out_dir / name).is_file() for name in _files_of(old)):
-            pending.append(source)
+            pending.append(entry.source)
     return pending
 
 
@@ -827,11 +834,15 @@ def analyse_inputs(input_dir: str | Path, out_dir: str | Path, params: Params, s
     input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
     check_folders(input_dir, out_dir)
     cfg_hash = config_hash(params)
+    readable = {entry.source: entry.path for entry in list_inputs(input_dir) if entry.path is not None}
     init_worker(params.model_dump_json(), pin=False, quiet=False)
     for source in sources:
-        path = input_dir / source
-        if not path.is_file():
-            raise DataError(f"{path}: input listed for analysis is not a file (list it with pending_inputs)")
+        path = readable.get(source)
+        if path is None:
+            raise DataError(
+                f"{input_dir / source}: input listed for analysis is not a readable file inside the input folder "
+                "(list the inputs with pending_inputs)"
+            )
         record = process_input(Task(str(path), source, file_image_id(path), str(out_dir)))
         name = _record_key(record["source"], record["image_id"])
         atomic_write_text(

@@ -1,6 +1,6 @@
 """Checkpoint checks for `magicid train --resume`: the newest checkpoint is used or the run stops, never an older one.
 
-A checkpoint folder `step_NNNNNN/` holds what `accelerate.save_state` writes (`model.safetensors`,
+A checkpoint folder `checkpoint_<step>/` holds what `accelerate.save_state` writes (`model.safetensors`,
 `optimizer.bin`, `scheduler.bin`, `random_states_0.pkl`, ...), the adapter and `trainer_state.json`. Each file
 is checked for the damage a crash, a full disk or a bad copy causes (a torn safetensors, a torch zip without
 its directory, a pickle without its STOP opcode, a state file that is not JSON or has wrong types) before
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from magicid.errors import MagicIDError
 
-CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_PREFIX = "checkpoint_"  # accelerate's automatic checkpoint naming; the number is the step
 STATE_FILE = "trainer_state.json"
 # accelerate.save_state's files that a resume needs (the weights, optimizer and LR scheduler state).
 REQUIRED = ("model.safetensors", "optimizer.bin", "scheduler.bin", STATE_FILE)
@@ -35,7 +35,7 @@ class CheckpointError(MagicIDError):
 
 
 def checkpoint_folders(out_dir: str | Path) -> list[Path]:
-    """Every `step_NNNNNN` folder under `out_dir/checkpoints` (complete or not), oldest first."""
+    """Every `checkpoint_<step>` folder under `out_dir/checkpoints` (complete or not), oldest first."""
     folder = Path(out_dir) / "checkpoints"
     if not folder.is_dir():
         return []

@@ -376,6 +376,7 @@ class IDZoomDataset(Dataset):
             "face_mask": union,
             "n_ids": 1,
             "is_clone": True,
+            "clone_boxes": torch.from_numpy(sample.boxes),  # (k, 4) the pasted crops' squares, x0 y0 x1 y1
             "image_id": item.image_id,
             "caption": caption_for(sample.k),
         }

@@ -55,13 +55,12 @@ from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
 from magicid.models.denoise import IdentityConditions, StepConditions, guided_prediction, null_identity
 from magicid.storage import use_s3_endpoint_for_mlflow
-from magicid.training.checkpoints import check_resume_checkpoint
+from magicid.training.checkpoints import CHECKPOINT_PREFIX, check_resume_checkpoint
 from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
 from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate_idzoom
 from magicid.training.mmf import MMFSchedule
 from magicid.utils import atomic_write_text, set_seed
 
-CHECKPOINT_PREFIX = "checkpoint_"  # accelerate's automatic checkpoint naming; the number is the step
 STATE_FILE = "trainer_state.json"
 VALIDATION_STREAM = 2**31  # the "step" of validation draws in `step_generator`: never a training step
 _METRICS_FLUSH_EVERY = 50  # steps between MLflow metric flushes (also flushed at checkpoints and the end)

@@ -59,7 +59,7 @@ def test_browser_images_load_in_chromium(tmp_path, chromium_page):
     """In a real browser every image decodes (naturalWidth > 0): the photo, its two condition maps and the
     face crop. AppTest cannot see a broken `/media` image (starlette >= 1.5 with streamlit 1.60)."""
     import numpy as np
-    from conftest import streamlit_server, wait_for_images
+    from tests.dashboards.conftest import streamlit_server, wait_for_images
     from PIL import Image
     from skimage import data as skdata
 

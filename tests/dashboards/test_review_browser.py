@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import streamlit_server, wait_for_images
+from tests.dashboards.conftest import streamlit_server, wait_for_images
 from PIL import Image
 from review_fixtures import PASSWORDS, build_generation_set
 

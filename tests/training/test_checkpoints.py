@@ -33,7 +33,7 @@ def trained(tmp_path_factory) -> tuple[Path, object]:
         model(torch.ones(1, 4)).sum().backward()
         optimizer.step()
         scheduler.step()
-        folder = root / "run" / "checkpoints" / f"step_{step:06d}"
+        folder = root / "run" / "checkpoints" / f"checkpoint_{step}"
         accelerator.save_state(str(folder), safe_serialization=True)
         state = {"step": step, "run_id": None, "seed": 0, "lr_horizon": 2, "dataset_version": "abc"}
         (folder / "trainer_state.json").write_text(json.dumps(state))
@@ -63,19 +63,19 @@ DAMAGE = {
 
 def test_intact_checkpoints_pass(trained):
     run, _ = trained
-    assert check_resume_checkpoint(run).name == "step_000002"
-    assert checkpoint_problems(run / "checkpoints" / "step_000001") == []
+    assert check_resume_checkpoint(run).name == "checkpoint_2"
+    assert checkpoint_problems(run / "checkpoints" / "checkpoint_1") == []
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
 def test_damaged_newest_checkpoint_is_an_error_naming_it_and_the_way_out(trained, tmp_path, damage):
     run = _copy(trained, tmp_path)
-    newest = run / "checkpoints" / "step_000002"
+    newest = run / "checkpoints" / "checkpoint_2"
     DAMAGE[damage](newest)
     with pytest.raises(CheckpointError) as info:
         check_resume_checkpoint(run)
     message = str(info.value)
-    assert str(newest) in message and "delete" in message and "step_000001" in message
+    assert str(newest) in message and "delete" in message and "checkpoint_1" in message
 
 
 @pytest.mark.slow
@@ -87,12 +87,12 @@ def test_resume_never_falls_back_silently_to_an_older_checkpoint(trained, tmp_pa
     from magicid.training.trainer import train
 
     run = _copy(trained, tmp_path)
-    _truncate(run / "checkpoints" / "step_000002" / "model.safetensors")
+    _truncate(run / "checkpoints" / "checkpoint_2" / "model.safetensors")
     _, params = trained
     params = params.model_copy(
         update={"train": params.train.model_copy(update={"out_dir": str(run), "steps": 3})}
     )
-    with pytest.raises(CheckpointError, match="step_000002 is damaged"):
+    with pytest.raises(CheckpointError, match="checkpoint_2 is damaged"):
         train(params, idzoom_dir, resume=True, progress=False, track=False)
     result = CliRunner().invoke(
         app,
@@ -101,7 +101,7 @@ def test_resume_never_falls_back_silently_to_an_older_checkpoint(trained, tmp_pa
     )  # fmt: skip
     assert (
         result.exit_code == 2
-        and "step_000002 is damaged" in result.output
+        and "checkpoint_2 is damaged" in result.output
         and "Traceback" not in result.output
     )
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]

@@ -71,9 +71,13 @@ def test_clone_samples_carry_one_identity_with_the_union_mask(idzoom_dir):
         assert item["is_clone"] and item["n_ids"] == 1
         assert torch.equal(item["id_masks"][0], item["face_mask"])
         assert item["face_mask"].sum() > 0
-        outside = item["face_mask"] == 0
-        # Condition maps were pasted with the clones: nothing outside them.
-        assert not item["landmark"][:, outside].any() and not item["skeleton"][:, outside].any()
+        pasted = torch.zeros_like(item["face_mask"], dtype=torch.bool)
+        for x0, y0, x1, y1 in item["clone_boxes"].tolist():
+            pasted[y0:y1, x0:x1] = True
+        # The masks are the clones' face boxes: inside the pasted crops, and smaller than them (the crop's margin).
+        assert not item["face_mask"][~pasted].any() and item["face_mask"].sum() < pasted.sum()
+        # Condition maps were pasted with the clones: nothing outside the pasted crops.
+        assert not item["landmark"][:, ~pasted].any() and not item["skeleton"][:, ~pasted].any()
         embeddings = read_manifest(idzoom_dir)[1]
         own = np.stack(embeddings[embeddings.image_id == item["image_id"]].embedding.to_list())
         assert any(np.allclose(item["id_embeddings"][0].numpy(), e) for e in own)
