@@ -59,12 +59,12 @@ def test_browser_images_load_in_chromium(tmp_path, chromium_page):
     """In a real browser every image decodes (naturalWidth > 0): the photo, its two condition maps and the
     face crop. AppTest cannot see a broken `/media` image (starlette >= 1.5 with streamlit 1.60)."""
     import numpy as np
-    from tests.dashboards.conftest import streamlit_server, wait_for_images
     from PIL import Image
     from skimage import data as skdata
 
     from magicid.config import load_params
     from magicid.data.builder import build_idzoom
+    from tests.dashboards.conftest import streamlit_server, wait_for_images
 
     raw = tmp_path / "raw"
     raw.mkdir()

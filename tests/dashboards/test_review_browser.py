@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.dashboards.conftest import streamlit_server, wait_for_images
 from PIL import Image
 from review_fixtures import PASSWORDS, build_generation_set
 
 from magicid.reviews import ReviewStore
+from tests.dashboards.conftest import streamlit_server, wait_for_images
 
 APP = Path(__file__).resolve().parents[2] / "dashboards" / "review.py"
 
