@@ -256,10 +256,12 @@ def test_retrain_chain_with_dvc_then_a_rerun_is_cache_hits(monkeypatch, tmp_path
 
     monkeypatch.setattr(trainer, "train", counted)
     monkeypatch.chdir(project)
+    # Two unlabelled photos: references come from the train split, one person a layout, one seed.
+    evaluation = ("eval.reference_split=train", "eval.n_people=[1]", "eval.seeds=[1000]", "eval.n_prompts=1")
     kwargs = dict(
         project_dir=str(project),
         params_path=str(project / "params.yaml"),
-        overrides=_tiny(tmp_path),
+        overrides=_tiny(tmp_path, *evaluation),
         fit=False,
     )
     first = retrain_flow(**kwargs)
@@ -270,7 +272,7 @@ def test_retrain_chain_with_dvc_then_a_rerun_is_cache_hits(monkeypatch, tmp_path
     md5 = lock["stages"]["build_idzoom"]["outs"][0]["md5"].removesuffix(".dir")
     assert first["data"]["n_images"] == 2 and first["data"]["n_quarantined"] == 1
     assert first["data"]["n_analysed"] == 3
-    assert first["data"]["data_version"] == {"version": md5, "origin": "dvc.lock"}
+    assert first["data"]["data_version"] == {"version": md5, "origin": "dvc"}
     assert first["data"]["validation"]["passed"] == first["data"]["validation"]["total"] > 0
     assert any((tmp_path / "remote").rglob("*")), "dvc push wrote nothing to the remote"
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(first["train"]["run_id"])
