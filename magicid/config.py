@@ -331,7 +331,7 @@ class EvalParams(_Section):
     ]
     n_people: list[int] = [1, 2, 4]
     face_sizes: EvalFaceSizes = EvalFaceSizes()
-    reference_split: Literal["train", "val", "test"] = "test"
+    reference_split: Literal["train", "val", "test"] = "train"
     face_backend: Literal["offline", "insightface"] = "offline"
     detect_min_iou: float = Field(0.3, gt=0, le=1)
     batch_size: int = Field(4, ge=1)
