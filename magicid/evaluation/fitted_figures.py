@@ -13,25 +13,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from magicid.evaluation.metrics import reconstruction_psnr
+
 
 def psnr_db(reference: np.ndarray, reconstruction: np.ndarray) -> float:
-    """Mean PSNR (dB) over images, peak 255.
+    """Mean PSNR (dB) over images, peak 255: `metrics.reconstruction_psnr`'s figure, as a float.
 
     Args:
         reference, reconstruction: uint8 (N, H, W, 3) or (H, W, 3), same shape.
 
-    Returns:
-        The mean over images of 10 log10(255^2 / MSE) (an image reconstructed exactly counts as 100 dB).
+    Raises:
+        MetricInputError (a ValueError): the shapes differ.
     """
-    ref = np.asarray(reference, np.float64)
-    rec = np.asarray(reconstruction, np.float64)
-    if ref.shape != rec.shape:
-        raise ValueError(f"psnr_db: shapes differ, {ref.shape} vs {rec.shape}")
-    if ref.ndim == 3:
-        ref, rec = ref[None], rec[None]
-    mse = ((ref - rec) ** 2).reshape(len(ref), -1).mean(axis=1)
-    values = np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-20)), 100.0)
-    return float(values.mean())
+    return reconstruction_psnr(reference, reconstruction)["psnr"]
 
 
 def detection_rate(faces_per_image: Sequence[int]) -> float:
