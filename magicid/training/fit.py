@@ -248,6 +248,15 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, optimizer, scheduler, max_grad_norm: float):
+    """One update of either phase: backward, clip the module's gradients, step the optimizer and LR schedule."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def fit_backbone(
     params: Params,
     data_dir: str | Path,
@@ -373,11 +382,7 @@ def fit_backbone(
                 pictures, _ = sample_batch(data, fit.vae_batch, fit.face_prob, generator)
                 pictures = augment(pictures, fit, fit.vae_resolution, generator)
                 loss, parts = vae_loss(vae, pictures, fit, generator)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), fit.max_grad_norm)
-                vae_opt.step()
-                vae_sched.step()
-                vae_opt.zero_grad(set_to_none=True)
+                _optimizer_step(loss, vae, vae_opt, vae_sched, fit.max_grad_norm)
                 step += 1
                 done += 1
                 vae_losses[step] = parts["vae_loss"]
@@ -411,11 +416,7 @@ def fit_backbone(
                 "" if drop else caption for drop, caption in zip(dropped.tolist(), captions, strict=True)
             ]
             loss = unet_loss(backbone, pictures, texts(captions), generator)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), fit.max_grad_norm)
-            unet_opt.step()
-            unet_sched.step()
-            unet_opt.zero_grad(set_to_none=True)
+            _optimizer_step(loss, unet, unet_opt, unet_sched, fit.max_grad_norm)
             step += 1
             done += 1
             value = float(loss.detach())
