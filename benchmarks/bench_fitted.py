@@ -16,7 +16,7 @@ Each figure is printed for the fitted backbone and, beside it, for the random ti
 - `diir_id_sim_gain`: mean identity similarity of the small faces of generated group photos after DIIR minus
   before (target > 0); `diir_background_identical`: 1 when every pixel outside the blend masks is unchanged.
 
-The definitions are `magicid.evaluation.fitted_figures`. The data is the sample set built into a temporary IDZoom
+The definitions are `magicid.evaluation.metrics` (the evaluation's own). The data is the sample set built into a temporary IDZoom
 version (or `--data DIR`). The host is shared: `host_unet_ms` (bench_diir's gauge, ~34 ms on an idle 2-core
 machine) is printed at the start and the end; read `fit_backbone_seconds` with it.
 """
@@ -38,7 +38,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from magicid.config import Params, load_params  # noqa: E402
-from magicid.evaluation import fitted_figures as figures  # noqa: E402
+from magicid.evaluation import metrics  # noqa: E402
 from magicid.models.backbone import Backbone, build_tiny_backbone, load_sd_folder  # noqa: E402
 
 PROMPT_PERSON = "a photo of a person"
@@ -88,7 +88,7 @@ def vae_psnr_faces(backbone: Backbone, data_dir: Path, faces) -> float:
     vae = backbone.vae
     out = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x.split(8)])
     rec = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return figures.psnr_db(crops, rec)
+    return metrics.reconstruction_psnr(crops, rec)["psnr"]
 
 
 def largest_face(analyzer, image: np.ndarray):
@@ -143,7 +143,7 @@ def measure(name: str, backbone: Backbone, params: Params, data_dir: Path, workd
     counts = [
         len(analyzer.analyze(generate(plain, params, 1000 + s, cfg.steps))) for s in range(cfg.detect_seeds)
     ]
-    result["face_detect_rate_generated"] = figures.detection_rate(counts)
+    result["face_detect_rate_generated"] = metrics.any_face_rate(counts)["any_face_rate"]
 
     # The adapter, trained on this backbone as it would be on SD 1.5.
     trained_on = copy.deepcopy(backbone)
@@ -157,8 +157,9 @@ def measure(name: str, backbone: Backbone, params: Params, data_dir: Path, workd
             face = largest_face(analyzer, image)
             embeddings.append(None if face is None else face.embedding)
             intended.append(k)
-    result["id_top1_generated"] = figures.id_top1(embeddings, intended, references)
-    result["id_top1_chance"] = 1.0 / len(names)
+    top1 = metrics.generation_id_top1(embeddings, references, intended)
+    result["id_top1_generated"] = top1["generation_id_top1"]
+    result["id_top1_chance"] = top1["chance"]
 
     # Two identities in two boxes: MGMICA's masks vs identity attention over the whole image.
     boxes = [
@@ -174,18 +175,24 @@ def measure(name: str, backbone: Backbone, params: Params, data_dir: Path, workd
 
     for variant in ("mgmica", "nomask"):
         pipe.prepare_layout = original if variant == "mgmica" else no_masks
-        confused: list[float] = []
+        n_confused, n_faces = 0.0, 0
         for i, j in pairs:
             refs = [crops[names[i]], crops[names[j]]]
             image = generate(pipe, params, 3000 + 31 * i + j, cfg.steps, identities=refs, layout=boxes)
+            found, slots = [], []
             for face in analyzer.analyze(image):
                 cx, cy = (face.bbox[0] + face.bbox[2]) / 2, (face.bbox[1] + face.bbox[3]) / 2
                 for slot, (x0, y0, x1, y1) in enumerate(boxes):
                     if x0 <= cx <= x1 and y0 <= cy <= y1:  # the face of this box: slot 0 = i, slot 1 = j
-                        confused.append(figures.id_confusion([face.embedding], [slot], references[[i, j]]))
+                        found.append(face.embedding)
+                        slots.append(slot)
+            if found:  # the pair's two references are the candidates: confusion = nearer to the other one
+                pair = metrics.id_confusion_rate(np.stack(found), references[[i, j]], slots)
+                n_confused += pair["id_confusion_rate"] * pair["n_faces"]
+                n_faces += int(pair["n_faces"])
         key = "id_confusion_2ids" if variant == "mgmica" else "id_confusion_2ids_nomask"
-        result[key] = float(np.mean(confused)) if confused else float("nan")
-        result[key + "_faces"] = len(confused)
+        result[key] = n_confused / n_faces if n_faces else float("nan")
+        result[key + "_faces"] = n_faces
     pipe.prepare_layout = original
 
     # DIIR on generated group photos: four small faces, each bound to a reference by MGMICA; DIIR restores them
@@ -214,16 +221,15 @@ def measure(name: str, backbone: Backbone, params: Params, data_dir: Path, workd
             image, identities=[crops[n] for n in picked], faces="all", boxes=small, assignment=[0, 1, 2, 3]
         )
         after = np.asarray(restored.image.convert("RGB"))
-        identical &= figures.background_identical(image, after, restored.mask)
+        outside = np.asarray(restored.mask) == 0
+        identical &= bool(np.array_equal(image[outside], after[outside]))
         for q, box in enumerate(small):
             ref = references[names.index(picked[q])]
             pair = [_face_in_box(analyzer, img, box) for img in (image, after)]
             if all(f is not None for f in pair):  # a face found in both: paired similarity
-                before_sims.append(figures.cosine(pair[0].embedding, ref))
-                after_sims.append(figures.cosine(pair[1].embedding, ref))
-    result["diir_id_sim_gain"] = (
-        figures.similarity_gain(before_sims, after_sims) if before_sims else float("nan")
-    )
+                before_sims.append(float(metrics.cosine_matrix(pair[0].embedding[None], ref[None])[0, 0]))
+                after_sims.append(float(metrics.cosine_matrix(pair[1].embedding[None], ref[None])[0, 0]))
+    result["diir_id_sim_gain"] = metrics.mean_gain(before_sims, after_sims)["mean_gain"]  # NaN: no pair
     result["diir_id_sim_gain_faces"] = len(before_sims)
     result["diir_background_identical"] = int(identical)
     return result

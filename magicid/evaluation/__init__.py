@@ -1,2 +1,2 @@
-"""Evaluation (DESIGN §5): metrics (pure functions), evaluation sets and slices, the report; the fitted-backbone
-benchmark's figure definitions (fitted_figures)."""
+"""Evaluation (DESIGN §5): metrics (pure functions, the one definition of every quality figure, also the
+benchmarks'), evaluation sets and slices, the report."""

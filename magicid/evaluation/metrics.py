@@ -6,6 +6,7 @@ gate and the benchmarks all call them:
   matching on similarity; a reference left without a detected face scores 0), averaged over references;
 - `id_confusion_rate`: share of faces, placed for identity i, that are nearer to another reference;
 - `id_top1_accuracy`: share of faces whose nearest reference is the intended one;
+- `generation_id_top1`: the same over generations, a generation without a detected face counting as a miss;
 - `face_detection_rate`: share of the layout's faces that the detector finds (IoU-matched);
 - `any_face_rate`: share of images in which at least one face is found;
 - `landmark_nme`: mean landmark error against the conditioning landmarks, over the inter-ocular distance;
@@ -202,6 +203,40 @@ def id_top1_accuracy(
         )
     hits = similarity.argmax(axis=1) == np.asarray(target)
     return {"id_top1_accuracy": float(hits.mean()), "chance": 1.0 / similarity.shape[1]}
+
+
+def generation_id_top1(
+    face_embeddings: Sequence[np.ndarray | None], reference_embeddings: np.ndarray, target: Sequence[int]
+) -> dict[str, float]:
+    """Share of generations whose face's nearest reference (cosine) is `target[g]`; no face found = a miss.
+
+    `id_top1_accuracy` scores the faces that were found; this scores what was asked for: a generation that shows
+    nobody did not show identity k (the fitted-backbone benchmark's `id_top1_generated`).
+
+    Args:
+        face_embeddings: per generation the embedding (D,) of its face, or None when the detector found none.
+        reference_embeddings: (R, D).
+        target: per generation the reference index it was generated with.
+
+    Returns:
+        `generation_id_top1` in [0, 1], `chance` = 1 / R, `n_generations`, `n_faces` (generations with a face).
+    """
+    if len(face_embeddings) != len(target) or not face_embeddings:
+        raise MetricInputError(
+            f"generation_id_top1: {len(target)} targets for {len(face_embeddings)} generations (need >= 1)"
+        )
+    found = [g for g, e in enumerate(face_embeddings) if e is not None]
+    refs = np.asarray(reference_embeddings, dtype=np.float64)
+    hits = 0
+    if found:
+        similarity = cosine_matrix(np.stack([face_embeddings[g] for g in found]), refs)
+        hits = int((similarity.argmax(axis=1) == np.asarray([target[g] for g in found])).sum())
+    return {
+        "generation_id_top1": hits / len(face_embeddings),
+        "chance": 1.0 / refs.shape[0],
+        "n_generations": float(len(face_embeddings)),
+        "n_faces": float(len(found)),
+    }
 
 
 def landmark_nme(

@@ -61,6 +61,21 @@ def test_id_top1_accuracy_and_chance():
     assert out["chance"] == pytest.approx(1 / 3)
 
 
+def test_generation_id_top1_counts_generations_without_a_face_as_misses():
+    refs = np.eye(3)
+    faces = [np.array([0.9, 0.1, 0.0]), np.array([0.2, 0.1, 0.9]), None, np.array([0.0, 1.0, 0.0])]
+    out = m.generation_id_top1(faces, refs, [0, 2, 1, 0])
+    assert out == {
+        "generation_id_top1": 0.5,
+        "chance": pytest.approx(1 / 3),
+        "n_generations": 4.0,
+        "n_faces": 3.0,
+    }
+    assert m.generation_id_top1([None, None], refs, [0, 1])["generation_id_top1"] == 0.0
+    with pytest.raises(m.MetricInputError):
+        m.generation_id_top1(faces, refs, [0, 1])
+
+
 def test_box_iou_and_detection_rate():
     a = np.array([[0, 0, 10, 10]])
     b = np.array([[5, 0, 15, 10], [20, 20, 30, 30]])

@@ -49,7 +49,7 @@ def _face_psnr(backbone, data) -> float:
     from PIL import Image
 
     from magicid.data.manifest import read_manifest
-    from magicid.evaluation.fitted_figures import psnr_db
+    from magicid.evaluation.metrics import reconstruction_psnr
 
     data = Path(data)
     _, faces = read_manifest(data)
@@ -58,7 +58,8 @@ def _face_psnr(backbone, data) -> float:
     )
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     out = backbone.vae.decode(backbone.vae.encode(x).latent_dist.mean).sample
-    return psnr_db(crops, ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    rec = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return reconstruction_psnr(crops, rec)["psnr"]
 
 
 @pytest.mark.slow
@@ -78,7 +79,7 @@ def test_fitted_vae_reconstructs_faces_better_than_random(fitted_on_sample):
     "day the fit gets there this test reports XPASS and the marker must go",
 )
 def test_fitted_generations_show_faces_more_often_than_random(fitted_on_sample):
-    from magicid.evaluation.fitted_figures import detection_rate
+    from magicid.evaluation.metrics import any_face_rate
     from magicid.faces import get_analyzer
     from magicid.models.backbone import build_tiny_backbone
 
@@ -99,6 +100,6 @@ def test_fitted_generations_show_faces_more_often_than_random(fitted_on_sample):
                 output_type="np",
             ).images[0]
             counts.append(len(analyzer.analyze((np.clip(image, 0, 1) * 255).round().astype(np.uint8))))
-        return detection_rate(counts)
+        return any_face_rate(counts)["any_face_rate"]
 
     assert rate(fitted) > rate(build_tiny_backbone())
