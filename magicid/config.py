@@ -254,6 +254,7 @@ class FitParams(_Section):
     splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
     resolution: int = Field(256, gt=0)
     vae_resolution: int = Field(128, gt=0)
+    vae_patch: int = Field(64, ge=0)
     vae_steps: int = Field(300, ge=1)
     vae_batch: int = Field(8, ge=1)
     vae_lr: float = Field(2e-3, gt=0)
@@ -262,6 +263,8 @@ class FitParams(_Section):
     unet_steps: int = Field(500, ge=1)
     unet_batch: int = Field(8, ge=1)
     unet_lr: float = Field(1e-3, gt=0)
+    latent_variants: int = Field(8, ge=1)
+    min_snr_gamma: float | None = Field(5.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(20, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -280,6 +283,15 @@ class FitParams(_Section):
         if value % 64:
             raise ValueError(f"must be a multiple of 64 (VAE factor 8 x UNet downsampling 8), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _patch_inside_picture(self) -> FitParams:
+        if self.vae_patch and (self.vae_patch % 8 or self.vae_patch > self.vae_resolution):
+            raise ValueError(
+                f"vae_patch {self.vae_patch} must be 0 (whole pictures) or a multiple of 8 <= vae_resolution "
+                f"{self.vae_resolution}"
+            )
+        return self
 
     @field_validator("splits")
     @classmethod

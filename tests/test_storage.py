@@ -73,7 +73,7 @@ def test_persistent_500s_fail_clearly_naming_the_uri(s3_server, s3_env):
 def test_mlflow_artifacts_on_s3(s3_server, s3_env, tmp_path, monkeypatch):
     """The trainer's tracker with `tracking.artifact_root: s3://...` logs artifacts to S3."""
     from magicid.config import load_params
-    from magicid.training.trainer import _Tracker
+    from magicid.training.tracking import RunTracker
 
     _bucket(s3_server, "mlflow")
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)  # the endpoint comes from params.storage
@@ -89,7 +89,7 @@ def test_mlflow_artifacts_on_s3(s3_server, s3_env, tmp_path, monkeypatch):
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"w" * 100)
-    tracker = _Tracker(params, enabled=True)
+    tracker = RunTracker(params, enabled=True)
     tracker.start(None, run_name="s3")
     tracker.artifacts(folder, "checkpoints/step_000001")
     tracker.end("FINISHED")

@@ -4,20 +4,27 @@ The random tiny backbone (`backbone.build_tiny_backbone`) turns every face into 
 means anything. This module fits it, as SD was trained, in two phases on the dataset's photos:
 
 1. VAE: reconstruction (L1 + MSE) + an edge term (L1 between Sobel gradients: a perceptual stand-in, no
-   pretrained feature network ships here) + KL to N(0, I), on whole images and zoomed face crops at
-   `fit.vae_resolution`. Then `scaling_factor` = 1 / std of the latents of the un-augmented data, so scaled
-   latents have unit variance (DDIM inversion converges only there, DESIGN §4).
+   pretrained feature network ships here) + KL to N(0, I), on random `fit.vae_patch` px patches of augmented
+   whole images and zoomed face crops at `fit.vae_resolution` (the VAE is convolutional: patches train it as
+   whole pictures do, at a fraction of the cost, as SD's VAE was trained on crops). Then `scaling_factor` =
+   1 / std of the latents of the un-augmented data, so scaled latents have unit variance (DDIM inversion
+   converges only there, DESIGN §4).
 2. UNet: the epsilon denoising loss on latents of whole images (letterboxed, the adapter trainer's layout) and
-   of zoomed face crops, with augmentation (horizontal flips, scale/translate jitter, colour jitter) and text
-   dropout (the empty prompt, so classifier-free guidance has an unconditional branch the UNet has seen).
-   The text encoder and tokenizer stay as built (frozen, seeded).
+   of zoomed face crops. The VAE is frozen by then, so every picture is encoded once per augmentation variant
+   (`fit.latent_variants`: variant 0 as is, the others with horizontal flips, scale/translate jitter and colour
+   jitter) and the steps draw (picture, variant, latent sample) from that bank: encoding a batch costs more than
+   the tiny UNet's step, so the bank roughly doubles the steps a time budget buys. Min-SNR-gamma loss weighting
+   (`fit.min_snr_gamma`, Hang et al. 2023) keeps the easy low-noise timesteps from dominating a short fit. Text
+   dropout (the empty prompt) gives classifier-free guidance an unconditional branch the UNet has seen. The
+   text encoder and tokenizer stay as built (frozen, seeded).
 
 The result is a diffusers folder (`save_pretrained` of every component + `model_index.json`) that loads
 through the real-weights path (`model.backbone=DIR`, `backbone.load_sd_folder`). Beside the components it holds
 `fit_key.json` (the cache key of its inputs: dataset version + `fit` params + seed) and `fit_report.json`.
 
 Determinism: the initial weights come from `seed`; every random draw of a step (which samples, augmentation,
-latent sample, noise, timesteps) comes from a generator seeded by (seed, phase, step). Resume: a checkpoint
+latent sample, noise, timesteps) comes from a generator seeded by (seed, phase, step), and the latent bank's
+augmentations from one seeded by (seed, "latents", variant), so a resumed fit rebuilds the same bank. Resume: a checkpoint
 (weights, optimizer, LR schedule, phase, step, MLflow run id) is written atomically every
 `fit.checkpoint_every` steps to `<out>.checkpoint/`; `--resume` continues from it and reaches bit-identical
 weights. Tracking: an MLflow run like training's (all params, per-step losses, the dataset as input, the
@@ -45,7 +52,7 @@ import torch.nn.functional as F
 from magicid.config import FitParams, Params
 from magicid.errors import ConfigError
 from magicid.models.backbone import Backbone, TinyBackboneConfig, build_tiny_backbone
-from magicid.utils import atomic_write, atomic_write_text
+from magicid.utils import atomic_write, atomic_write_dir, atomic_write_text
 
 if TYPE_CHECKING:
     from magicid.training.fit_data import FitData
@@ -56,7 +63,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # Captions of the fitting samples. Whole images use the adapter trainer's (`dataset.caption_for`); a zoomed face
 # crop is a close-up. Every word is in the tiny tokenizer's corpus.
 FACE_CROP_CAPTION = "a close up photo of a face"
-_PHASES = ("vae", "unet")
+_PHASES = ("vae", "unet", "latents")  # append only: the index seeds the generators
 
 
 @dataclasses.dataclass
@@ -135,6 +142,64 @@ def sample_batch(
     return pictures, captions
 
 
+def random_patches(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random `size` x `size` patch of each image (B, C, H, W); `size` 0 or >= the side: the images as they are."""
+    side = images.shape[-1]
+    if not size or size >= side:
+        return images
+    offsets = torch.randint(0, side - size + 1, (images.shape[0], 2), generator=generator).tolist()
+    return torch.stack(
+        [image[:, y : y + size, x : x + size] for image, (y, x) in zip(images, offsets, strict=True)]
+    )
+
+
+@dataclasses.dataclass
+class LatentBank:
+    """Every fitting picture encoded by the frozen VAE once per augmentation variant (unscaled posterior).
+
+    Attributes:
+        mean, std: (V, N, 4, h, w): variant v of picture n; pictures are the whole images, then the face crops.
+        n_whole: how many of the N pictures are whole images.
+        captions: N captions (whole images: `caption_for(n_faces)`, crops: `FACE_CROP_CAPTION`).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    n_whole: int
+    captions: list[str]
+
+    def sample(
+        self, batch: int, face_prob: float, scaling_factor: float, generator: torch.Generator
+    ) -> tuple[torch.Tensor, list[str]]:
+        """`batch` scaled latents: each of a face crop with probability `face_prob`, else of a whole image (uniform
+        picks of picture and variant), sampled from its posterior; and their captions."""
+        n_crops = self.mean.shape[1] - self.n_whole
+        is_face = torch.rand(batch, generator=generator) < face_prob
+        whole_pick = torch.randint(0, self.n_whole, (batch,), generator=generator)
+        crop_pick = self.n_whole + torch.randint(0, n_crops, (batch,), generator=generator)
+        picture = torch.where(is_face, crop_pick, whole_pick)
+        variant = torch.randint(0, self.mean.shape[0], (batch,), generator=generator)
+        mean, std = self.mean[variant, picture], self.std[variant, picture]
+        latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
+        return latents, [self.captions[int(i)] for i in picture]
+
+
+@torch.no_grad()
+def encode_latent_bank(vae, data: FitData, fit: FitParams, seed: int, chunk: int = 8) -> LatentBank:
+    """The UNet phase's `LatentBank`: variant 0 un-augmented, variants 1.. through `augment` (seeded per variant)."""
+    pictures = torch.cat([data.whole, data.crops])
+    means, stds = [], []
+    for variant in range(fit.latent_variants):
+        views = pictures
+        if variant:
+            views = augment(pictures, fit, fit.resolution, step_generator(seed, "latents", variant))
+        posteriors = [vae.encode(part).latent_dist for part in views.split(chunk)]
+        means.append(torch.cat([p.mean for p in posteriors]))
+        stds.append(torch.cat([p.std for p in posteriors]))
+    captions = list(data.whole_captions) + [FACE_CROP_CAPTION] * data.crops.shape[0]
+    return LatentBank(torch.stack(means), torch.stack(stds), data.whole.shape[0], captions)
+
+
 def sobel(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 2C, H, W): horizontal and vertical Sobel gradients per channel."""
     kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=images.dtype) / 4
@@ -164,37 +229,35 @@ def vae_loss(
     return loss, parts
 
 
-@torch.no_grad()
-def fit_scaling_factor(vae, data: FitData, size: int) -> float:
-    """1 / std of the latent means of every whole image and face crop (un-augmented) at `size` px."""
-    pictures = torch.cat([data.whole, data.crops])
-    if pictures.shape[-1] != size:
-        pictures = F.interpolate(
-            pictures, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-    means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pictures.split(8)])
-    return float(1.0 / means.float().std())
+def fit_scaling_factor(bank: LatentBank) -> float:
+    """1 / std of the latent means of every whole image and face crop as they are (the bank's variant 0)."""
+    return float(1.0 / bank.mean[0].float().std())
 
 
 def unet_loss(
     backbone: Backbone,
-    pictures: torch.Tensor,
+    latents: torch.Tensor,
     text: torch.Tensor,
     generator: torch.Generator,
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """The epsilon denoising loss of one batch: pictures (B, 3, R, R) in [-1, 1], text (B, 77, C)."""
-    vae, scheduler = backbone.vae, backbone.scheduler
-    with torch.no_grad():
-        posterior = vae.encode(pictures).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator)
-        latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
+    """The epsilon denoising loss of one batch of scaled latents (B, 4, h, w) with text (B, 77, C).
+
+    `min_snr_gamma`: per-sample weight min(SNR(t), gamma) / SNR(t) (Min-SNR, epsilon prediction); None: unweighted.
+    """
+    scheduler = backbone.scheduler
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
     )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = backbone.unet(noisy, timesteps, encoder_hidden_states=text).sample
-    return F.mse_loss(prediction.float(), noise)
+    per_sample = (prediction.float() - noise).pow(2).mean(dim=(1, 2, 3))
+    if min_snr_gamma is None:
+        return per_sample.mean()
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return (per_sample * snr.clamp(max=min_snr_gamma) / snr).mean()
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -288,7 +351,8 @@ def fit_backbone(
     """
     from tqdm.auto import tqdm
 
-    from magicid.training.trainer import TextEncoderCache, _replace_dir, _Tracker
+    from magicid.training.tracking import RunTracker
+    from magicid.training.trainer import TextEncoderCache
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -333,9 +397,10 @@ def fit_backbone(
         if state.get("scaling_factor") is not None:
             vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
 
-    tracker = _Tracker(params, enabled=track)
-    if tracker.start(run_id, run_name=f"fit-backbone-{Path(data_dir).name}"):
-        tracker._client.set_tag(tracker.run_id, "mlflow.source.name", "magicid fit-backbone")
+    tracker = RunTracker(params, enabled=track)
+    if tracker.start(
+        run_id, run_name=f"fit-backbone-{Path(data_dir).name}", source_name="magicid fit-backbone"
+    ):
         tracker.log_params(
             {
                 "data_dir": str(data_dir),
@@ -352,6 +417,7 @@ def fit_backbone(
     done = step + (fit.vae_steps if phase == "unet" else 0)
     bar = tqdm(total=total, initial=done, desc="fit-backbone", disable=not progress)
     texts = TextEncoderCache(backbone)
+    bank: LatentBank | None = None
     status = "FAILED"
 
     def checkpoint() -> None:
@@ -381,6 +447,7 @@ def fit_backbone(
                 generator = step_generator(params.seed, "vae", step)
                 pictures, _ = sample_batch(data, fit.vae_batch, fit.face_prob, generator)
                 pictures = augment(pictures, fit, fit.vae_resolution, generator)
+                pictures = random_patches(pictures, fit.vae_patch, generator)
                 loss, parts = vae_loss(vae, pictures, fit, generator)
                 _optimizer_step(loss, vae, vae_opt, vae_sched, fit.max_grad_norm)
                 step += 1
@@ -399,23 +466,26 @@ def fit_backbone(
                     out_dir, tracker.run_id, time.perf_counter() - start, vae_losses, {}, float("nan")
                 )
             vae.eval().requires_grad_(False)
-            vae.register_to_config(scaling_factor=fit_scaling_factor(vae, data, fit.resolution))
+            bank = encode_latent_bank(vae, data, fit, params.seed)
+            vae.register_to_config(scaling_factor=fit_scaling_factor(bank))
             tracker.metrics({"vae_scaling_factor": float(vae.config.scaling_factor)}, step)
             phase, step = "unet", 0
             checkpoint()
         vae.eval().requires_grad_(False)
+        if bank is None:  # resumed in the UNet phase: the same bank again (seeded, from the same VAE weights)
+            bank = encode_latent_bank(vae, data, fit, params.seed)
 
-        # 2. The UNet, on latents of the fitted VAE.
+        # 2. The UNet, on the bank's latents of the fitted VAE.
         unet.train().requires_grad_(True)
+        scaling_factor = float(vae.config.scaling_factor)
         while step < fit.unet_steps:
             generator = step_generator(params.seed, "unet", step)
-            pictures, captions = sample_batch(data, fit.unet_batch, fit.face_prob, generator)
-            pictures = augment(pictures, fit, fit.resolution, generator)
+            latents, captions = bank.sample(fit.unet_batch, fit.face_prob, scaling_factor, generator)
             dropped = torch.rand(len(captions), generator=generator) < fit.text_dropout
             captions = [
                 "" if drop else caption for drop, caption in zip(dropped.tolist(), captions, strict=True)
             ]
-            loss = unet_loss(backbone, pictures, texts(captions), generator)
+            loss = unet_loss(backbone, latents, texts(captions), generator, fit.min_snr_gamma)
             _optimizer_step(loss, unet, unet_opt, unet_sched, fit.max_grad_norm)
             step += 1
             done += 1
@@ -459,7 +529,7 @@ def fit_backbone(
             atomic_write_text(tmp / KEY_FILE, json.dumps(key, indent=2, sort_keys=True) + "\n")
             atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
 
-        _replace_dir(out_dir, write)
+        atomic_write_dir(out_dir, write)
         tracker.metrics({"fit_seconds": seconds}, total)
         tracker.artifacts(out_dir, "backbone")
         shutil.rmtree(_checkpoint_dir(out_dir), ignore_errors=True)

@@ -39,7 +39,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +53,12 @@ from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
 from magicid.models.denoise import IdentityConditions, StepConditions, guided_prediction, null_identity
-from magicid.storage import use_s3_endpoint_for_mlflow
 from magicid.training.checkpoints import CHECKPOINT_PREFIX, check_resume_checkpoint
 from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
 from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate_idzoom
 from magicid.training.mmf import MMFSchedule
-from magicid.utils import atomic_write_text, set_seed
+from magicid.training.tracking import RunTracker
+from magicid.utils import atomic_write_dir, atomic_write_text, set_seed
 
 STATE_FILE = "trainer_state.json"
 VALIDATION_STREAM = 2**31  # the "step" of validation draws in `step_generator`: never a training step
@@ -317,21 +316,6 @@ def dataset_version(root: str | Path) -> tuple[str, str]:
     return digest.hexdigest()[:32], "manifest-sha256"
 
 
-def flatten_params(params: Params) -> dict[str, str]:
-    """`Params` as MLflow params: dotted keys -> string values."""
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
-
-    walk("", params.model_dump(mode="json"))
-    return flat
-
-
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints under `out_dir/checkpoints`, oldest first."""
     folder = Path(out_dir) / "checkpoints"
@@ -361,112 +345,6 @@ def _lr_scheduler(params: Params, optimizer: torch.optim.Optimizer, total_steps:
         num_warmup_steps=params.train.lr_warmup_steps * processes,
         num_training_steps=total_steps * processes,
     )
-
-
-class _Tracker:
-    """MLflow logging for one training run (main process only; a no-op elsewhere)."""
-
-    def __init__(self, params: Params, enabled: bool) -> None:
-        self.params = params
-        self.enabled = enabled
-        self.run_id: str | None = None
-        self._pending: list[Any] = []
-        self._client = None
-
-    def start(self, run_id: str | None, run_name: str) -> bool:
-        """Open `run_id` (a resumed run) or a new run; True when a new run was created (params to log)."""
-        if not self.enabled:
-            return False
-        from mlflow import MlflowClient
-
-        tracking = self.params.tracking
-        use_s3_endpoint_for_mlflow(self.params.storage)  # s3:// artifact roots on storage.s3_endpoint_url
-        self._client = client = MlflowClient(tracking_uri=tracking.uri)
-        experiment = client.get_experiment_by_name(tracking.experiment)
-        if experiment is None:
-            root = tracking.artifact_root
-            location = root if "://" in root else Path(root).resolve().as_uri()
-            experiment_id = client.create_experiment(tracking.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        if run_id is not None:
-            try:
-                client.get_run(run_id)
-            except Exception:  # noqa: BLE001 - a run of another tracking store: start a new one
-                run_id = None
-        if run_id is None:
-            run = client.create_run(
-                experiment_id, run_name=run_name, tags={"mlflow.source.name": "magicid train"}
-            )
-            run_id = run.info.run_id
-            self.run_id = run_id
-            self.log_params(flatten_params(self.params))
-            return True
-        client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
-        return False
-
-    def log_params(self, values: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in values.items()]
-        for start in range(0, len(items), 100):  # MLflow accepts up to 100 params a batch
-            self._client.log_batch(self.run_id, params=items[start : start + 100])
-
-    def log_dataset(self, images_df, root: Path, version: str, origin: str) -> None:
-        if not self.enabled:
-            return
-        import mlflow.data
-        from mlflow.entities import DatasetInput, InputTag
-
-        tags = [InputTag("mlflow.data.context", "training"), InputTag("version_origin", origin)]
-        from mlflow.entities import Dataset
-
-        with warnings.catch_warnings():  # schema-inference hints about integer columns and source resolution
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(images_df, source=str(root), name="idzoom", digest=version)
-            # The client API takes entities: build one from the dataset's public config dict.
-            config = dataset.to_dict()
-        entity = Dataset(
-            name=config["name"],
-            digest=config["digest"],
-            source_type=config["source_type"],
-            source=config["source"],
-            schema=config.get("schema"),
-            profile=config.get("profile"),
-        )
-        self._client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
-        self._client.set_tag(self.run_id, "dataset_version", version)
-
-    def tag(self, key: str, value: str) -> None:
-        if self.enabled:
-            self._client.set_tag(self.run_id, key, value)
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, step) for key, value in values.items())
-
-    def flush(self) -> None:
-        if not self.enabled or not self._pending:
-            return
-        for start in range(0, len(self._pending), 1000):  # MLflow's log_batch limit
-            self._client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
-        self._pending = []
-
-    def artifacts(self, local_dir: Path, artifact_path: str) -> None:
-        if self.enabled:
-            self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-
-    def end(self, status: str) -> None:
-        if self.enabled and self.run_id is not None:
-            self.flush()
-            self._client.set_terminated(self.run_id, status=status)
 
 
 def train(
@@ -597,7 +475,7 @@ def train(
                 f"--resume: checkpoint {checkpoints[-1].name} is at step {step} >= --steps {total_steps}"
             )
 
-    tracker = _Tracker(params, enabled=track and accelerator.is_main_process)
+    tracker = RunTracker(params, enabled=track and accelerator.is_main_process)
     new_run = tracker.start(run_id, run_name=f"train-{data_dir.name}")
     if new_run:
         tracker.log_params(
@@ -706,7 +584,7 @@ def train(
         # 5. The final adapter: what inference and the registry load.
         adapter_dir = out_dir / "adapter"
         if accelerator.is_main_process:
-            _replace_dir(adapter_dir, lambda tmp: accelerator.unwrap_model(module).adapter.save(tmp))
+            atomic_write_dir(adapter_dir, lambda tmp: accelerator.unwrap_model(module).adapter.save(tmp))
             tracker.artifacts(adapter_dir, "adapter")
         accelerator.wait_for_everyone()
         status = "FINISHED"
@@ -728,23 +606,8 @@ def train(
     )
 
 
-def _replace_dir(target: Path, write) -> None:
-    """Write a directory through `write(tmp_dir)` beside `target`, then swap it in (no half-written folder)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_checkpoint(
-    accelerator, module: nn.Module, out_dir: Path, step: int, tracker: _Tracker, extra: dict, params: Params
+    accelerator, module: nn.Module, out_dir: Path, step: int, tracker: RunTracker, extra: dict, params: Params
 ) -> None:
     """`accelerator.save_state` into `checkpoints/checkpoint_<step>` (accelerate prunes to `total_limit`), then the
     adapter and `trainer_state.json` (written last: only a folder holding it counts as a complete checkpoint)."""

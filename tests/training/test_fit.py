@@ -189,6 +189,34 @@ def test_augment_without_jitter_is_the_identity_and_flip_mirrors(fit_params):
     assert jittered.shape == images.shape and jittered.abs().max() <= 1
 
 
+def test_vae_patches_are_windows_of_their_pictures():
+    from magicid.training.fit import random_patches
+
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    patches = random_patches(images, 8, torch.Generator().manual_seed(0))
+    assert patches.shape == (2, 3, 8, 8)
+    for image, patch in zip(images, patches, strict=True):
+        windows = image.unfold(1, 8, 1).unfold(2, 8, 1)  # (3, 9, 9, 8, 8): every 8x8 window
+        assert any(torch.equal(windows[:, y, x], patch) for y in range(9) for x in range(9))
+    assert random_patches(images, 0, torch.Generator()) is images
+
+
+def test_min_snr_weighting_discounts_only_the_low_noise_timesteps():
+    from magicid.models.backbone import build_tiny_backbone
+    from magicid.training.fit import unet_loss
+
+    backbone = build_tiny_backbone()
+    latents, text = torch.randn(4, 4, 8, 8), torch.randn(4, 77, backbone.cross_attention_dim)
+
+    def loss(gamma):
+        return float(unet_loss(backbone, latents, text, torch.Generator().manual_seed(3), gamma))
+
+    plain = loss(None)
+    assert loss(1e9) == pytest.approx(plain, rel=1e-6)  # gamma above every SNR: weight 1 everywhere
+    assert loss(1.0) < plain  # the timesteps with SNR > 1 count less
+    assert loss(1e-6) < loss(1.0)
+
+
 def test_bad_data_dir_is_a_clear_error(tmp_path, fit_params, repo_root):
     from magicid.cli import app
     from magicid.training.fit_data import load_fit_data
