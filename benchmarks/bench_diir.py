@@ -307,7 +307,7 @@ def main() -> None:
     repeats = 1 if args.quick else 5
     tiny = run_config("tiny", TinyBackboneConfig(), [1, 4, 8], params, repeats, None)
     # Compute-bound: a 2x wider UNet and 128 px faces -> 512 x 512 crops (bucket 512). --quick: 2x wider,
-    # 64 px faces -> 256 x 256 crops (same names, smaller config).
+    # 64 px faces -> 256 x 256 crops, printed under its own names (`..._compute_quick`).
     compute_params = params.model_copy(
         update={"diir": params.diir.model_copy(update={"buckets": [64, 128, 256, 512]})}
     )
