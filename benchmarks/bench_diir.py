@@ -297,7 +297,9 @@ def run_config(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a small version (under a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small version (one pair per ratio, 256 px compute crops)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="params override, e.g. diir.inversion_tol=4e-3 (repeatable)")  # fmt: skip
