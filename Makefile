@@ -42,7 +42,8 @@ bench: install
 bench-quick: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f --quick || exit 1; done
 
-# The DVC pipeline (sample_data -> build_idzoom -> validate); stage commands call the venv's `magicid`.
+# The DVC pipeline, all six stages of dvc.yaml (sample_data -> build_idzoom -> validate, fit_backbone -> train ->
+# evaluate); stage commands call the venv's `magicid`.
 repro: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 

@@ -297,7 +297,9 @@ def run_config(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a small version (under a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small version (one pair per ratio, 256 px compute crops)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="params override, e.g. diir.inversion_tol=4e-3 (repeatable)")  # fmt: skip
@@ -307,7 +309,7 @@ def main() -> None:
     repeats = 1 if args.quick else 5
     tiny = run_config("tiny", TinyBackboneConfig(), [1, 4, 8], params, repeats, None)
     # Compute-bound: a 2x wider UNet and 128 px faces -> 512 x 512 crops (bucket 512). --quick: 2x wider,
-    # 64 px faces -> 256 x 256 crops (same names, smaller config).
+    # 64 px faces -> 256 x 256 crops, printed under its own names (`..._compute_quick`).
     compute_params = params.model_copy(
         update={"diir": params.diir.model_copy(update={"buckets": [64, 128, 256, 512]})}
     )

@@ -290,6 +290,9 @@ def dataset_version(root: str | Path) -> tuple[str, str]:
     Returns:
         (version, origin) with origin `dvc` or `manifest-sha256`.
     """
+    from magicid.dvc_logging import import_dvc
+
+    import_dvc()  # DVC's log handlers follow the current sys.stdout/sys.stderr (see magicid/dvc_logging.py)
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
