@@ -11,7 +11,7 @@ import time
 import torch
 from timing import median_seconds
 
-from magicid.models.backbone import build_tiny_backbone
+from magicid.models.tiny import build_tiny_backbone
 
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:

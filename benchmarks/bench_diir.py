@@ -40,7 +40,8 @@ from timing import median_seconds, paired_seconds
 from magicid.config import Params, load_params
 from magicid.faces import Face
 from magicid.models.adapter import MagicIDAdapter
-from magicid.models.backbone import Backbone, TinyBackboneConfig, build_tiny_backbone
+from magicid.models.backbone import Backbone
+from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from magicid.restore.diir import DIIR
 from magicid.restore.inversion import ddim_invert, ddim_reconstruct
 from magicid.restore.noise import noise_function

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from magicid.config import Params, load_params  # noqa: E402
 from magicid.evaluation import metrics  # noqa: E402
-from magicid.models.backbone import Backbone, build_tiny_backbone, load_sd_folder  # noqa: E402
+from magicid.models.backbone import Backbone, load_sd_folder  # noqa: E402
+from magicid.models.tiny import build_tiny_backbone  # noqa: E402
 
 PROMPT_PERSON = "a photo of a person"
 

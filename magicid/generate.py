@@ -73,6 +73,7 @@ def generate_image(
     from magicid.models.pipeline import MagicIDPipeline
 
     backbone = backbone or load_backbone(params)
+    backbone.require_sd1("generation (magicid generate)")
     use_adapter = bool(identities) or layout is not None or params.model.adapter_path is not None
     adapter = load_adapter(params, backbone) if use_adapter else None
     pipe = MagicIDPipeline.from_backbone(backbone, adapter, params)

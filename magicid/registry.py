@@ -120,6 +120,7 @@ class MagicIDPyfuncModel(mlflow.pyfunc.PythonModel):
             overrides.append(f"model.backbone={context.artifacts['backbone']}")
         self.params = load_params(context.artifacts["params"], overrides)
         backbone = load_backbone(self.params)
+        backbone.require_sd1("a registered MagicID model (generation, evaluation)")
         adapter = load_adapter(self.params, backbone)
         self.pipe = MagicIDPipeline.from_backbone(backbone, adapter, self.params)
         self.pipe.set_progress_bar_config(disable=True)

@@ -29,6 +29,6 @@ def default_params():
 @pytest.fixture(scope="session")
 def tiny_backbone():
     """The default tiny backbone (seed 0). Session-scoped: tests must not modify its weights or processors."""
-    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.tiny import build_tiny_backbone
 
     return build_tiny_backbone()

@@ -28,7 +28,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from magicid.errors import DataError, FaceBackendError, ModelInputError
+from magicid.errors import ConfigError, DataError, FaceBackendError, ModelInputError
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.conditioning import embed_condition, make_condition
 from magicid.models.denoise import StepConditions, guided_prediction
@@ -211,6 +211,11 @@ class MagicIDPipeline(DiffusionPipeline):
         mask_feather: float = 0.1,
     ) -> None:
         super().__init__()
+        if getattr(unet.config, "addition_embed_type", None) == "text_time":
+            raise ConfigError(
+                "MagicIDPipeline needs an SD 1.x UNet; this one is SDXL's (addition_embed_type='text_time'), which "
+                "MagicID supports for DIIR restoration only (DIIR.from_pipe / `magicid restore`)"
+            )
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -227,7 +232,12 @@ class MagicIDPipeline(DiffusionPipeline):
 
     @classmethod
     def from_backbone(cls, backbone, adapter: MagicIDAdapter | None, params) -> MagicIDPipeline:
-        """Build from a `Backbone`, an adapter (or None) and `Params` (crop, feather and face-backend settings)."""
+        """Build from a `Backbone`, an adapter (or None) and `Params` (crop, feather and face-backend settings).
+
+        Raises:
+            ConfigError: an SDXL backbone (MagicIDPipeline is SD 1.x; SDXL is supported for DIIR only).
+        """
+        backbone.require_sd1("MagicIDPipeline (generation)")
         pipe = cls(
             vae=backbone.vae,
             text_encoder=backbone.text_encoder,

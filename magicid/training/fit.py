@@ -1,7 +1,7 @@
 """Fitting the offline tiny backbone to an IDZoom dataset version (`magicid fit-backbone`, DESIGN §3).
 
-The random tiny backbone (`backbone.build_tiny_backbone`) turns every face into noise, so nothing measured on it
-means anything. This module fits it, as SD was trained, in two phases on the dataset's photos:
+The random tiny backbone (`magicid.models.tiny.build_tiny_backbone`) turns every face into noise, so nothing
+measured on it means anything. This module fits it, as SD was trained, in two phases on the dataset's photos:
 
 1. VAE: reconstruction (L1 + MSE) + an edge term (L1 between Sobel gradients: a perceptual stand-in, no
    pretrained feature network ships here) + KL to N(0, I), on random `fit.vae_patch` px patches of augmented
@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from magicid.config import FitParams, Params
 from magicid.errors import ConfigError
-from magicid.models.backbone import Backbone, TinyBackboneConfig, build_tiny_backbone
+from magicid.models.backbone import Backbone
+from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from magicid.utils import atomic_write, atomic_write_dir, atomic_write_text
 
 if TYPE_CHECKING:

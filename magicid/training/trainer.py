@@ -426,6 +426,7 @@ def train(
     # 2. Models: frozen backbone in the compute dtype, trainable adapter in float32.
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     backbone = backbone or load_backbone(params)
+    backbone.require_sd1("training (magicid train)")
     backbone.to(device=accelerator.device, dtype=weight_dtype)
     for frozen in (backbone.unet, backbone.vae, backbone.text_encoder):
         frozen.requires_grad_(False).eval()

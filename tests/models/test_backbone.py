@@ -5,15 +5,8 @@ import torch
 
 from magicid.config import load_params
 from magicid.errors import BackboneError
-from magicid.models.backbone import (
-    SD_SCHEDULER_KWARGS,
-    VAE_SCALE_FACTOR,
-    TinyBackboneConfig,
-    build_tiny_backbone,
-    fit_vae_scaling_factor,
-    load_backbone,
-    load_sd_folder,
-)
+from magicid.models.backbone import SD_SCHEDULER_KWARGS, VAE_SCALE_FACTOR, load_backbone, load_sd_folder
+from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone, fit_vae_scaling_factor
 
 
 def _unet_output(backbone, seed=0):

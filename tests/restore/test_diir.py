@@ -286,7 +286,7 @@ def test_bad_inputs_are_named(tiny_backbone, astronaut):
 def magicid_parts():
     """A tiny backbone of its own with a fresh MagicID adapter (MGMICA installed on its UNet)."""
     from magicid.models.adapter import MagicIDAdapter
-    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.tiny import build_tiny_backbone
 
     params = _params()
     backbone = build_tiny_backbone()

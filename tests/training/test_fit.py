@@ -63,7 +63,7 @@ def _same(a, b) -> bool:
 
 
 def test_fit_changes_weights_and_is_deterministic_by_seed(fit_data, fit_params, tmp_path):
-    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.tiny import build_tiny_backbone
     from magicid.training.fit import fit_backbone
 
     first = fit_backbone(fit_params(), fit_data, tmp_path / "a", progress=False, track=False)
@@ -202,7 +202,7 @@ def test_vae_patches_are_windows_of_their_pictures():
 
 
 def test_min_snr_weighting_discounts_only_the_low_noise_timesteps():
-    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.tiny import build_tiny_backbone
     from magicid.training.fit import unet_loss
 
     backbone = build_tiny_backbone()

@@ -64,7 +64,7 @@ def _face_psnr(backbone, data) -> float:
 
 @pytest.mark.slow
 def test_fitted_vae_reconstructs_faces_better_than_random(fitted_on_sample):
-    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.tiny import build_tiny_backbone
 
     _, data, fitted = fitted_on_sample
     assert _face_psnr(fitted, data) > _face_psnr(build_tiny_backbone(), data)
@@ -81,7 +81,7 @@ def test_fitted_vae_reconstructs_faces_better_than_random(fitted_on_sample):
 def test_fitted_generations_show_faces_more_often_than_random(fitted_on_sample):
     from magicid.evaluation.metrics import any_face_rate
     from magicid.faces import get_analyzer
-    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.tiny import build_tiny_backbone
 
     params, _, fitted = fitted_on_sample
     analyzer = get_analyzer(params.faces)

@@ -19,7 +19,7 @@ from magicid.training.trainer import dataset_version, train
 def _fixed_noise_loss(params, root, adapter_dir=None) -> float:
     """Mean loss over the whole dataset at 12 fixed (noise, timestep) draws, fused conditioning, no gradients."""
     from magicid.models.adapter import MagicIDAdapter
-    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.tiny import build_tiny_backbone
     from magicid.training.dataset import IDZoomDataset, collate_idzoom
     from magicid.training.mmf import MMFSchedule
     from magicid.training.trainer import (
@@ -204,8 +204,8 @@ def test_dataset_version_is_dvcs_hash_else_hashes_manifests(idzoom_copy):
 def test_condition_dropout_feeds_exactly_cfgs_unconditional_inputs(idzoom_dir, tiny_train_params):
     from magicid.config import ConditionDropoutParams
     from magicid.models.adapter import MagicIDAdapter
-    from magicid.models.backbone import build_tiny_backbone
     from magicid.models.denoise import null_identity
+    from magicid.models.tiny import build_tiny_backbone
     from magicid.training.dataset import IDZoomDataset, collate_idzoom
     from magicid.training.mmf import MMFSchedule
     from magicid.training.trainer import (
@@ -292,7 +292,7 @@ def test_validation_loss_is_logged_and_checkpoints_only_when_asked(tmp_path, tin
 
 
 def test_under_accelerate_launch_the_device_is_accelerates(idzoom_dir, tiny_train_params, monkeypatch):
-    from magicid.models.backbone import build_tiny_backbone
+    from magicid.models.tiny import build_tiny_backbone
     from magicid.training.trainer import launched_by_accelerate
 
     assert not launched_by_accelerate()
