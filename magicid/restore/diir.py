@@ -27,86 +27,40 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from magicid.errors import DataError, MagicIDError
+from magicid.errors import MagicIDError
 from magicid.imaging.crops import zoom_crop
+from magicid.models.backbone import TINY_SOURCES
 from magicid.models.denoise import StepConditions
+from magicid.restore.conditions import (
+    PromptConditions,
+    identity_conditions,
+    landmark_condition,
+    reference_from_photo,
+)
 from magicid.restore.inversion import ddim_invert, ddim_reconstruct
-from magicid.restore.matching import ReferenceIdentity, match_identities
-from magicid.restore.noise import encode_prompt, has_mgmica, noise_function
+from magicid.restore.matching import ReferenceIdentity, embed_bare_boxes, match_identities
+from magicid.restore.noise import has_mgmica, noise_function
 from magicid.restore.plan import (
     FaceSelection,
     PlannedFace,
     as_uint8_image,
-    blend_alpha,
-    compose,
-    face_mask_in_crop,
+    batches,
+    blend_back,
+    given_faces,
     landmark_map_in_crop,
     plan_faces,
-    resize_square,
     to_tensor,
     to_uint8,
 )
+from magicid.restore.result import RestoredFace, RestoreResult, count_batch, zero_stats
 
-if TYPE_CHECKING:
-    pass
-
-
-@dataclasses.dataclass
-class RestoredFace:
-    """One face that DIIR restored.
-
-    Attributes:
-        bbox: (4,) float32 face box `x0, y0, x1, y1` in input pixels.
-        crop_box: `(x0, y0, x1, y1)` the square crop that was restored and blended back.
-        bucket: the crop resolution it went through the UNet at.
-        identity: index of the reference identity assigned, or None (restored with its own embedding,
-            or without identity features when there is no adapter).
-        identity_name: the reference's name ("" if none).
-        similarity: cosine similarity to its best-matching reference (None if not matched by embedding);
-            below `diir.min_match_similarity` the match was not applied (identity None).
-        alpha: uint8 (side, side) blend mask over `crop_box` (0 = input kept exactly).
-        inversion_iterations: fixed-point refinements spent, per inverse step.
-    """
-
-    bbox: np.ndarray
-    crop_box: tuple[int, int, int, int]
-    bucket: int
-    identity: int | None
-    identity_name: str
-    similarity: float | None
-    alpha: np.ndarray
-    inversion_iterations: list[int]
-
-
-@dataclasses.dataclass
-class RestoreResult:
-    """What `DIIR.restore` returns.
-
-    Attributes:
-        image: the restored image (PIL RGB, the input's size).
-        faces: the restored faces, in input order (left to right when detected).
-        mask: uint8 (H, W) union of the faces' blend masks; where it is 0 the output equals the input byte
-            for byte.
-        note: what happened, in words ("" when every selected face was restored normally).
-        stats: counts: `faces_detected`, `faces_restored`, `batches`, `unet_calls`, `unet_sample_evals`,
-            `controlnet_calls`, `controlnet_sample_evals`, `inversion_sample_evals`.
-    """
-
-    image: Image.Image
-    faces: list[RestoredFace]
-    mask: np.ndarray
-    note: str = ""
-    stats: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-_EMPTY_STATS = ("faces_detected", "faces_restored", "batches", "unet_calls", "unet_sample_evals",
-                "controlnet_calls", "controlnet_sample_evals", "inversion_sample_evals")  # fmt: skip
+__all__ = ["DIIR", "ReferenceIdentity", "RestoreResult", "RestoredFace"]
 
 
 class DIIR:
@@ -170,6 +124,11 @@ class DIIR:
                 "DIIR: an SDXL UNet (addition_embed_type='text_time') needs text_encoder_2 and tokenizer_2; "
                 "use DIIR.from_pipe(StableDiffusionXLPipeline)"
             )
+        if not self.is_sdxl and text_encoder_2 is not None:
+            raise MagicIDError(
+                "DIIR: text_encoder_2 given but the UNet is not SDXL's (no addition_embed_type='text_time'); "
+                "pass the UNet of the same SDXL pipeline, or no text_encoder_2 for SD 1.x"
+            )
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
@@ -181,7 +140,7 @@ class DIIR:
             min_bucket = int(sample_size) * self.vae_scale_factor
         self.min_bucket = int(min_bucket)
         self._analyzer = analyzer
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.prompt_conditions = PromptConditions(tokenizer, text_encoder, tokenizer_2, text_encoder_2)
         self._progress_bar_config: dict[str, Any] = {}
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -225,7 +184,7 @@ class DIIR:
             backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler, adapter,
             analyzer, params, text_encoder_2=getattr(backbone, "text_encoder_2", None),
             tokenizer_2=getattr(backbone, "tokenizer_2", None),
-            min_bucket=0 if backbone.source == "tiny" else None,
+            min_bucket=0 if backbone.source in TINY_SOURCES else None,
         )  # fmt: skip
 
     @property
@@ -250,11 +209,6 @@ class DIIR:
 
     # -- inputs ------------------------------------------------------------------------------------------
 
-    def identity_crop(self, pixels: np.ndarray, bbox: np.ndarray) -> np.ndarray:
-        """uint8 (S, S, 3) identity crop (`model.id_crop_size`) with the one identity-crop margin
-        (`data.crop_margin`: IDZoom's crops that training sees, the pipeline's reference crops)."""
-        return zoom_crop(pixels, bbox, self.params.model.id_crop_size, self.params.data.crop_margin)[0]
-
     def reference_from_image(self, image: Image.Image | np.ndarray, name: str = "") -> ReferenceIdentity:
         """A reference identity from a photo: its largest face's embedding and identity crop.
 
@@ -262,62 +216,13 @@ class DIIR:
             DataError: no face found in the photo (the message names it).
         """
         pixels = as_uint8_image(image, f"reference {name or ''}".strip())
-        faces = self.analyzer.analyze(pixels)
-        if not faces:
-            raise DataError(
-                f"reference {name or '(image)'}: no face found; give a photo where the face is visible"
-            )
-        face = max(faces, key=lambda f: f.width * f.height)
-        return ReferenceIdentity(
-            np.asarray(face.embedding, np.float32), self.identity_crop(pixels, face.bbox), name
-        )
-
-    def _encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings (1, L, C) and, for SDXL, the pooled embedding (1, C_pool); cached per prompt."""
-        if prompt not in self._prompt_cache:
-            encoders = [(self.tokenizer, self.text_encoder)]
-            if self.is_sdxl:
-                encoders.append((self.tokenizer_2, self.text_encoder_2))
-            hidden, pooled = encode_prompt(encoders, prompt, self.is_sdxl, self.device)
-            self._prompt_cache[prompt] = (
-                hidden.to(self.dtype),
-                None if pooled is None else pooled.to(self.dtype),
-            )
-        return self._prompt_cache[prompt]
-
-    def _text_conditioning(self, prompt: str, n: int, bucket: int) -> tuple[torch.Tensor, dict | None]:
-        """(n, L, C) text embeddings and SDXL's added conditions for n crops at `bucket` px (None: SD 1.x)."""
-        hidden, pooled = self._encode_prompt(prompt)
-        if not self.is_sdxl:
-            return hidden.expand(n, -1, -1), None
-        # SDXL's micro-conditioning: original size, crop top-left, target size (the crop, uncropped).
-        time_ids = torch.tensor(
-            [[bucket, bucket, 0, 0, bucket, bucket]], device=self.device, dtype=self.dtype
-        )
-        return hidden.expand(n, -1, -1), {
-            "text_embeds": pooled.expand(n, -1),
-            "time_ids": time_ids.expand(n, -1),
-        }
+        return reference_from_photo(self.analyzer, pixels, name, self.params)
 
     def _faces(self, image: np.ndarray, boxes: Sequence[Any] | None) -> list[tuple[np.ndarray, Any | None]]:
         """(bbox, Face or None) for every face: detected, or the given boxes / Face objects."""
         if boxes is None:
             return [(np.asarray(f.bbox, np.float32), f) for f in self.analyzer.analyze(image)]
-        height, width = image.shape[:2]
-        out = []
-        for i, box in enumerate(boxes):
-            face = box if hasattr(box, "bbox") else None
-            bbox = np.asarray(face.bbox if face is not None else box, dtype=np.float32).reshape(-1)
-            if (
-                bbox.shape != (4,)
-                or not np.isfinite(bbox).all()
-                or not (0 <= bbox[0] < bbox[2] <= width and 0 <= bbox[1] < bbox[3] <= height)
-            ):
-                raise DataError(
-                    f"boxes[{i}]={bbox.tolist()}: expected x0 < x1, y0 < y1 inside the {width}x{height} image"
-                )
-            out.append((bbox, face))
-        return out
+        return given_faces(boxes, image.shape[1], image.shape[0])
 
     # -- the mechanism -----------------------------------------------------------------------------------
 
@@ -358,7 +263,7 @@ class DIIR:
         height, width = pixels.shape[:2]
 
         def unchanged(note: str, n_detected: int = 0) -> RestoreResult:
-            stats = dict.fromkeys(_EMPTY_STATS, 0) | {"faces_detected": n_detected}
+            stats = zero_stats(faces_detected=n_detected)
             return RestoreResult(
                 Image.fromarray(pixels), [], np.zeros((height, width), np.uint8), note, stats
             )
@@ -401,12 +306,9 @@ class DIIR:
         height, width = pixels.shape[:2]
         out = pixels.copy()
         mask = np.zeros((height, width), np.uint8)
-        stats = dict.fromkeys(_EMPTY_STATS, 0) | {"faces_detected": n_found, "faces_restored": len(jobs)}
+        stats = zero_stats(faces_detected=n_found, faces_restored=len(jobs))
         restored: dict[int, RestoredFace] = {}
-        chunks = []
-        for bucket in sorted({j.bucket for j in jobs}):
-            group = [j for j in jobs if j.bucket == bucket]
-            chunks += [group[start : start + cfg.batch] for start in range(0, len(group), cfg.batch)]
+        chunks = batches(jobs, cfg.batch)
         # Each chunk runs its inverse steps, then as many denoising steps: a fixed total, whatever the
         # number of fixed-point refinements.
         bar = tqdm(total=2 * n_steps * len(chunks), desc="DIIR", unit="step", **self._progress_bar_config)
@@ -416,11 +318,7 @@ class DIIR:
                 bar.set_postfix_str(f"{len(chunk)} face(s) at {bucket} px")
                 patches, iterations = self._restore_chunk(pixels, chunk, refs, prompt, stats, bar.update)
                 for job, patch, iters in zip(chunk, patches, iterations, strict=True):
-                    side = job.crop_box[2] - job.crop_box[0]
-                    alpha = blend_alpha(job.crop_box, job.bbox, cfg.feather, (width, height))
-                    compose(out, resize_square(patch, side), alpha, job.crop_box)
-                    x0, y0, x1, y1 = job.crop_box
-                    mask[y0:y1, x0:x1] = np.maximum(mask[y0:y1, x0:x1], alpha)
+                    alpha = blend_back(out, mask, patch, job, cfg.feather)
                     name = refs[job.identity].name if job.identity is not None else ""
                     restored[job.index] = RestoredFace(job.bbox, job.crop_box, bucket, job.identity, name,
                                                        job.similarity, alpha, iters)  # fmt: skip
@@ -435,18 +333,8 @@ class DIIR:
                 notes: list[str]) -> None:  # fmt: skip
         """Embed bare boxes where references need matching, then `match_identities` over all faces."""
         if assignment is None and refs:
-            for face in planned:
-                if face.embedding is None:
-                    face.embedding = self._embed_box(pixels, face)
+            embed_bare_boxes(self.analyzer, pixels, planned)
         notes += match_identities(planned, refs, assignment, self.diir_params.min_match_similarity)
-
-    def _embed_box(self, pixels: np.ndarray, face: PlannedFace) -> np.ndarray | None:
-        """Embedding of a bare box: the analyzer's face inside the box's crop (None if it finds none)."""
-        x0, y0, x1, y1 = face.crop_box
-        found = self.analyzer.analyze(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
-        if not found:
-            return None
-        return np.asarray(max(found, key=lambda f: f.width * f.height).embedding, np.float32)
 
     def _restore_chunk(self, pixels, chunk: list[PlannedFace], refs, prompt: str, stats: dict[str, int],
                        step_done: Callable[[], Any]):  # fmt: skip
@@ -459,15 +347,16 @@ class DIIR:
         """
         cfg = self.diir_params
         bucket = chunk[0].bucket
+        device, dtype = self.device, self.dtype
         crops = [zoom_crop(pixels, job.bbox, bucket, cfg.crop_margin)[0] for job in chunk]
         # Encode (posterior mean: deterministic).
         vae_config = self.vae.config
         shift = getattr(vae_config, "shift_factor", None) or 0.0
-        images = to_tensor(crops, self.device, self.vae.dtype)
+        images = to_tensor(crops, device, self.vae.dtype)
         latents = (self.vae.encode(images).latent_dist.mean - shift) * vae_config.scaling_factor
-        latents = latents.to(self.dtype)  # (n, 4, bucket/8, bucket/8)
+        latents = latents.to(dtype)  # (n, 4, bucket/8, bucket/8)
         n = len(chunk)
-        text, added = self._text_conditioning(prompt, n, bucket)
+        text, added = self.prompt_conditions(prompt, n, bucket, device, dtype)
         controlnet = control = None
         if self.adapter is not None and any(j.landmarks is not None for j in chunk):
             from magicid.models.conditioning import embed_condition
@@ -475,7 +364,7 @@ class DIIR:
             controlnet = self.adapter.controlnet
             landmark = np.stack([landmark_map_in_crop(job) for job in chunk])
             # Embedded once for the whole run: the embedding depends on the map only, not on x_t or t.
-            control = embed_condition(controlnet, self._condition_tensor(landmark))
+            control = embed_condition(controlnet, landmark_condition(landmark, device, dtype))
         # Invert with landmark conditioning, no identity, no CFG.
         cond = StepConditions(text=text, added_cond_kwargs=added, controlnet=controlnet, control=control)
         inversion = ddim_invert(
@@ -485,10 +374,14 @@ class DIIR:
         # Denoise with identity (MGMICA, masked to the face) + landmarks, CFG by the one rule of
         # `magicid.models.denoise` (unconditional = empty prompt + null identity).
         use_cfg = cfg.guidance_scale > 1.0
-        uncond_text, uncond_added = self._text_conditioning("", n, bucket) if use_cfg else (None, None)
-        identity = (
-            self._identity_conditions(pixels, chunk, refs, use_cfg) if self.adapter is not None else None
+        uncond_text, uncond_added = (
+            self.prompt_conditions("", n, bucket, device, dtype) if use_cfg else (None, None)
         )
+        identity = None
+        if self.adapter is not None:
+            identity = identity_conditions(
+                self.adapter, self.params, pixels, chunk, refs, use_cfg, device, dtype
+            )
         denoise_cond = dataclasses.replace(
             cond, guidance_scale=cfg.guidance_scale, uncond_text=uncond_text,
             uncond_added_cond_kwargs=uncond_added, identity=identity,
@@ -498,60 +391,5 @@ class DIIR:
             inversion.timesteps, progress=lambda _: step_done(),
         )  # fmt: skip
         decoded = self.vae.decode((clean.to(self.vae.dtype) / vae_config.scaling_factor) + shift).sample
-        # Every noise evaluation runs the UNet and, with landmarks, the ControlNet on the same rows; CFG
-        # doubles the denoising rows.
-        per_row = 2 if denoise_cond.use_cfg else 1
-        steps = len(inversion.timesteps)
-        calls, rows = inversion.unet_calls + steps, inversion.sample_evals + per_row * n * steps
-        stats["batches"] += 1
-        stats["unet_calls"] += calls
-        stats["unet_sample_evals"] += rows
-        if controlnet is not None:
-            stats["controlnet_calls"] += calls
-            stats["controlnet_sample_evals"] += rows
-        stats["inversion_sample_evals"] += inversion.sample_evals
+        count_batch(stats, inversion, n, denoise_cond.use_cfg, controlnet is not None)
         return list(to_uint8(decoded)), inversion.iterations.T.tolist()  # iterations (n, steps)
-
-    def _condition_tensor(self, landmark: np.ndarray) -> torch.Tensor:
-        """ControlNet condition (n, 6, H, W) in [0, 1] from landmark maps uint8 (n, H, W, 3)."""
-        from magicid.models.conditioning import make_condition
-
-        maps = torch.from_numpy(landmark).permute(0, 3, 1, 2).float() / 255.0
-        return make_condition(None, maps.to(self.device), "landmark").to(self.dtype)
-
-    def _identity_conditions(self, pixels: np.ndarray, chunk: list[PlannedFace], refs: list[ReferenceIdentity],
-                             guidance: bool):  # fmt: skip
-        """`IdentityConditions`: tokens (n, 1, T, C) from global + local features (and the null identity's for
-        CFG), face masks (n, 1, bucket, bucket), scale `model.id_scale`."""
-        embeddings, id_crops, masks = [], [], []
-        for job in chunk:
-            ref = refs[job.identity] if job.identity is not None else None
-            embedding = ref.embedding if ref is not None else job.embedding
-            local = (
-                ref.crop if ref is not None and ref.crop is not None else self.identity_crop(pixels, job.bbox)
-            )
-            if embedding is not None:
-                mask = face_mask_in_crop(job)  # MGMICA writes identity only inside the face box
-            else:  # no embedding at all (bare box, no reference): no identity for this face
-                embedding = np.zeros(self.adapter.embed_dim, np.float32)
-                mask = np.zeros((job.bucket, job.bucket), np.float32)
-            if embedding.shape != (self.adapter.embed_dim,):
-                raise MagicIDError(
-                    f"identity embedding has {embedding.shape[0]} dims, the adapter expects {self.adapter.embed_dim} "
-                    "(model.id_embed_dim must match the face backend)"
-                )
-            embeddings.append(embedding)
-            id_crops.append(resize_square(local, self.params.model.id_crop_size))
-            masks.append(mask)
-        device = self.device
-        emb = torch.from_numpy(np.stack(embeddings)).float().to(device).unsqueeze(1)  # (n, 1, D)
-        crops_t = to_tensor(id_crops, device, torch.float32).unsqueeze(1)  # (n, 1, 3, S, S)
-        id_masks = torch.from_numpy(np.stack(masks)).to(device).unsqueeze(1)  # (n, 1, bucket, bucket)
-        identity = self.adapter.identity_conditions(
-            emb, crops_t, id_masks, guidance, self.params.model.id_scale
-        )
-        return dataclasses.replace(
-            identity,
-            tokens=identity.tokens.to(self.dtype),
-            uncond_tokens=None if identity.uncond_tokens is None else identity.uncond_tokens.to(self.dtype),
-        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -137,3 +138,14 @@ def match_identities(
     if unmatched:
         notes.append(f"face(s) {unmatched} had no reference left: restored with their own embedding")
     return notes
+
+
+def embed_bare_boxes(analyzer: Any, pixels: np.ndarray, planned: list[PlannedFace]) -> None:
+    """Fill in the embedding of each bare box: the analyzer's largest face inside its crop (None: none found)."""
+    for face in planned:
+        if face.embedding is not None:
+            continue
+        x0, y0, x1, y1 = face.crop_box
+        found = analyzer.analyze(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
+        if found:
+            face.embedding = np.asarray(max(found, key=lambda f: f.width * f.height).embedding, np.float32)

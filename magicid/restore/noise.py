@@ -4,12 +4,11 @@ The model evaluation is `magicid.models.denoise.guided_prediction` (ControlNet r
 -> UNet -> CFG, one CFG rule for the pipeline, DIIR and training) over `StepConditions`; here it is converted
 to epsilon whatever the scheduler's prediction type (`predict_noise`) and bound, with a UNet, scheduler and
 the batch's conditions, into the `NoiseFn` that `magicid.restore.inversion` iterates on (`noise_function`).
-`encode_prompt` gives the text conditions of SD 1.x and SDXL.
+The conditions themselves (text for SD 1.x and SDXL, landmarks, identity) come from `magicid.restore.conditions`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,35 +76,3 @@ def noise_function(
         return predict_noise(unet, scheduler, sample, timestep, sub)
 
     return noise_fn
-
-
-def encode_prompt(
-    encoders: Sequence[tuple[Any, torch.nn.Module]], prompt: str, sdxl: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings (1, L, C) and SDXL's pooled text embedding (1, C_pool) (None for SD 1.x).
-
-    SD 1.x: the encoder's last hidden state. SDXL, as its pipeline does: both encoders' penultimate hidden
-    states concatenated on C, the pooled output of the second (a `CLIPTextModelWithProjection`).
-
-    Args:
-        encoders: `(tokenizer, text_encoder)` pairs: one for SD 1.x, two for SDXL.
-    """
-    hidden, pooled = [], None
-    with torch.no_grad():
-        for tokenizer, encoder in encoders:
-            ids = tokenizer(
-                prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)  # fmt: skip
-            if not sdxl:
-                hidden.append(encoder(ids)[0])
-                continue
-            output = encoder(ids, output_hidden_states=True)
-            hidden.append(output.hidden_states[-2])
-            if output[0].ndim == 2:  # text_embeds (1, C_pool) of the encoder with projection
-                pooled = output[0]
-    if sdxl and pooled is None:
-        raise MagicIDError(
-            "DIIR (SDXL): text_encoder_2 must be a CLIPTextModelWithProjection (pooled output)"
-        )
-    return torch.cat(hidden, dim=-1), pooled

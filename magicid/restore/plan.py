@@ -209,6 +209,48 @@ def plan_faces(
     return planned
 
 
+def given_faces(boxes: Sequence[Any], width: int, height: int) -> list[tuple[np.ndarray, Any | None]]:
+    """(bbox (4,) float32, Face or None) per given box `(x0, y0, x1, y1)` px or `Face` object, checked.
+
+    Raises:
+        DataError: a box that is not 4 finite numbers with x0 < x1, y0 < y1 inside the image.
+    """
+    out = []
+    for i, box in enumerate(boxes):
+        face = box if hasattr(box, "bbox") else None
+        bbox = np.asarray(face.bbox if face is not None else box, dtype=np.float32).reshape(-1)
+        if (
+            bbox.shape != (4,)
+            or not np.isfinite(bbox).all()
+            or not (0 <= bbox[0] < bbox[2] <= width and 0 <= bbox[1] < bbox[3] <= height)
+        ):
+            raise DataError(
+                f"boxes[{i}]={bbox.tolist()}: expected x0 < x1, y0 < y1 inside the {width}x{height} image"
+            )
+        out.append((bbox, face))
+    return out
+
+
+def batches(jobs: list[PlannedFace], batch: int) -> list[list[PlannedFace]]:
+    """The selected faces grouped by bucket (ascending), each group chunked by `batch` (`diir.batch`)."""
+    chunks = []
+    for bucket in sorted({j.bucket for j in jobs}):
+        group = [j for j in jobs if j.bucket == bucket]
+        chunks += [group[start : start + batch] for start in range(0, len(group), batch)]
+    return chunks
+
+
+def blend_back(out: np.ndarray, mask: np.ndarray, patch: np.ndarray, face: PlannedFace, feather: float):
+    """Blend a restored crop uint8 (bucket, bucket, 3) into `out` in place and add its blend mask to the union
+    `mask` (H, W); returns the face's alpha uint8 (side, side). Pixels where alpha is 0 keep their bytes."""
+    x0, y0, x1, y1 = face.crop_box
+    height, width = out.shape[:2]
+    alpha = blend_alpha(face.crop_box, face.bbox, feather, (width, height))
+    compose(out, resize_square(patch, x1 - x0), alpha, face.crop_box)
+    mask[y0:y1, x0:x1] = np.maximum(mask[y0:y1, x0:x1], alpha)
+    return alpha
+
+
 def crop_transform(face: PlannedFace) -> tuple[np.ndarray, float]:
     """The map from input pixels to the face's crop at its bucket: `p_crop = (p - offset) * scale`."""
     x0, y0, x1, _ = face.crop_box
