@@ -41,9 +41,11 @@ def model_backend_status(params: Params) -> str:
     from magicid.models.backbone import check_sd_folder
 
     try:
-        check_sd_folder(Path(params.model.backbone).expanduser())
+        is_sdxl = check_sd_folder(Path(params.model.backbone).expanduser())
     except BackboneError as error:
         return f"unusable: {error}"
+    if is_sdxl:
+        return f"local SDXL folder {params.model.backbone} (DIIR restore only)"
     return f"local folder {params.model.backbone}"
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,67 @@ def test_tokenizer_loads_from_vocab_and_merges_alone(tiny_backbone, tmp_path):
     loaded = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     assert len(loaded) == len(tiny_backbone.tokenizer)
     assert loaded.tokenize("a photo of a person") == tiny_backbone.tokenizer.tokenize("a photo of a person")
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    from magicid.models.tiny import build_tiny_sdxl_backbone
+
+    return build_tiny_sdxl_backbone().save_pretrained(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+def test_sdxl_folder_is_checked_for_its_second_encoder(sdxl_folder, tmp_path):
+    import shutil
+
+    from magicid.info import model_backend_status
+    from magicid.models.backbone import check_sd_folder
+
+    assert check_sd_folder(sdxl_folder) is True
+    status = model_backend_status(load_params(None, [f"model.backbone={sdxl_folder}"]))
+    assert status == f"local SDXL folder {sdxl_folder} (DIIR restore only)"
+    broken = Path(shutil.copytree(sdxl_folder, tmp_path / "broken"))
+    (broken / "text_encoder_2" / "model.safetensors").unlink()
+    (broken / "tokenizer_2" / "merges.txt").unlink()
+    with pytest.raises(BackboneError) as info:
+        load_sd_folder(broken)
+    message = str(info.value)
+    assert "complete diffusers SDXL folder" in message
+    assert "text encoder 2 weights" in message and "tokenizer 2 merges" in message and "unet" not in message
+
+
+def test_float16_sdxl_needs_the_fp16_fix_vae(sdxl_folder):
+    from magicid.errors import ConfigError
+    from magicid.models.backbone import check_sdxl_vae_dtype
+
+    # SDXL's original VAE (force_upcast true, or unset: diffusers' default) overflows in float16.
+    assert json.loads((sdxl_folder / "vae" / "config.json").read_text())["force_upcast"] is True
+    with pytest.raises(ConfigError, match="model.dtype=float32.*madebyollin/sdxl-vae-fp16-fix.*vae"):
+        load_sd_folder(sdxl_folder, torch_dtype=torch.float16)
+    check_sdxl_vae_dtype(sdxl_folder, torch.float32)
+    check_sdxl_vae_dtype(sdxl_folder, torch.bfloat16)  # float32's range: no overflow
+
+
+def test_fp16_fix_vae_is_accepted_in_float16(sdxl_folder, tmp_path):
+    import shutil
+
+    from magicid.models.backbone import check_sdxl_vae_dtype
+
+    fixed = Path(shutil.copytree(sdxl_folder, tmp_path / "fixed"))
+    config_path = fixed / "vae" / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"force_upcast": False}))
+    check_sdxl_vae_dtype(fixed, torch.float16)
+
+
+def test_backbone_parts_must_agree_on_sdxl(tiny_backbone):
+    import dataclasses
+
+    from magicid.models.tiny import build_tiny_sdxl_backbone
+
+    sdxl = build_tiny_sdxl_backbone()
+    with pytest.raises(BackboneError, match="text_time"):
+        dataclasses.replace(sdxl, text_encoder_2=None, tokenizer_2=None)
+    with pytest.raises(BackboneError, match="come together"):
+        dataclasses.replace(sdxl, tokenizer_2=None)
+    with pytest.raises(BackboneError, match="text_time"):
+        dataclasses.replace(tiny_backbone, text_encoder_2=sdxl.text_encoder_2, tokenizer_2=sdxl.tokenizer_2)
+    tiny_backbone.require_sd1("anything")  # SD 1.x: no error
