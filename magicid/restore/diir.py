@@ -178,12 +178,12 @@ class DIIR:
     @classmethod
     def from_backbone(cls, backbone: Any, adapter: torch.nn.Module | None = None, analyzer: Any | None = None,
                       params: Any | None = None) -> DIIR:  # fmt: skip
-        """DIIR over a `magicid.models.backbone.Backbone`. The tiny backbone built in code (`source="tiny"`)
-        has no native size, so it keeps `diir.buckets` as they are; a loaded one keeps its floor."""
+        """DIIR over a `magicid.models.backbone.Backbone` (SD 1.x or SDXL: its second encoder passed on). The
+        tiny backbones built in code (`TINY_SOURCES`) have no native size, so they keep `diir.buckets` as they
+        are; a loaded one keeps its floor."""
         return cls(
             backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler, adapter,
-            analyzer, params, text_encoder_2=getattr(backbone, "text_encoder_2", None),
-            tokenizer_2=getattr(backbone, "tokenizer_2", None),
+            analyzer, params, text_encoder_2=backbone.text_encoder_2, tokenizer_2=backbone.tokenizer_2,
             min_bucket=0 if backbone.source in TINY_SOURCES else None,
         )  # fmt: skip
 
