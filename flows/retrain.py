@@ -113,9 +113,16 @@ def retrain_flow(
 
 
 def retrain_deployment(
-    params: Params, project_dir: str | Path = ".", params_path: str | None = "params.yaml"
+    params: Params,
+    project_dir: str | Path = ".",
+    params_path: str | None = "params.yaml",
+    overrides: list[str] | None = None,
 ):
-    """The `retrain` deployment on the cron schedule `orchestration.retrain_cron` (a RunnerDeployment)."""
+    """The `retrain` deployment on the cron schedule `orchestration.retrain_cron` (a RunnerDeployment).
+
+    `params` is what `params_path` + `overrides` load to; each scheduled run gets both as its parameters, so it
+    runs with the same settings the deployment was made from.
+    """
     project_dir = Path(project_dir).resolve()
     return retrain_flow.to_deployment(
         name=params.orchestration.deployment_name,
@@ -123,6 +130,7 @@ def retrain_deployment(
         parameters={
             "project_dir": str(project_dir),
             "params_path": str(project_dir / params_path) if params_path else None,
+            "overrides": list(overrides or []),
         },
         description="Scheduled retraining: IDZoom (DVC) -> fit -> train -> evaluate -> promote.",
     )

@@ -180,12 +180,13 @@ def serve_flows(
     ] = Path("."),
 ) -> None:
     """Serve the `retrain` deployment on its cron schedule (orchestration.retrain_cron); starts a local Prefect
-    server on loopback when PREFECT_API_URL is not set. Ctrl-C stops both."""
+    server on loopback (orchestration.server_host/server_port) when PREFECT_API_URL is not set. Ctrl-C stops
+    both (exit code 0); the --set overrides reach the deployment and its scheduled runs."""
     from flows.serve import serve_flows as serve
 
     params_path = ctx.obj["params_path"]
     try:
-        code = serve(_params(ctx), project, str(params_path) if params_path else None)
+        code = serve(_params(ctx), project, str(params_path) if params_path else None, ctx.obj["overrides"])
     except MagicIDError as error:
         raise _fail(error) from error
     raise typer.Exit(code=code)
