@@ -265,6 +265,8 @@ class FitParams(_Section):
     unet_lr: float = Field(1e-3, gt=0)
     latent_variants: int = Field(8, ge=1)
     min_snr_gamma: float | None = Field(5.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(20, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
 
 from magicid.config import FitParams, Params
 from magicid.errors import ConfigError
@@ -242,9 +243,11 @@ def unet_loss(
     generator: torch.Generator,
     min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """The epsilon denoising loss of one batch of scaled latents (B, 4, h, w) with text (B, 77, C).
+    """The denoising loss of one batch of scaled latents (B, 4, h, w) with text (B, 77, C).
 
-    `min_snr_gamma`: per-sample weight min(SNR(t), gamma) / SNR(t) (Min-SNR, epsilon prediction); None: unweighted.
+    The target follows the scheduler's `prediction_type`: the noise (epsilon) or the velocity
+    (v_prediction, as SD 2.x). `min_snr_gamma`: Min-SNR-gamma weighting (Hang et al. 2023), min(SNR, gamma) / SNR
+    for epsilon and min(SNR, gamma) / (SNR + 1) for v; None: unweighted.
     """
     scheduler = backbone.scheduler
     noise = torch.randn(latents.shape, generator=generator)
@@ -252,13 +255,15 @@ def unet_loss(
         0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
     )
     noisy = scheduler.add_noise(latents, noise, timesteps)
+    velocity = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(latents, noise, timesteps) if velocity else noise
     prediction = backbone.unet(noisy, timesteps, encoder_hidden_states=text).sample
-    per_sample = (prediction.float() - noise).pow(2).mean(dim=(1, 2, 3))
+    per_sample = (prediction.float() - target).pow(2).mean(dim=(1, 2, 3))
     if min_snr_gamma is None:
         return per_sample.mean()
     alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
-    return (per_sample * snr.clamp(max=min_snr_gamma) / snr).mean()
+    return (per_sample * snr.clamp(max=min_snr_gamma) / (snr + 1 if velocity else snr)).mean()
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -377,6 +382,7 @@ def fit_backbone(
             )
 
     backbone = build_tiny_backbone(TinyBackboneConfig(seed=params.seed))
+    backbone.scheduler.register_to_config(prediction_type=fit.prediction_type)
     vae, unet = backbone.vae, backbone.unet
     total = fit.vae_steps + fit.unet_steps
     phase, step = "vae", 0
@@ -384,6 +390,10 @@ def fit_backbone(
     unet_opt = torch.optim.AdamW(unet.parameters(), lr=fit.unet_lr, weight_decay=fit.weight_decay)
     vae_sched = torch.optim.lr_scheduler.LambdaLR(vae_opt, _lr_lambda(fit.vae_steps, fit.warmup_steps))
     unet_sched = torch.optim.lr_scheduler.LambdaLR(unet_opt, _lr_lambda(fit.unet_steps, fit.warmup_steps))
+    # The UNet folder holds the exponential moving average of its weights (when `fit.ema_decay` is set): a short,
+    # high-LR fit ends on noisy weights, and sampling from their average gives cleaner pictures (as SD's EMA
+    # weights do). diffusers' EMAModel with warm-up: decay = min(ema_decay, 1 - (1 + step) ** -2/3).
+    ema = EMAModel(unet.parameters(), decay=fit.ema_decay, use_ema_warmup=True) if fit.ema_decay else None
     vae_losses: dict[int, float] = {}
     unet_losses: dict[int, float] = {}
     run_id = None
@@ -394,6 +404,8 @@ def fit_backbone(
         unet_opt.load_state_dict(state["unet_opt"])
         vae_sched.load_state_dict(state["vae_sched"])
         unet_sched.load_state_dict(state["unet_sched"])
+        if ema is not None:
+            ema.load_state_dict(state["unet_ema"])
         phase, step, run_id = state["phase"], int(state["step"]), state.get("run_id")
         if state.get("scaling_factor") is not None:
             vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
@@ -436,6 +448,7 @@ def fit_backbone(
                 "unet_opt": unet_opt.state_dict(),
                 "vae_sched": vae_sched.state_dict(),
                 "unet_sched": unet_sched.state_dict(),
+                "unet_ema": ema.state_dict() if ema is not None else None,
             },
         )
         tracker.flush()
@@ -488,6 +501,8 @@ def fit_backbone(
             ]
             loss = unet_loss(backbone, latents, texts(captions), generator, fit.min_snr_gamma)
             _optimizer_step(loss, unet, unet_opt, unet_sched, fit.max_grad_norm)
+            if ema is not None:
+                ema.step(unet.parameters())
             step += 1
             done += 1
             value = float(loss.detach())
@@ -510,6 +525,8 @@ def fit_backbone(
                     float(vae.config.scaling_factor),
                 )
         unet.eval().requires_grad_(False)
+        if ema is not None:
+            ema.copy_to(unet.parameters())
 
         # 3. The folder, swapped in whole.
         seconds = time.perf_counter() - start

@@ -80,17 +80,19 @@ def test_fit_changes_weights_and_is_deterministic_by_seed(fit_data, fit_params, 
     assert len(first.vae_losses) == 2 and len(first.unet_losses) == 2
 
 
+@pytest.mark.parametrize("ema", [None, "fit.ema_decay=0.9"])  # the EMA weights resume too
 @pytest.mark.parametrize("stop_after", [1, 3])  # inside the VAE phase, inside the UNet phase
-def test_resume_reaches_the_uninterrupted_weights(fit_data, fit_params, tmp_path, stop_after):
+def test_resume_reaches_the_uninterrupted_weights(fit_data, fit_params, tmp_path, stop_after, ema):
     from magicid.training.fit import fit_backbone
 
-    fit_backbone(fit_params(), fit_data, tmp_path / "whole", progress=False, track=False)
+    params = fit_params(*([ema] if ema else []))
+    fit_backbone(params, fit_data, tmp_path / "whole", progress=False, track=False)
     stopped = fit_backbone(
-        fit_params(), fit_data, tmp_path / "split", progress=False, track=False, stop_after=stop_after
+        params, fit_data, tmp_path / "split", progress=False, track=False, stop_after=stop_after
     )
     assert not (tmp_path / "split" / "model_index.json").exists()  # no folder until the fit ends
     assert len(stopped.vae_losses) + len(stopped.unet_losses) == stop_after
-    fit_backbone(fit_params(), fit_data, tmp_path / "split", progress=False, track=False, resume=True)
+    fit_backbone(params, fit_data, tmp_path / "split", progress=False, track=False, resume=True)
     assert _same(_weights(tmp_path / "whole"), _weights(tmp_path / "split"))
     assert not (tmp_path / "split.checkpoint").exists()  # removed once the folder is written
 
@@ -215,6 +217,56 @@ def test_min_snr_weighting_discounts_only_the_low_noise_timesteps():
     assert loss(1e9) == pytest.approx(plain, rel=1e-6)  # gamma above every SNR: weight 1 everywhere
     assert loss(1.0) < plain  # the timesteps with SNR > 1 count less
     assert loss(1e-6) < loss(1.0)
+
+
+def test_ema_saves_the_average_weights_and_leaves_the_vae_alone(fit_data, fit_params, tmp_path):
+    from magicid.training.fit import fit_backbone
+
+    fit_backbone(fit_params(), fit_data, tmp_path / "last", progress=False, track=False)
+    fit_backbone(fit_params("fit.ema_decay=0.9"), fit_data, tmp_path / "ema", progress=False, track=False)
+    last, ema = _weights(tmp_path / "last"), _weights(tmp_path / "ema")
+    assert all(torch.equal(last["vae"][k], ema["vae"][k]) for k in last["vae"])  # EMA is the UNet's only
+    assert not torch.equal(last["unet"]["conv_in.weight"], ema["unet"]["conv_in.weight"])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unet_loss_targets_what_the_scheduler_says_the_unet_predicts(prediction_type, monkeypatch):
+    """A UNet that predicts exactly the noise (epsilon) or the velocity (v) has zero loss; the other target does not."""
+    from magicid.models.tiny import build_tiny_backbone
+    from magicid.training.fit import unet_loss
+
+    backbone = build_tiny_backbone()
+    backbone.scheduler.register_to_config(prediction_type=prediction_type)
+    scheduler = backbone.scheduler
+    latents, text = torch.randn(4, 4, 8, 8), torch.randn(4, 77, backbone.cross_attention_dim)
+    # The draws unet_loss makes from this generator, in its order: noise, then timesteps.
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (4,), generator=generator)
+    targets = {"epsilon": noise, "v_prediction": scheduler.get_velocity(latents, noise, timesteps)}
+
+    def loss(predicts: str) -> float:
+        class Oracle(torch.nn.Module):
+            def forward(self, sample, t, encoder_hidden_states):
+                assert torch.equal(t, timesteps)
+                return type("Out", (), {"sample": targets[predicts]})
+
+        monkeypatch.setattr(backbone, "unet", Oracle())
+        return float(unet_loss(backbone, latents, text, torch.Generator().manual_seed(5), 5.0))
+
+    other = "v_prediction" if prediction_type == "epsilon" else "epsilon"
+    assert loss(prediction_type) == 0.0
+    assert loss(other) > 0.01
+
+
+def test_fitted_folder_keeps_the_prediction_type(fit_data, fit_params, tmp_path):
+    from magicid.models.backbone import load_sd_folder
+    from magicid.training.fit import fit_backbone
+
+    fit_backbone(
+        fit_params("fit.prediction_type=v_prediction"), fit_data, tmp_path / "v", progress=False, track=False
+    )
+    assert load_sd_folder(tmp_path / "v").scheduler.config.prediction_type == "v_prediction"
 
 
 def test_bad_data_dir_is_a_clear_error(tmp_path, fit_params, repo_root):
