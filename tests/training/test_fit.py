@@ -80,12 +80,12 @@ def test_fit_changes_weights_and_is_deterministic_by_seed(fit_data, fit_params, 
     assert len(first.vae_losses) == 2 and len(first.unet_losses) == 2
 
 
-@pytest.mark.parametrize("ema", [None, "fit.ema_decay=0.9"])  # the EMA weights resume too
+@pytest.mark.parametrize("ema", ["fit.ema_decay=null", "fit.ema_decay=0.9"])  # the EMA weights resume too
 @pytest.mark.parametrize("stop_after", [1, 3])  # inside the VAE phase, inside the UNet phase
 def test_resume_reaches_the_uninterrupted_weights(fit_data, fit_params, tmp_path, stop_after, ema):
     from magicid.training.fit import fit_backbone
 
-    params = fit_params(*([ema] if ema else []))
+    params = fit_params(ema)
     fit_backbone(params, fit_data, tmp_path / "whole", progress=False, track=False)
     stopped = fit_backbone(
         params, fit_data, tmp_path / "split", progress=False, track=False, stop_after=stop_after
@@ -222,7 +222,7 @@ def test_min_snr_weighting_discounts_only_the_low_noise_timesteps():
 def test_ema_saves_the_average_weights_and_leaves_the_vae_alone(fit_data, fit_params, tmp_path):
     from magicid.training.fit import fit_backbone
 
-    fit_backbone(fit_params(), fit_data, tmp_path / "last", progress=False, track=False)
+    fit_backbone(fit_params("fit.ema_decay=null"), fit_data, tmp_path / "last", progress=False, track=False)
     fit_backbone(fit_params("fit.ema_decay=0.9"), fit_data, tmp_path / "ema", progress=False, track=False)
     last, ema = _weights(tmp_path / "last"), _weights(tmp_path / "ema")
     assert all(torch.equal(last["vae"][k], ema["vae"][k]) for k in last["vae"])  # EMA is the UNet's only
