@@ -25,6 +25,7 @@ from magicid.restore.inversion import (
 from magicid.restore.matching import ReferenceIdentity, hungarian_assign
 from magicid.restore.noise import noise_function
 from magicid.restore.plan import blend_alpha, choose_bucket, compose
+from tests.restore.conftest import detected_face
 
 
 @pytest.fixture(scope="module")
@@ -293,24 +294,12 @@ def magicid_parts():
     return backbone, MagicIDAdapter.create(backbone, params), params
 
 
-def _face(box, seed):
-    from magicid.faces import Face
-
-    rng = np.random.default_rng(seed)
-    bbox = np.asarray(box, np.float32)
-    side = bbox[2] - bbox[0]
-    embedding = rng.standard_normal(128).astype(np.float32)
-    return Face(bbox=bbox, det_score=1.0, kps5=np.zeros((5, 2), np.float32),
-                landmarks=(bbox[:2] + rng.uniform(0.1, 0.9, (40, 2)) * side).astype(np.float32),
-                embedding=embedding / np.linalg.norm(embedding))  # fmt: skip
-
-
 @pytest.mark.slow
 def test_identity_goes_to_the_matched_face_only(magicid_parts, astronaut):
     """Hungarian matching assigns references; changing one reference changes only its face's blend mask."""
     backbone, adapter, params = magicid_parts
     image = np.asarray(Image.fromarray(astronaut).resize((160, 160), Image.BICUBIC))
-    faces = [_face((20, 30, 40, 50), 1), _face((100, 90, 124, 114), 2)]
+    faces = [detected_face((20, 30, 40, 50), 1), detected_face((100, 90, 124, 114), 2)]
     rng = np.random.default_rng(0)
     refs = [ReferenceIdentity(faces[i].embedding + 0.05 * rng.standard_normal(128).astype(np.float32),
                               name=f"ref{i}") for i in (1, 0)]  # fmt: skip

@@ -22,6 +22,7 @@ from magicid.restore.diir import DIIR
 from magicid.restore.inversion import ddim_invert, ddim_reconstruct
 from magicid.restore.matching import ReferenceIdentity
 from magicid.restore.noise import has_mgmica, noise_function
+from tests.restore.conftest import detected_face
 
 BOXES = [(40, 40, 68, 68), (150, 30, 190, 70), (100, 160, 124, 184)]  # 28, 40, 24 px faces
 CPU = torch.device("cpu")
@@ -53,19 +54,6 @@ def sdxl_with_adapter():
 
 def _params(*overrides: str):
     return load_params(None, list(overrides))
-
-
-def _face(box, seed):
-    """A detected face: box, landmarks inside it (the ControlNet runs) and a unit embedding."""
-    from magicid.faces import Face
-
-    rng = np.random.default_rng(seed)
-    bbox = np.asarray(box, np.float32)
-    side = bbox[2] - bbox[0]
-    embedding = rng.standard_normal(128).astype(np.float32)
-    return Face(bbox=bbox, det_score=1.0, kps5=np.zeros((5, 2), np.float32),
-                landmarks=(bbox[:2] + rng.uniform(0.1, 0.9, (40, 2)) * side).astype(np.float32),
-                embedding=embedding / np.linalg.norm(embedding))  # fmt: skip
 
 
 def _spy(module: torch.nn.Module, monkeypatch) -> list[dict]:
@@ -125,7 +113,7 @@ def test_sdxl_restore_changes_faces_and_nothing_outside_the_masks(sdxl_with_adap
     diir = DIIR.from_backbone(backbone, adapter=adapter, params=params)
     diir.set_progress_bar_config(disable=True)
     unet_calls, controlnet_calls = _spy(backbone.unet, monkeypatch), _spy(adapter.controlnet, monkeypatch)
-    faces = [_face(box, seed) for seed, box in enumerate(BOXES)]
+    faces = [detected_face(box, seed) for seed, box in enumerate(BOXES)]
     refs = [ReferenceIdentity(faces[0].embedding, name="first")]
     result = diir.restore(astronaut, identities=refs, prompt="a photo of a person", boxes=faces, faces="all")
 
