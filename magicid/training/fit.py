@@ -9,14 +9,15 @@ measured on it means anything. This module fits it, as SD was trained, in two ph
    whole pictures do, at a fraction of the cost, as SD's VAE was trained on crops). Then `scaling_factor` =
    1 / std of the latents of the un-augmented data, so scaled latents have unit variance (DDIM inversion
    converges only there, DESIGN §4).
-2. UNet: the epsilon denoising loss on latents of whole images (letterboxed, the adapter trainer's layout) and
+2. UNet: the denoising loss (epsilon, or v with `fit.prediction_type`) on latents of whole images (letterboxed, the adapter trainer's layout) and
    of zoomed face crops. The VAE is frozen by then, so every picture is encoded once per augmentation variant
    (`fit.latent_variants`: variant 0 as is, the others with horizontal flips, scale/translate jitter and colour
    jitter) and the steps draw (picture, variant, latent sample) from that bank: encoding a batch costs more than
    the tiny UNet's step, so the bank roughly doubles the steps a time budget buys. Min-SNR-gamma loss weighting
    (`fit.min_snr_gamma`, Hang et al. 2023) keeps the easy low-noise timesteps from dominating a short fit. Text
    dropout (the empty prompt) gives classifier-free guidance an unconditional branch the UNet has seen. The
-   text encoder and tokenizer stay as built (frozen, seeded).
+   text encoder and tokenizer stay as built (frozen, seeded). The saved UNet is the EMA of its weights
+   (`fit.ema_decay`).
 
 The result is a diffusers folder (`save_pretrained` of every component + `model_index.json`) that loads
 through the real-weights path (`model.backbone=DIR`, `backbone.load_sd_folder`). Beside the components it holds
