@@ -43,7 +43,7 @@ from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone
 from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from magicid.restore.diir import DIIR
-from magicid.restore.inversion import ddim_invert, ddim_reconstruct
+from magicid.restore.inversion import round_trip_error
 from magicid.restore.noise import noise_function
 from magicid.restore.plan import choose_bucket, to_tensor
 
@@ -213,11 +213,9 @@ def inversion_figures(backbone: Backbone, params: Params) -> dict[str, float]:
     out = {}
     for name, iters in (("plain", 0), ("fixed_point", cfg.inversion_iters)):
         noise_fn = noise_function(backbone.unet, backbone.scheduler, text)
-        inverted = ddim_invert(
-            noise_fn, backbone.scheduler, latents, 10, 0.5, max_iters=iters, tol=cfg.inversion_tol
+        out[f"inversion_mse_{name}"], inverted = round_trip_error(
+            noise_fn, backbone.scheduler, latents, 10, 0.5, iters, cfg.inversion_tol
         )
-        rec = ddim_reconstruct(noise_fn, backbone.scheduler, inverted.latents, inverted.timesteps)
-        out[f"inversion_mse_{name}"] = float(((rec - latents) ** 2).mean() / latents.var())
         out[f"inversion_unet_sample_evals_{name}"] = inverted.sample_evals / len(crops)
     return out
 

@@ -254,3 +254,28 @@ def ddim_reconstruct(
         if progress is not None:
             progress(i)
     return x
+
+
+@torch.no_grad()
+def round_trip_error(
+    noise_fn: NoiseFn,
+    scheduler: Any,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    strength: float,
+    max_iters: int,
+    tol: float,
+) -> tuple[float, InversionResult]:
+    """Invert, then reconstruct with the same noise function: the relative MSE ||x0' - x0||^2 / var(x0).
+
+    The figure `inversion_mse_*` of the tests and `benchmarks/bench_diir.py` (0 for an exact inverse; guidance 1
+    and one noise function both ways, so only the inversion's own error remains).
+
+    Returns:
+        (relative MSE, the `InversionResult`).
+    """
+    inverted = ddim_invert(
+        noise_fn, scheduler, latents, num_inference_steps, strength, max_iters=max_iters, tol=tol
+    )
+    rec = ddim_reconstruct(noise_fn, scheduler, inverted.latents, inverted.timesteps)
+    return float(((rec - latents) ** 2).mean() / latents.var()), inverted

@@ -17,9 +17,9 @@ from magicid.imaging.crops import expand_box, zoom_crop
 from magicid.restore.diir import DIIR
 from magicid.restore.inversion import (
     ddim_invert,
-    ddim_reconstruct,
     ddim_step,
     inverse_step_noise_coefficient,
+    round_trip_error,
     strength_timesteps,
 )
 from magicid.restore.matching import ReferenceIdentity, hungarian_assign
@@ -88,10 +88,8 @@ def test_fixed_point_inversion_round_trips(tiny_backbone, text, astronaut, defau
     figures = {}
     for name, iters in (("plain", 0), ("fixed_point", cfg.inversion_iters)):
         noise_fn = noise_function(tiny_backbone.unet, tiny_backbone.scheduler, cond)
-        inverted = ddim_invert(noise_fn, tiny_backbone.scheduler, latents, 10, 0.5, max_iters=iters,
-                               tol=cfg.inversion_tol)  # fmt: skip
-        rec = ddim_reconstruct(noise_fn, tiny_backbone.scheduler, inverted.latents, inverted.timesteps)
-        figures[name] = float(((rec - latents) ** 2).mean() / latents.var())
+        figures[name], inverted = round_trip_error(noise_fn, tiny_backbone.scheduler, latents, 10, 0.5, iters,
+                                                   cfg.inversion_tol)  # fmt: skip
         figures[f"{name}_evals"] = inverted.sample_evals / len(crops)
     print(f"inversion_mse_plain: {figures['plain']:.3g}  inversion_mse_fixed_point: {figures['fixed_point']:.3g}  "
           f"UNet evals per face: {figures['plain_evals']:.1f} vs {figures['fixed_point_evals']:.1f}")  # fmt: skip
