@@ -276,7 +276,7 @@ def main() -> None:
         if args.quick:
             overrides += ["fit.vae_steps=30", "fit.unet_steps=30"]
         params = load_params(None, overrides)
-        data_dir = args.data or build_data(workdir, params)
+        data_dir = Path(args.data or build_data(workdir, params))
         if args.fitted:
             fitted_dir = args.fitted
             seconds = json.loads((fitted_dir / "fit_report.json").read_text())["seconds_this_call"]

@@ -264,6 +264,8 @@ class FitParams(_Section):
     unet_batch: int = Field(4, ge=1)
     unet_lr: float = Field(2e-3, gt=0)
     latent_variants: int = Field(8, ge=1)
+    unet_augment_prob: float = Field(0.0, ge=0, le=1)
+    offset_noise: float = Field(0.1, ge=0)
     min_snr_gamma: float | None = Field(5.0, gt=0)
     ema_decay: float | None = Field(0.999, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
@@ -292,6 +294,15 @@ class FitParams(_Section):
             raise ValueError(
                 f"vae_patch {self.vae_patch} must be 0 (whole pictures) or a multiple of 8 <= vae_resolution "
                 f"{self.vae_resolution}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _augmented_variants_exist(self) -> FitParams:
+        if self.unet_augment_prob > 0 and self.latent_variants < 2:
+            raise ValueError(
+                f"unet_augment_prob {self.unet_augment_prob} draws augmented latents, but latent_variants "
+                f"{self.latent_variants} holds only the pictures as they are; set latent_variants >= 2"
             )
         return self
 

@@ -219,6 +219,41 @@ def test_min_snr_weighting_discounts_only_the_low_noise_timesteps():
     assert loss(1e-6) < loss(1.0)
 
 
+def test_offset_noise_adds_one_constant_per_sample_and_channel():
+    from magicid.training.fit import training_noise
+
+    shape = torch.Size([3, 4, 8, 8])
+    plain = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(training_noise(shape, 0.0, torch.Generator().manual_seed(1)), plain)
+    offset = training_noise(shape, 0.5, torch.Generator().manual_seed(1)) - plain
+    constant = offset[:, :, :1, :1]
+    assert torch.allclose(offset, constant.expand(shape), atol=1e-6)  # flat over each (sample, channel) plane
+    assert constant.flatten().unique().numel() == 12  # and drawn per sample and channel
+    assert 0.1 < float(constant.abs().mean()) < 1.0
+
+
+def test_latent_bank_draws_augmented_variants_at_augment_prob():
+    from magicid.training.fit import LatentBank
+
+    variants, pictures = 4, 3
+    # Variant v of every picture has latents equal to v, so a draw's value says which variant it came from.
+    mean = torch.arange(variants, dtype=torch.float32).view(variants, 1, 1, 1, 1).expand(variants, pictures, 4, 2, 2)
+    bank = LatentBank(mean.clone(), torch.zeros_like(mean), n_whole=2, captions=["w0", "w1", "crop"])
+
+    def drawn(augment_prob: float) -> torch.Tensor:
+        latents, _ = bank.sample(2000, 0.5, 1.0, torch.Generator().manual_seed(0), augment_prob)
+        return latents[:, 0, 0, 0]
+
+    assert torch.equal(drawn(0.0), torch.zeros(2000))  # only the pictures as they are
+    assert set(drawn(1.0).tolist()) == {1.0, 2.0, 3.0}  # only augmented variants, all of them
+    assert float((drawn(0.25) > 0).float().mean()) == pytest.approx(0.25, abs=0.03)
+
+
+def test_augment_prob_without_augmented_variants_is_a_clear_error(fit_params):
+    with pytest.raises(ConfigError, match="latent_variants"):
+        fit_params("fit.unet_augment_prob=0.2", "fit.latent_variants=1")
+
+
 def test_ema_saves_the_average_weights_and_leaves_the_vae_alone(fit_data, fit_params, tmp_path):
     from magicid.training.fit import fit_backbone
 
