@@ -237,7 +237,11 @@ def test_latent_bank_draws_augmented_variants_at_augment_prob():
 
     variants, pictures = 4, 3
     # Variant v of every picture has latents equal to v, so a draw's value says which variant it came from.
-    mean = torch.arange(variants, dtype=torch.float32).view(variants, 1, 1, 1, 1).expand(variants, pictures, 4, 2, 2)
+    mean = (
+        torch.arange(variants, dtype=torch.float32)
+        .view(variants, 1, 1, 1, 1)
+        .expand(variants, pictures, 4, 2, 2)
+    )
     bank = LatentBank(mean.clone(), torch.zeros_like(mean), n_whole=2, captions=["w0", "w1", "crop"])
 
     def drawn(augment_prob: float) -> torch.Tensor:

@@ -74,10 +74,10 @@ def test_fitted_vae_reconstructs_faces_better_than_random(fitted_on_sample):
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="measured (issue 13): even the default fit (1000 VAE + 2000 UNet steps, EMA) generates no detectable "
-    "face at guidance 5 (0/16 in bench_fitted), this test's 40-step fit none either, and the detector's false "
-    "positives on the random backbone's noise give it 0-1/4; strict, so the day the fit gets there this test "
-    "reports XPASS and the marker must go",
+    reason="measured (issue 13): the default fit (1000 VAE + 2000 UNet steps) now generates detectable faces in "
+    "6/16 seeds at guidance 5 (bench_fitted), but this test's 40-step fit at 128 px draws none, and the "
+    "detector's false positives on the random backbone's noise give it 0-1/4; strict, so the day a fit this "
+    "small gets there this test reports XPASS and the marker must go",
 )
 def test_fitted_generations_show_faces_more_often_than_random(fitted_on_sample):
     from magicid.evaluation.metrics import any_face_rate
