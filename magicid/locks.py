@@ -133,21 +133,31 @@ def _release(path: Path, fd: int) -> None:
         os.close(fd)  # drops the flock
 
 
+def is_main_process() -> bool:
+    """False in the ranks other than 0 of a distributed launch (`accelerate launch`, torchrun: `RANK`)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 @contextmanager
-def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
+def output_lock(folder: str | Path, command: str, main_process_only: bool = False) -> Iterator[Path | None]:
     """Hold the exclusive lock of `folder` for the duration of the block.
 
     Args:
         folder: the output folder (need not exist yet; its parent is created).
         command: what is writing, for the message another run shows (e.g. "magicid build-data").
+        main_process_only: under a distributed launch only rank 0 takes the lock (the other ranks are part of
+            the same run and write through it); they hold nothing and yield None.
 
     Yields:
-        The lock file's path.
+        The lock file's path (None in a rank that holds nothing).
 
     Raises:
         OutputLocked: another live process holds the lock (the message names the folder and its pid).
         MagicIDError: the lock file cannot be created or locked (read-only parent, file system without flock).
     """
+    if main_process_only and not is_main_process():
+        yield None
+        return
     folder = Path(folder)
     path = lock_path(folder)
     with _GUARD:

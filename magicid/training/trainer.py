@@ -32,7 +32,6 @@ the manifests), the final adapter as an artifact, and checkpoints too when `trai
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -382,8 +381,7 @@ def train(
         OutputLocked: another process is writing `train.out_dir` (the lock is held for the whole run, by the main
             process only under `accelerate launch`: the other ranks are part of this run).
     """
-    main_process = os.environ.get("RANK", "0") in ("", "0")
-    with output_lock(params.train.out_dir, "magicid train") if main_process else contextlib.nullcontext():
+    with output_lock(params.train.out_dir, "magicid train", main_process_only=True):
         return _train_locked(params, data_dir, steps, resume, backbone, progress, track)
 
 
