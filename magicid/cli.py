@@ -214,13 +214,17 @@ def train(
     ] = True,
 ) -> None:
     """Train the MagicID adapter (ID encoder, MGMICA ID projections, MMF ControlNet) on IDZoom, tracked in MLflow."""
-    from magicid.training.trainer import check_data_dir
-    from magicid.training.trainer import train as run_training
+    from magicid.locks import output_lock
 
     params = _params(ctx)
     try:
-        data_dir = check_data_dir(data if data is not None else Path(params.data.out_dir))
-        result = run_training(params, data_dir, steps=steps, resume=resume, progress=progress)
+        # The lock first (train takes it too): a second run into train.out_dir stops before the heavy imports.
+        with output_lock(params.train.out_dir, "magicid train", main_process_only=True):
+            from magicid.training.trainer import check_data_dir
+            from magicid.training.trainer import train as run_training
+
+            data_dir = check_data_dir(data if data is not None else Path(params.data.out_dir))
+            result = run_training(params, data_dir, steps=steps, resume=resume, progress=progress)
     except MagicIDError as error:
         raise _fail(error) from error
     last = result.losses[max(result.losses)] if result.losses else float("nan")
@@ -255,18 +259,23 @@ def fit_backbone(
     progress: ProgressOption = True,
 ) -> None:
     """Fit the tiny backbone (VAE, then UNet) on an IDZoom version; writes a diffusers SD folder, tracked in MLflow."""
-    from magicid.training.fit import fit_backbone as run_fit
+    from magicid.locks import output_lock
 
     params = _params(ctx)
+    out_dir = out if out is not None else Path(params.fit.out_dir)
     try:
-        result = run_fit(
-            params,
-            data if data is not None else Path(params.data.out_dir),
-            out if out is not None else Path(params.fit.out_dir),
-            quality=quality,
-            resume=resume,
-            progress=progress,
-        )
+        # The lock first (fit_backbone takes it too): a second run into the folder stops before the heavy imports.
+        with output_lock(out_dir, "magicid fit-backbone"):
+            from magicid.training.fit import fit_backbone as run_fit
+
+            result = run_fit(
+                params,
+                data if data is not None else Path(params.data.out_dir),
+                out_dir,
+                quality=quality,
+                resume=resume,
+                progress=progress,
+            )
     except MagicIDError as error:
         raise _fail(error) from error
     typer.echo(f"backbone: {result.out_dir}")

@@ -42,3 +42,7 @@ class InputRejected(DataError):
 
 class ReviewError(MagicIDError):
     """A review request cannot be done: bad sign-in file, unknown reviewer or generation, bad score or choice."""
+
+
+class OutputLocked(MagicIDError):
+    """Another process is writing the same output folder (`magicid.locks`); the message names it and its pid."""

@@ -44,7 +44,9 @@ from magicid.config import Params
 from magicid.data import manifest as mf
 from magicid.data.inputs import InputEntry, hash_regular_file, list_input_entries
 from magicid.errors import DataError, InputRejected
-from magicid.forget import read_forgotten
+from magicid.forget import FORGOTTEN, finish_pending_erasure, read_forgotten
+from magicid.forget import JOURNAL as FORGET_JOURNAL
+from magicid.locks import output_lock
 from magicid.utils import atomic_write_bytes, atomic_write_text
 
 IDENTITY_SIDECAR = "identities.json"
@@ -59,6 +61,14 @@ _OUTPUT_NAME = re.compile(
     rf"|{mf.CONDITIONS_DIR}/[0-9a-f]{{16}}_(skeleton|landmark)\.png)"
 )
 _JOURNAL_NAME = re.compile(r"[0-9a-f]{20}\.json")
+# What a kill in the middle of `utils.atomic_write` leaves of the files this builder and `forget` write: the
+# temporary `.<name>.<8 random characters><suffix>` beside the file (tempfile.mkstemp's names).
+_ROOT_FILES = (mf.IMAGES, mf.FACES, mf.QUARANTINE, mf.STATS, LEDGER, FORGOTTEN, FORGET_JOURNAL)
+_LEFTOVER_NAME = re.compile(
+    rf"\.(?:{'|'.join(re.escape(name) for name in _ROOT_FILES)}"
+    r"|[0-9a-f]{16}(?:_[0-9]{2,}|_skeleton|_landmark)?\.(?:png|jpg|webp)|[0-9a-f]{20}\.json)"
+    r"\.[a-z0-9_]{8}\.(?:parquet|json|png|jpg|webp)"
+)
 BUILD_VERSION = 3  # bump when the worker's outputs change (3: embeddings by the torch port of dlib's ResNet)
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
@@ -550,7 +560,8 @@ def _run(tasks: list[Task], params: Params, progress: bool):
 def build_idzoom(
     input_dir: str | Path, out_dir: str | Path, params: Params, progress: bool = True
 ) -> BuildReport:
-    """Build (or resume, or update) an IDZoom dataset version.
+    """Build (or resume, or update) an IDZoom dataset version, holding the output folder's lock
+    (`magicid.locks`) for the whole run; an erasure `magicid forget` left unfinished there is finished first.
 
     Args:
         input_dir: folder of raw images (any depth), optionally with an `identities.json` sidecar.
@@ -564,7 +575,15 @@ def build_idzoom(
     Raises:
         DataError: the input folder is missing or empty, the input and output overlap, or the sidecar is
             malformed.
+        OutputLocked: another process is writing `out_dir`.
     """
+    with output_lock(out_dir, "magicid build-data"):
+        return _build_idzoom_locked(input_dir, out_dir, params, progress)
+
+
+def _build_idzoom_locked(
+    input_dir: str | Path, out_dir: str | Path, params: Params, progress: bool
+) -> BuildReport:
     started = time.perf_counter()
     input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
     if not input_dir.is_dir():
@@ -578,6 +597,7 @@ def build_idzoom(
         raise DataError(f"{input_dir}: no input files (put images there, or run `magicid sample-data`)")
     cfg_hash = config_hash(params)
     out_dir.mkdir(parents=True, exist_ok=True)
+    finish_pending_erasure(out_dir, params)  # a killed `forget`: finish its plan before anything is reused
     previous = _previous_records(out_dir, cfg_hash)
     forgotten_ids, forgotten_identities = read_forgotten(out_dir)  # `magicid forget` never undone by a build
 
@@ -664,6 +684,7 @@ def build_idzoom(
     _write_ledger(out_dir, written)  # first: a crash during the deletions below leaves every file listed
     _write_ledger(out_dir, _collect_garbage(out_dir, written, referenced))
     _clear_journal(out_dir)
+    remove_write_leftovers(out_dir)
 
     return BuildReport(
         out_dir=str(out_dir),
@@ -777,6 +798,26 @@ def _collect_garbage(out_dir: Path, written: set[str], referenced: set[str]) -> 
             )
             remaining.add(name)
     return remaining
+
+
+def remove_write_leftovers(out_dir: Path) -> list[str]:
+    """Delete the temporary files that a kill during an atomic write of this builder or of `forget` left in
+    the dataset folder, its `images/`, `crops/`, `conditions/` and `.journal/` (names of that exact shape,
+    regular files, no symlinked folder followed).
+
+    Returns:
+        The names deleted (relative to `out_dir`).
+    """
+    removed = []
+    subfolders = (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR, JOURNAL_DIR)
+    for folder in [out_dir, *(out_dir / name for name in subfolders)]:
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _LEFTOVER_NAME.fullmatch(path.name) and stat.S_ISREG(path.lstat().st_mode):
+                path.unlink(missing_ok=True)
+                removed.append(path.relative_to(out_dir).as_posix())
+    return sorted(removed)
 
 
 def _clear_journal(out_dir: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from magicid.config import Params
 from magicid.data import manifest as mf
+from magicid.locks import output_lock
 from magicid.storage import download_tree, is_s3, open_storage, upload_tree
 
 # Uploaded after every data file, in this order: a reader never sees a manifest before the files it names.
@@ -52,14 +53,16 @@ def build_idzoom_at(
 
     remote = open_storage(out_location, params.storage)
     out_dir = _staging(params, "output", str(out_location))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    download_tree(remote, out_dir)
-    previous = set(json.loads((out_dir / LEDGER).read_text())) if (out_dir / LEDGER).is_file() else set()
-    report = build_idzoom(input_dir, out_dir, params, progress=progress)
-    upload_tree(out_dir, remote, last=COMMIT_ORDER)
-    current = set(json.loads((out_dir / LEDGER).read_text()))
-    for key in sorted(previous - current):  # the builder's own outputs only (its ledger), never other objects
-        if _OUTPUT_NAME.fullmatch(key):
-            remote.delete(key)
+    # One build per output on this machine: the staging folder's lock covers download, build and upload.
+    with output_lock(out_dir, f"magicid build-data --out {out_location}"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        download_tree(remote, out_dir)
+        previous = set(json.loads((out_dir / LEDGER).read_text())) if (out_dir / LEDGER).is_file() else set()
+        report = build_idzoom(input_dir, out_dir, params, progress=progress)
+        upload_tree(out_dir, remote, last=COMMIT_ORDER)
+        current = set(json.loads((out_dir / LEDGER).read_text()))
+        for key in sorted(previous - current):  # the builder's own outputs only (its ledger), no other object
+            if _OUTPUT_NAME.fullmatch(key):
+                remote.delete(key)
     report.out_dir = str(out_location)
     return report

@@ -3,7 +3,10 @@
 Checks (DESIGN.md §2): required columns present and typed; ids unique; faces -> images integrity; boxes
 well formed and inside their image; keypoints inside their box; embeddings finite and unit-norm with one
 dimension; landmarks finite; face_area_ratio in (0, 1]; files referenced by the manifests exist and lie
-inside the dataset root; n_faces agrees with faces.parquet; quarantine reasons known and disjoint from images.
+inside the dataset root; n_faces agrees with faces.parquet; quarantine reasons known and disjoint from images;
+every file under the dataset is referenced (manifests, stats, the builder's ledger, `forgotten.json`, and the
+images, crops and condition maps the manifests name): a leftover of an interrupted build or erasure (the journal
+of `forget` included) fails.
 
 Row-wise geometry cannot be expressed on list columns in GE's pandas engine (`UnexpectedRowsExpectation` has
 no pandas provider), so derived columns (`bbox_inside_image`, `kps_inside_box`, `embedding_norm`, ...) are
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -67,6 +71,39 @@ def _file_inside(root: Path, relative: str) -> bool:
     except (OSError, RuntimeError):  # missing, or a symlink loop
         return False
     return real_root in real.parents and real.is_file()
+
+
+def dataset_files(root: Path) -> list[str]:
+    """Every entry under `root` that is not a folder (files, symlinks, special files; a symlinked folder
+    counts as one entry and is not entered), relative posix paths, sorted."""
+    found = []
+    for folder, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(folder)
+        linked = [name for name in dirnames if (base / name).is_symlink()]
+        for name in [*filenames, *linked]:
+            found.append((base / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def referenced_files(images: pd.DataFrame, faces: pd.DataFrame) -> set[str]:
+    """The files a dataset version consists of: its manifests, stats and bookkeeping (`build_files.json`,
+    `forgotten.json`), and what the manifests name (images, crops, and each image's two condition maps)."""
+    from magicid.data.builder import LEDGER
+    from magicid.forget import FORGOTTEN
+
+    names = {mf.IMAGES, mf.FACES, mf.QUARANTINE, mf.STATS, LEDGER, FORGOTTEN}
+    if "path" in images:
+        names.update(p for p in images["path"] if isinstance(p, str))
+    if "image_id" in images:
+        names.update(
+            f"{mf.CONDITIONS_DIR}/{image_id}_{kind}.png"
+            for image_id in images["image_id"]
+            if isinstance(image_id, str)
+            for kind in ("skeleton", "landmark")
+        )
+    if "crop_path" in faces:
+        names.update(p for p in faces["crop_path"] if isinstance(p, str))
+    return names
 
 
 def _type_family(arrow_type) -> str:
@@ -215,7 +252,13 @@ def derive_frames(root: Path) -> dict[str, pd.DataFrame]:
     quarantine = quarantine.copy()
     if "source" in quarantine and "source" in images:
         quarantine["source_in_images"] = quarantine["source"].isin(images["source"]).astype(bool)
-    frames = {"images": images, "faces": faces, "quarantine": quarantine}
+    listed = dataset_files(root)
+    referenced = referenced_files(images, faces)
+    files = pd.DataFrame(
+        {"path": listed, "unreferenced_path": [None if name in referenced else name for name in listed]},
+        dtype=object,
+    )
+    frames = {"images": images, "faces": faces, "quarantine": quarantine, "files": files}
     for frame in frames.values():
         # pandas 3 reads Parquet strings as dtype `str`, which GE's type expectations do not recognise;
         # as object columns GE checks each value's Python type (`str`) instead.
@@ -306,7 +349,10 @@ def _suites():
         gxe.ExpectColumnValuesToBeInSet(column="reason", value_set=[*REASONS, "analysis_error"]),
         gxe.ExpectColumnValuesToBeInSet(column="source_in_images", value_set=[False]),
     ]
-    return {"images": images, "faces": faces, "quarantine": quarantine}
+    # Every file under the dataset is one the manifests account for: no leftover of a person `forget` removed,
+    # of an interrupted build or erasure, or of anyone else.
+    files = [gxe.ExpectColumnValuesToBeNull(column="unreferenced_path")]
+    return {"images": images, "faces": faces, "quarantine": quarantine, "files": files}
 
 
 def _describe(result) -> str:
@@ -318,6 +364,24 @@ def _describe(result) -> str:
     if result.exception_info and result.exception_info.get("raised_exception"):
         tail = f" (error: {result.exception_info.get('exception_message')})"
     return f"{config.type} {kwargs}{tail}"
+
+
+def _unreferenced_hint(root: Path, result) -> str:
+    """What to do about files no manifest references (the suite's `files` expectation failed)."""
+    from magicid.forget import JOURNAL
+
+    details = result.result or {}
+    count = details.get("unexpected_count", "some")
+    if (root / JOURNAL).exists():
+        return (
+            f"files: an erasure was interrupted ({JOURNAL}): rerun the same `magicid forget` (or `build-data`) "
+            f"to finish it; {count} file(s) no manifest references"
+        )
+    examples = ", ".join(str(name) for name in (details.get("partial_unexpected_list") or [])[:5])
+    return (
+        f"files: {count} file(s) under the dataset that no manifest references (e.g. {examples}): an "
+        "interrupted `build-data` leaves some (rerun it to finish); move any other file out of the dataset folder"
+    )
 
 
 def validate_idzoom(
@@ -392,6 +456,8 @@ def validate_idzoom(
                 total += 1
                 if not result.success:
                     failures.append(f"{name}: {_describe(result)}")
+                    if name == "files":
+                        failures.append(_unreferenced_hint(root, result))
     context.build_data_docs(site_names=["idzoom"])  # once for all three results (each build costs ~2 s)
     report = ValidationReport(
         success=not failures,

@@ -56,6 +56,7 @@ from diffusers.training_utils import EMAModel
 
 from magicid.config import FitParams, Params
 from magicid.errors import ConfigError
+from magicid.locks import output_lock
 from magicid.models.backbone import Backbone
 from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from magicid.utils import atomic_write, atomic_write_dir, atomic_write_text
@@ -386,7 +387,22 @@ def fit_backbone(
 
     Raises:
         DataError: a bad `data_dir`. ConfigError: `--resume` without a matching checkpoint.
+        OutputLocked: another process is writing `out_dir` (the lock covers `<out_dir>.checkpoint/` too).
     """
+    with output_lock(out_dir, "magicid fit-backbone"):
+        return _fit_backbone_locked(params, data_dir, out_dir, quality, resume, progress, track, stop_after)
+
+
+def _fit_backbone_locked(
+    params: Params,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    quality: bool,
+    resume: bool,
+    progress: bool,
+    track: bool,
+    stop_after: int | None,
+) -> FitResult:
     from tqdm.auto import tqdm
 
     from magicid.training.tracking import RunTracker

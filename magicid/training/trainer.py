@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 
 from magicid.config import ConditionDropoutParams, Params
 from magicid.errors import ConfigError, DataError
+from magicid.locks import output_lock
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
@@ -377,7 +378,22 @@ def train(
 
     Raises:
         DataError: a bad dataset row; ConfigError: impossible settings (e.g. `--resume` without a checkpoint).
+        OutputLocked: another process is writing `train.out_dir` (the lock is held for the whole run, by the main
+            process only under `accelerate launch`: the other ranks are part of this run).
     """
+    with output_lock(params.train.out_dir, "magicid train", main_process_only=True):
+        return _train_locked(params, data_dir, steps, resume, backbone, progress, track)
+
+
+def _train_locked(
+    params: Params,
+    data_dir: str | Path,
+    steps: int | None,
+    resume: bool,
+    backbone: Backbone | None,
+    progress: bool,
+    track: bool,
+) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
     from tqdm.auto import tqdm
