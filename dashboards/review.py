@@ -135,8 +135,10 @@ def _throttle(
 
 
 def _client() -> str:
-    # The TCP peer of the session's WebSocket; Streamlit reports loopback as None.
-    return st.context.ip_address or "localhost"
+    # The TCP peer of the session's WebSocket (not a forwarded header); Streamlit reports loopback as None, and
+    # without a session client (AppTest) it is not a string: both count as the one client "localhost".
+    address = st.context.ip_address
+    return address if isinstance(address, str) and address else "localhost"
 
 
 def _sign_in(review: ReviewParams, store: reviews.ReviewStore) -> str:

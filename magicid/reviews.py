@@ -177,7 +177,7 @@ def _parse_scrypt(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     """(n, r, p, salt, hash) of a `hash_password` string; ReviewError saying what is wrong with it."""
     parts = encoded.split("$") if isinstance(encoded, str) else []
     if len(parts) != 6 or parts[0] != "scrypt":
-        raise ReviewError(f"password entry is not {_HASH_FORMAT}")
+        raise ReviewError(f"password entry is not a scrypt hash ({_HASH_FORMAT})")
     try:
         n, r, p = (int(v) for v in parts[1:4])
         salt = base64.b64decode(parts[4], validate=True)
@@ -452,14 +452,16 @@ def resolve_manifest_path(folder: str | Path, value: str) -> Path:
     """
     problem = manifest_path_problem(value)
     if problem is not None:
-        raise ReviewError(f"path {value!r} {problem}")
+        raise ReviewError(f"{value} {problem}")
     base = Path(folder).resolve()
     resolved = (base / value).resolve()
     if not resolved.is_relative_to(base):
-        raise ReviewError(f"path {value!r} resolves outside the manifest's folder (a symlink pointing out)")
+        raise ReviewError(f"{value} resolves outside the manifest's folder (a symlink pointing out)")
+    if not resolved.exists():
+        raise ReviewError(f"{value} does not exist")
     problem = file_kind_problem(resolved)
     if problem is not None:
-        raise ReviewError(f"path {value!r}: {problem}")
+        raise ReviewError(f"{value} {problem}")
     return resolved
 
 
@@ -596,7 +598,9 @@ def load_review_image(path: str | Path, generations_dir: str | Path, max_pixels:
         raise ReviewError(f"{shown}: not an image that can be shown ({detail[:160]})") from None
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~:$&=^\"'])")
+# Markdown's inline syntax (emphasis, code, links, images, HTML, autolinks, strikethrough, Streamlit's
+# `:directives:` and `$math$`) and its block markers at a line's start (#, +, >, "1." or "1)").
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+.!|<>~:$&])")
 
 
 def plain_markdown(text: str) -> str:
@@ -604,11 +608,16 @@ def plain_markdown(text: str) -> str:
     and `$math$`) shows it as the characters it is: no link, image, emphasis, heading, HTML or directive.
 
     Every ASCII punctuation character that Markdown gives a meaning gets a backslash (CommonMark renders a
-    backslash-escaped punctuation character as itself); line breaks become spaces, so a text cannot start
-    a block of its own. For text from manifests, prompts, comments and error messages quoting them, shown
-    inside the app's own messages; text shown on its own goes through `st.text`, which renders nothing.
+    backslash-escaped punctuation character as itself); line breaks become spaces and leading blanks are
+    dropped, so a text cannot start a block of its own. For text from manifests, prompts, comments and
+    error messages quoting them, shown inside the app's own messages; text shown on its own goes through
+    `st.text`, which renders nothing.
     """
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+    # Leading blanks would indent: 4 make a code block, fewer let a "-" start a list item.
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()).lstrip())
+    # "-" and "=" mean something only at the start of a line (a list item, a rule): escaped there only, so
+    # ids like v2-case0 stay readable in the Markdown source.
+    return "\\" + escaped if escaped[:1] in ("-", "=") else escaped
 
 
 def draw_face_boxes(image, boxes: Sequence[Sequence[float]], color=(0, 255, 0), width: int | None = None):
