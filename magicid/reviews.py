@@ -274,8 +274,7 @@ class SignInLocked(ReviewError):
         minutes = max(1, math.ceil(seconds_left / 60))
         super().__init__(
             f"too many failed sign-ins for this reviewer name or from this address: try again in {minutes} "
-            f"minute{'s' if minutes != 1 else ''} (or ask an admin to set a new password with "
-            "`magicid review-add-reviewer`)"
+            f"minute{'s' if minutes != 1 else ''}"
         )
         self.seconds_left = seconds_left
 
@@ -466,7 +465,8 @@ def resolve_manifest_path(folder: str | Path, value: str) -> Path:
 
 
 _PATH_RULE = (
-    "paths in a manifest are relative to its folder and stay inside it (magicid/reviews.py, contract 1)"
+    "paths in a manifest are relative to its folder and stay inside it (magicid/reviews.py, contract 1); "
+    "`magicid evaluate` writes such manifests: run it again for a folder written otherwise"
 )
 
 
