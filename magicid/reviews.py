@@ -489,7 +489,8 @@ def _resolve_record_paths(record: GenerationRecord, folder: Path, where: str) ->
 
 
 def read_generation_manifest(generations_dir: str | Path) -> list[GenerationRecord]:
-    """Read every `manifest.jsonl` under `generations_dir` (any depth); paths are resolved (absolute).
+    """Read every `manifest.jsonl` under `generations_dir` (any depth, not through symlinked folders, which
+    `Path.rglob` does not enter); paths are resolved (absolute).
 
     Returns:
         The records, in manifest path order then line order.

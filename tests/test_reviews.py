@@ -137,7 +137,7 @@ def test_manifest_path_rule_is_enforced_on_write_and_on_read(generation_set, tmp
     assert f"manifest.jsonl:2: {field}" in message and reason in message and "\n" not in message
 
 
-def test_a_manifest_below_the_root_resolves_against_its_own_folder(generation_set):
+def test_a_manifest_below_the_root_resolves_against_its_own_folder(generation_set, tmp_path):
     root = generation_set["generations_dir"]
     (root / reviews.MANIFEST_NAME).unlink()
     (root / "v1" / "refs").mkdir()
@@ -151,6 +151,17 @@ def test_a_manifest_below_the_root_resolves_against_its_own_folder(generation_se
     # The same paths one folder up name nothing: a path is never read against the root or the cwd.
     with pytest.raises(ReviewError, match="case1.png does not exist"):
         reviews.write_generation_manifest(root, [record])
+    # A manifest in a symlinked folder below the root (its files are outside the root) is not read.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "linked").symlink_to(outside)
+    for name in ("case1.png", "case1_raw.png"):
+        (outside / name).write_bytes((root / "v1" / name).read_bytes())
+    (outside / "refs").mkdir()
+    for name in ("ada", "ben"):
+        (outside / "refs" / f"{name}.png").write_bytes((root / "refs" / f"{name}.png").read_bytes())
+    reviews.write_generation_manifest(outside, [{**record, "generation_id": "linked-1"}])
+    assert [r.generation_id for r in reviews.read_generation_manifest(root)] == ["v1-case1"]  # not entered
 
 
 # -- images the app may show ------------------------------------------------------------------------------
