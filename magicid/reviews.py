@@ -213,11 +213,16 @@ def verify_password(password: str, encoded: str) -> bool:
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + base64.b64encode(bytes(32)).decode()
 
 
-def load_reviewers(path: str | Path) -> dict[str, str]:
+def load_reviewers(path: str | Path, *, check_hashes: bool = True) -> dict[str, str]:
     """Read the reviewers file: YAML `reviewers: {name: scrypt-hash, ...}`.
 
+    Args:
+        path: the file (`review.reviewers_file`).
+        check_hashes: check that every entry is a well-formed scrypt hash (off only for `add_reviewer`, so
+            that a bad entry can be replaced with the command its error names).
+
     Raises:
-        ReviewError: missing file, not that shape, or a bad name.
+        ReviewError: missing file, not that shape, a bad name, or a bad hash (one line naming the reviewer).
     """
     path = Path(path)
     if not path.is_file():
@@ -236,6 +241,8 @@ def load_reviewers(path: str | Path) -> dict[str, str]:
         )
     for name, encoded in reviewers.items():
         _check_reviewer_name(str(name), source=str(path))
+        if not check_hashes:
+            continue
         try:
             _parse_scrypt(encoded)
         except ReviewError as exc:
@@ -252,7 +259,7 @@ def add_reviewer(path: str | Path, name: str, password: str) -> Path:
     """
     _check_reviewer_name(name, source="reviewer name")
     path = Path(path)
-    reviewers = load_reviewers(path) if path.is_file() else {}
+    reviewers = load_reviewers(path, check_hashes=False) if path.is_file() else {}
     reviewers[name] = hash_password(password)
     text = (
         "# Review dashboard sign-in: reviewer name -> scrypt password hash (magicid review-add-reviewer).\n"

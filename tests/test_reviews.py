@@ -287,6 +287,8 @@ def test_a_bad_scrypt_entry_is_a_one_line_error_naming_the_reviewer(generation_s
     assert "\n" not in message
     with pytest.raises(ReviewError, match=reason):
         reviews.verify_password("whatever-password", entry)
+    reviews.add_reviewer(path, "bob", "bobs-new-password")  # the command the error names repairs it
+    assert reviews.authenticate(reviews.load_reviewers(path), "bob", "bobs-new-password")
 
 
 # -- text shown in Markdown elements ----------------------------------------------------------------------
