@@ -109,6 +109,20 @@ def test_resume_refuses_a_missing_or_foreign_checkpoint(fit_data, fit_params, tm
         )
 
 
+def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+    from crafted_pickles import save_crafted
+
+    from magicid.training.checkpoints import CheckpointError
+    from magicid.training.fit import load_fit_checkpoint
+
+    marker = tmp_path / "ran"
+    checkpoint = save_crafted(tmp_path / "checkpoint.pt", marker, key="k", phase="vae", step=1)
+    with pytest.raises(CheckpointError, match=r"its pickle calls exec; refused: loading it could run code"):
+        load_fit_checkpoint(checkpoint)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
 def test_resume_never_runs_code_from_a_crafted_checkpoint(fit_data, tmp_path, repo_root):
     """`fit-backbone --resume` reads checkpoint.pt with weights_only=True: a pickle that calls a function is
     refused with one line naming the file (exit 2), and the function never runs."""
