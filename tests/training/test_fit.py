@@ -122,7 +122,6 @@ def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.slow
 def test_resume_never_runs_code_from_a_crafted_checkpoint(fit_data, tmp_path, repo_root):
     """`fit-backbone --resume` reads checkpoint.pt with weights_only=True: a pickle that calls a function is
     refused with one line naming the file (exit 2), and the function never runs."""
