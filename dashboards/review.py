@@ -7,6 +7,13 @@ prompt, identities and seed from two versions, in random order, versions shown o
 saved), Leaderboard (metrics, rating aggregates, win rates; champion and challenger marked), My history.
 Nothing is shown or written before sign-in; writes always use the signed-in reviewer.
 
+Safety (README "Security"): sign-in goes through `reviews.SignInThrottle` (attempts limited per reviewer name
+and per client address, with a lock-out); text from manifests, prompts and comments is shown with `st.text`,
+or escaped with `reviews.plain_markdown` inside the app's own messages (every `st.caption`, `st.success`,
+`st.error`... renders Markdown); images reach Streamlit only as bytes `reviews.load_review_image` checked
+(inside `review.generations_dir`, a regular file, within `data.max_pixels`, decodable), so no `/media` URL
+serves a file the app refuses, and a bad one is a one-line inline error naming the file.
+
 Run: `.venv/bin/streamlit run dashboards/review.py -- --params params.yaml`
 Keyboard: Tab moves between fields, arrow keys change a score, Ctrl+Enter saves a rating; on Compare,
 1 = left is better, 2 = tie, 3 = right is better.
@@ -18,17 +25,25 @@ import argparse
 import io
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import streamlit as st
-from PIL import Image
 
 from magicid import reviews
-from magicid.config import load_params
+from magicid.config import ReviewParams, load_params
 from magicid.errors import MagicIDError
 
 PAGES = ("Review", "Compare", "Leaderboard", "My history")
 BOX_COLOUR = (0, 255, 0)  # pure green: the browser test looks for it on the face-box outline
 _shuffle = random.SystemRandom()
+_md = reviews.plain_markdown  # untrusted text inside a Markdown-rendering element
+
+
+class ImageSource(NamedTuple):
+    """Where images may come from (`review.generations_dir`) and how large they may be (`data.max_pixels`)."""
+
+    root: str
+    max_pixels: int
 
 
 def _params():
@@ -52,11 +67,20 @@ def _sync(db_url: str, generations_dir: str, manifests: tuple[tuple[str, float],
 
 
 @st.cache_data(show_spinner=False, max_entries=1024)
-def _png(path: str, boxes: tuple[tuple[float, ...], ...], mtime: float, max_side: int) -> bytes:
-    """The image at `path` with its face boxes drawn, scaled to at most `max_side`, as PNG bytes."""
-    image = Image.open(path)
-    image.load()
-    image = reviews.draw_face_boxes(image, boxes, color=BOX_COLOUR) if boxes else image.convert("RGB")
+def _png(
+    path: str,
+    boxes: tuple[tuple[float, ...], ...],
+    stamp: tuple[int, int],
+    max_side: int,
+    source: ImageSource,
+) -> bytes:
+    """The checked image at `path` with its face boxes drawn, scaled to at most `max_side`, as PNG bytes.
+
+    `stamp` (mtime, size) is only the cache key, so a rewritten file is read again; a refused image raises
+    `ReviewError`, which is never cached.
+    """
+    image = reviews.load_review_image(path, source.root, source.max_pixels)
+    image = reviews.draw_face_boxes(image, boxes, color=BOX_COLOUR) if boxes else image
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
@@ -64,8 +88,27 @@ def _png(path: str, boxes: tuple[tuple[float, ...], ...], mtime: float, max_side
     return buffer.getvalue()
 
 
-def _image(path: str, boxes=(), max_side: int = 768) -> bytes:
-    return _png(path, tuple(tuple(b) for b in boxes), Path(path).stat().st_mtime, max_side)
+def _stamp(path: str) -> tuple[int, int]:
+    try:
+        info = Path(path).stat()
+    except OSError:
+        return (0, 0)  # load_review_image says what is wrong with it
+    return (info.st_mtime_ns, info.st_size)
+
+
+def _image(source: ImageSource, path: str, boxes=(), max_side: int = 768) -> bytes:
+    """PNG bytes of a checked image; `ReviewError` (one line naming the file) when it may not be shown."""
+    return _png(path, tuple(tuple(b) for b in boxes), _stamp(path), max_side, source)
+
+
+def _show_image(container, source: ImageSource, path: str, caption: str, boxes=()) -> None:
+    """The image in `container` (PNG: JPEG artefacts on faces would bias ratings), or an inline error."""
+    try:
+        data = _image(source, path, boxes)
+    except MagicIDError as error:
+        container.error(_md(f"{caption}: {error}"))
+        return
+    container.image(data, caption=caption, width="stretch", output_format="PNG")
 
 
 @st.cache_data(show_spinner=False, ttl=30)
@@ -83,7 +126,22 @@ def _registry(tracking_uri: str, model_name: str) -> tuple[dict[str, str], dict[
         return {}, {}, str(error)
 
 
-def _sign_in(reviewers_file: str, store: reviews.ReviewStore) -> str:
+@st.cache_resource
+def _throttle(
+    reviewers_file: str, per_name: int, per_client: int, lockout_s: float
+) -> reviews.SignInThrottle:
+    """One throttle per reviewers file and limits, shared by every session of this app process."""
+    return reviews.SignInThrottle(per_name, per_client, lockout_s)
+
+
+def _client() -> str:
+    # The TCP peer of the session's WebSocket (not a forwarded header); Streamlit reports loopback as None, and
+    # without a session client (AppTest) it is not a string: both count as the one client "localhost".
+    address = st.context.ip_address
+    return address if isinstance(address, str) and address else "localhost"
+
+
+def _sign_in(review: ReviewParams, store: reviews.ReviewStore) -> str:
     """The signed-in reviewer's name; otherwise shows only the sign-in form and stops the script."""
     if st.session_state.get("reviewer"):
         return st.session_state["reviewer"]
@@ -93,10 +151,17 @@ def _sign_in(reviewers_file: str, store: reviews.ReviewStore) -> str:
         password = st.text_input("Password", type="password")
         submitted = st.form_submit_button("Sign in")
     if submitted:
+        throttle = _throttle(
+            review.reviewers_file,
+            review.sign_in_max_failures_per_name,
+            review.sign_in_max_failures_per_client,
+            review.sign_in_lockout_s,
+        )
         try:
-            ok = reviews.authenticate(reviews.load_reviewers(reviewers_file), name.strip(), password)
+            reviewers = reviews.load_reviewers(review.reviewers_file)
+            ok = throttle.sign_in(reviewers, name.strip(), password, client=_client())
         except MagicIDError as error:
-            st.error(str(error))
+            st.error(_md(str(error)))
             st.stop()
         if ok:
             store.ensure_reviewer(name.strip())
@@ -106,32 +171,35 @@ def _sign_in(reviewers_file: str, store: reviews.ReviewStore) -> str:
     st.stop()
 
 
-def _references(record: reviews.GenerationRecord) -> None:
-    if record.reference_paths:
-        st.image(
-            [_image(p, max_side=256) for p in record.reference_paths],
-            caption=[f"identity {i + 1}" for i in range(len(record.reference_paths))],
-            width=96,
-            output_format="PNG",
-        )
-    else:
+def _references(source: ImageSource, record: reviews.GenerationRecord) -> None:
+    if not record.reference_paths:
         st.caption("no reference faces (text only)")
+        return
+    shown, captions = [], []
+    for i, path in enumerate(record.reference_paths):
+        try:
+            shown.append(_image(source, path, max_side=256))
+            captions.append(f"identity {i + 1}")
+        except MagicIDError as error:
+            st.error(_md(f"identity {i + 1}: {error}"))
+    if shown:
+        st.image(shown, caption=captions, width=96, output_format="PNG")
 
 
 def _flash() -> None:
     message = st.session_state.pop("flash", None)
     if message:
-        st.success(message)
+        st.success(_md(message))
 
 
-def review_page(store: reviews.ReviewStore, reviewer: str, versions: list[str]) -> None:
+def review_page(store: reviews.ReviewStore, reviewer: str, versions: list[str], source: ImageSource) -> None:
     st.header("Review")
     version = st.sidebar.selectbox("Model version to review", versions, index=len(versions) - 1)
     include_rated = st.checkbox("Also list generations I have rated (to re-rate them)", key="include_rated")
     unrated = store.queue(reviewer, version)
     listed = store.queue(reviewer, version, include_rated=True) if include_rated else unrated
     n_total = len(listed) if include_rated else len(store.queue(reviewer, version, include_rated=True))
-    st.caption(f"{len(unrated)} unrated of {n_total} generations of model version {version}")
+    st.caption(_md(f"{len(unrated)} unrated of {n_total} generations of model version {version}"))
     _flash()
     if not listed:
         st.success("Nothing left to rate for this version.")
@@ -146,23 +214,14 @@ def review_page(store: reviews.ReviewStore, reviewer: str, versions: list[str]) 
     )
     record = by_id[generation_id]
     st.text(f"Prompt: {record.prompt}")
-    st.caption(f"seed {record.seed}, {len(record.reference_paths)} identities, model version {version}")
-    _references(record)
+    st.caption(_md(f"seed {record.seed}, {len(record.reference_paths)} identities, model version {version}"))
+    _references(source, record)
     after, before = st.columns(2)
-    # PNG, not Streamlit's default JPEG: compression artefacts on faces would bias the ratings.
-    after.image(
-        _image(record.image_path, record.boxes),
-        caption="generation (after DIIR), face boxes in green",
-        width="stretch",
-        output_format="PNG",
+    _show_image(
+        after, source, record.image_path, "generation (after DIIR), face boxes in green", record.boxes
     )
     if record.pre_diir_path:
-        before.image(
-            _image(record.pre_diir_path, record.boxes),
-            caption="before DIIR",
-            width="stretch",
-            output_format="PNG",
-        )
+        _show_image(before, source, record.pre_diir_path, "before DIIR", record.boxes)
     else:
         before.caption("no pre-DIIR image (DIIR did not run for this generation)")
 
@@ -219,13 +278,17 @@ def _save_rating(store: reviews.ReviewStore, reviewer: str, generation_id: str) 
     state["flash"] = f"Saved your rating of {generation_id}."
 
 
-def compare_page(store: reviews.ReviewStore, reviewer: str, champion: str, challenger: str) -> None:
+def compare_page(
+    store: reviews.ReviewStore, reviewer: str, champion: str, challenger: str, source: ImageSource
+) -> None:
     st.header("Blind compare")
     revealed = st.session_state.pop("revealed", None)
     if revealed:
         st.success(
-            f"Saved your choice for the previous pair ({revealed['prompt']!r}): {revealed['choice']}. "
-            f"Left was model version {revealed['left']}, right was model version {revealed['right']}."
+            _md(
+                f"Saved your choice for the previous pair ({revealed['prompt']!r}): {revealed['choice']}. "
+                f"Left was model version {revealed['left']}, right was model version {revealed['right']}."
+            )
         )
     pending = store.unjudged_pairs(reviewer, champion, challenger)
     st.caption(f"{len(pending)} pairs left to judge for these two versions")
@@ -248,14 +311,10 @@ def compare_page(store: reviews.ReviewStore, reviewer: str, champion: str, chall
     )
     st.text(f"Prompt: {left.prompt}")
     st.caption(f"seed {left.seed}, {len(left.reference_paths)} identities")
-    _references(left)
+    _references(source, left)
     left_column, right_column = st.columns(2)
-    left_column.image(
-        _image(left.image_path, left.boxes), caption="Left", width="stretch", output_format="PNG"
-    )
-    right_column.image(
-        _image(right.image_path, right.boxes), caption="Right", width="stretch", output_format="PNG"
-    )
+    _show_image(left_column, source, left.image_path, "Left", left.boxes)
+    _show_image(right_column, source, right.image_path, "Right", right.boxes)
     choices = st.columns(3)
     for column, (label, shortcut, choice) in zip(
         choices,
@@ -294,7 +353,7 @@ def leaderboard_page(
     store, params, champion: str | None, challenger: str | None, metrics: dict, roles_source: str
 ) -> None:
     st.header("Leaderboard")
-    st.caption(f"champion and challenger: {roles_source}")
+    st.caption(_md(f"champion and challenger: {roles_source}"))
     rows = []
     for version, agg in store.aggregates(champion=champion).items():
         win = agg.win_vs_champion
@@ -327,13 +386,13 @@ def leaderboard_page(
                 champion=champion,
                 client=client,
             )
-            st.success(f"Tagged versions {', '.join(written)} of {params.promotion.model_name!r}.")
+            st.success(_md(f"Tagged versions {', '.join(written)} of {params.promotion.model_name!r}."))
         except MagicIDError as error:
-            st.error(str(error))
+            st.error(_md(str(error)))
 
 
 def history_page(store: reviews.ReviewStore, reviewer: str) -> None:
-    st.header(f"My history ({reviewer})")
+    st.header(_md(f"My history ({reviewer})"))
     ratings, judgements = store.history(reviewer)
     st.subheader(f"Ratings ({len(ratings)})")
     st.dataframe(
@@ -375,17 +434,29 @@ def history_page(store: reviews.ReviewStore, reviewer: str) -> None:
     )
 
 
+def _one_version_note(version: str, generations_dir: Path) -> str:
+    """Markdown: why Compare is empty after a first evaluation, and how to get a second version."""
+    return (
+        f"Only model version {_md(version)} has generations under {_md(str(generations_dir))}, and a blind "
+        "pair compares two versions on the same evaluation set. To get a second version: train and register "
+        "another one with `magicid train` (it becomes the challenger), then run `magicid evaluate`, which "
+        "writes its generations next to these (a second `magicid demo` reuses its cached training and adds "
+        "no version). Reload this page afterwards; "
+        f"meanwhile, rate version {_md(version)} on the Review page."
+    )
+
+
 def main() -> None:
     st.set_page_config(page_title="MagicID review", layout="wide")
     try:
         params = _params()
         store = _store(params.review.db_url)
     except MagicIDError as error:
-        st.error(str(error))
+        st.error(_md(str(error)))
         return
-    reviewer = _sign_in(params.review.reviewers_file, store)
+    reviewer = _sign_in(params.review, store)
 
-    st.sidebar.write(f"Signed in as **{reviewer}**")
+    st.sidebar.markdown(f"Signed in as **{_md(reviewer)}**")
     if st.sidebar.button("Sign out"):
         st.session_state.clear()
         st.rerun()
@@ -398,13 +469,14 @@ def main() -> None:
     try:
         _sync(params.review.db_url, str(generations_dir), manifests)
     except MagicIDError as error:
-        st.error(str(error))
+        st.error(_md(str(error)))
         return
     versions = store.model_versions()
     page = st.sidebar.radio("Page", PAGES, key="page")
     if not versions:
-        st.info(f"No generations to review: no {reviews.MANIFEST_NAME} under {generations_dir}.")
+        st.info(_md(f"No generations to review: no {reviews.MANIFEST_NAME} under {generations_dir}."))
         return
+    source = ImageSource(str(generations_dir), params.data.max_pixels)
 
     roles, metrics, note = _registry(params.tracking.uri, params.promotion.model_name)
     champion = challenger = None
@@ -427,12 +499,12 @@ def main() -> None:
     )
 
     if page == "Review":
-        review_page(store, reviewer, versions)
+        review_page(store, reviewer, versions, source)
     elif page == "Compare":
         if champion is None:
-            st.info("Blind pairs need generations of two model versions.")
+            st.info(_one_version_note(versions[0], generations_dir))
             return
-        compare_page(store, reviewer, champion, challenger)
+        compare_page(store, reviewer, champion, challenger, source)
     elif page == "Leaderboard":
         leaderboard_page(store, params, champion, challenger, metrics, roles_source)
     else:

@@ -414,6 +414,11 @@ class ReviewParams(_Section):
     generations_dir: str = "reports/eval/generations"
     # Reviewer name -> scrypt password hash (`magicid review-add-reviewer`); keep it out of git.
     reviewers_file: str = "reviewers.yaml"
+    # Sign-in limits of the review app (`reviews.SignInThrottle`): a reviewer name, or a client address, with this
+    # many failed sign-ins within `sign_in_lockout_s` is locked out until the oldest of them is that old.
+    sign_in_max_failures_per_name: int = Field(5, ge=1, le=1000)
+    sign_in_max_failures_per_client: int = Field(20, ge=1, le=10000)
+    sign_in_lockout_s: float = Field(900.0, gt=0, le=7 * 24 * 3600)
 
 
 class OrchestrationParams(_Section):

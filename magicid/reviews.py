@@ -11,28 +11,41 @@ Two contracts with the rest of the platform:
    `review.generations_dir` (any depth) holds one JSON object per line:
 
    ```
-   {"generation_id": "v3-0007",          # unique and stable across runs (a rating refers to it)
-    "model_version": "3",                # the MLflow registered-model version that made it
+   {"generation_id": "v3-0007",              # unique and stable across runs (a rating refers to it)
+    "model_version": "3",                    # the MLflow registered-model version that made it
     "prompt": "a photo of two friends",
     "seed": 7,
-    "reference_paths": ["refs/ada.png"],  # one reference face image per identity, in identity order
-    "boxes": [[x0, y0, x1, y1]],          # face boxes (pixels of image_path), one per identity
-    "image_path": "v3/0007.png",          # the generation shown to reviewers (after DIIR where it ran)
-    "pre_diir_path": "v3/0007_raw.png",   # the same generation before DIIR, or null
-    "case_id": null}                      # optional; see below
+    "reference_paths": ["references/ada.png"],  # one reference face image per identity, in identity order
+    "boxes": [[x0, y0, x1, y1]],              # face boxes (pixels of image_path), one per identity
+    "image_path": "0007.png",                 # the generation shown to reviewers (after DIIR where it ran)
+    "pre_diir_path": "0007_before.png",       # the same generation before DIIR, or null
+    "case_id": null}                          # optional; see below
    ```
 
-   Relative paths are relative to the folder holding that `manifest.jsonl`; absolute paths are taken as
-   they are. Other keys are allowed and ignored (evaluation may add metrics). A *case* is one
-   (prompt, seed, identities) combination: two model versions' generations with the same case are a blind
-   pair. `case_id` defaults to a hash of the prompt, the seed and the sorted reference paths as written,
-   so evaluation should write the same reference path strings for every model version (or set `case_id`).
-   `write_generation_manifest` writes a valid file.
+   The path rule (one rule for every path in the file: `image_path`, `pre_diir_path`, `reference_paths`):
+   a path is relative to the folder that holds that `manifest.jsonl`, written with `/`, and stays inside that
+   folder. Absolute paths, `..` segments, backslashes and empty paths are refused, and so is a path that
+   resolves (through a symlink) outside the folder; every path must name a regular file. So a generations
+   folder is self-contained: evaluation copies the reference crops it used next to the generations
+   (`references/<face_id>.png`), and the folder can be moved, copied or served with nothing outside it.
+   `write_generation_manifest` refuses to write a record that breaks the rule, `read_generation_manifest`
+   refuses to read one (an error naming the manifest, the line and the field), and the review app shows
+   no image outside `review.generations_dir` (`load_review_image`).
+
+   Other keys are allowed and ignored (evaluation may add metrics). A *case* is one (prompt, seed,
+   identities) combination: two model versions' generations with the same case are a blind pair. `case_id`
+   defaults to a hash of the prompt, the seed and the sorted reference paths as written, so evaluation
+   should write the same reference path strings for every model version (or set `case_id`).
 
 2. MLflow model-version tags (written by `export_review_tags`, read by the promotion gate): the `TAG_*`
    constants below. Values are strings (MLflow tags are strings): counts as integers, means and rates as
    `repr(float)`. Interval tags are set only where the interval exists (2+ ratings; 1+ pairs); the
    win-rate tags are removed when there are no pairs against the named champion.
+
+What the app may trust (README "Security"): nothing it reads from a manifest. It shows text from manifests,
+prompts and comments (and errors quoting them) with `st.text` or, inside its own messages, through
+`plain_markdown`; it hands Streamlit only image bytes that `load_review_image` checked and decoded; sign-in
+goes through `SignInThrottle.sign_in` (attempts limited per reviewer name and per client, with a lock-out).
 
 Storage: a SQLAlchemy database (`review.db_url`; SQLite file by default, any SQL URL). On SQLite the store
 uses WAL, a busy timeout and `BEGIN IMMEDIATE` for writes, and every write is retried on a lock error, so
@@ -48,11 +61,13 @@ import json
 import math
 import os
 import re
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -76,6 +91,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, relationship
 
 from magicid.errors import ReviewError
+from magicid.safety import file_kind_problem, pixel_problem
 from magicid.utils import atomic_write_text
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -151,20 +167,44 @@ def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int
     return f"scrypt${n}${r}${p}${b64(salt).decode()}${b64(digest).decode()}"
 
 
+# What a reviewers-file entry may ask of scrypt: the cost stays bounded (a hand-edited p=10**6 would make every
+# sign-in run for hours) and within what OpenSSL accepts (n a power of 2; memory 128*n*r under its 32 MiB).
+_SCRYPT_MAX_N, _SCRYPT_MAX_R, _SCRYPT_MAX_P = 2**15, 16, 4
+_HASH_FORMAT = "scrypt$n$r$p$salt$hash (as `magicid review-add-reviewer` writes it)"
+
+
+def _parse_scrypt(encoded: str) -> tuple[int, int, int, bytes, bytes]:
+    """(n, r, p, salt, hash) of a `hash_password` string; ReviewError saying what is wrong with it."""
+    parts = encoded.split("$") if isinstance(encoded, str) else []
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ReviewError(f"password entry is not a scrypt hash ({_HASH_FORMAT})")
+    try:
+        n, r, p = (int(v) for v in parts[1:4])
+        salt = base64.b64decode(parts[4], validate=True)
+        expected = base64.b64decode(parts[5], validate=True)
+    except ValueError:  # int() and base64's binascii.Error (a ValueError)
+        raise ReviewError(
+            f"password entry has a non-number cost or a bad base64 salt or hash: use {_HASH_FORMAT}"
+        ) from None
+    if not (
+        2 <= n <= _SCRYPT_MAX_N and n & (n - 1) == 0 and 1 <= r <= _SCRYPT_MAX_R and 1 <= p <= _SCRYPT_MAX_P
+    ):
+        raise ReviewError(
+            f"password entry's scrypt cost n={n}, r={r}, p={p} is out of range (n a power of 2 up to "
+            f"{_SCRYPT_MAX_N}, r up to {_SCRYPT_MAX_R}, p up to {_SCRYPT_MAX_P})"
+        )
+    if len(salt) < 8 or len(expected) < 16:
+        raise ReviewError(f"password entry's salt or hash is too short ({len(salt)}, {len(expected)} bytes)")
+    return n, r, p, salt, expected
+
+
 def verify_password(password: str, encoded: str) -> bool:
     """Check `password` against a `hash_password` string in constant time (`hmac.compare_digest`).
 
     Raises:
-        ReviewError: `encoded` is not a `scrypt$n$r$p$salt$hash` string (a hand-edited reviewers file).
+        ReviewError: `encoded` is not a valid `scrypt$n$r$p$salt$hash` string (a hand-edited reviewers file).
     """
-    parts = encoded.split("$")
-    if len(parts) != 6 or parts[0] != "scrypt":
-        raise ReviewError(
-            "reviewer password entry is not a scrypt hash (expected scrypt$n$r$p$salt$hash): "
-            "set it with `magicid review-add-reviewer NAME`"
-        )
-    n, r, p = (int(v) for v in parts[1:4])
-    salt, expected = base64.b64decode(parts[4]), base64.b64decode(parts[5])
+    n, r, p, salt, expected = _parse_scrypt(encoded)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(expected))
     return hmac.compare_digest(digest, expected)
 
@@ -173,11 +213,16 @@ def verify_password(password: str, encoded: str) -> bool:
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + base64.b64encode(bytes(32)).decode()
 
 
-def load_reviewers(path: str | Path) -> dict[str, str]:
+def load_reviewers(path: str | Path, *, check_hashes: bool = True) -> dict[str, str]:
     """Read the reviewers file: YAML `reviewers: {name: scrypt-hash, ...}`.
 
+    Args:
+        path: the file (`review.reviewers_file`).
+        check_hashes: check that every entry is a well-formed scrypt hash (off only for `add_reviewer`, so
+            that a bad entry can be replaced with the command its error names).
+
     Raises:
-        ReviewError: missing file, not that shape, or a bad name.
+        ReviewError: missing file, not that shape, a bad name, or a bad hash (one line naming the reviewer).
     """
     path = Path(path)
     if not path.is_file():
@@ -194,8 +239,16 @@ def load_reviewers(path: str | Path) -> dict[str, str]:
         raise ReviewError(
             f"{path}: expected `reviewers: {{name: scrypt-hash}}` (use magicid review-add-reviewer)"
         )
-    for name in reviewers:
+    for name, encoded in reviewers.items():
         _check_reviewer_name(str(name), source=str(path))
+        if not check_hashes:
+            continue
+        try:
+            _parse_scrypt(encoded)
+        except ReviewError as exc:
+            raise ReviewError(
+                f"{path}: reviewer {str(name)!r}: {exc}; set it again with `magicid review-add-reviewer {name}`"
+            ) from None
     return {str(k): v for k, v in reviewers.items()}
 
 
@@ -206,7 +259,7 @@ def add_reviewer(path: str | Path, name: str, password: str) -> Path:
     """
     _check_reviewer_name(name, source="reviewer name")
     path = Path(path)
-    reviewers = load_reviewers(path) if path.is_file() else {}
+    reviewers = load_reviewers(path, check_hashes=False) if path.is_file() else {}
     reviewers[name] = hash_password(password)
     text = (
         "# Review dashboard sign-in: reviewer name -> scrypt password hash (magicid review-add-reviewer).\n"
@@ -219,6 +272,104 @@ def authenticate(reviewers: dict[str, str], name: str, password: str) -> bool:
     encoded = reviewers.get(name)
     ok = verify_password(password, encoded if encoded is not None else _DUMMY_HASH)
     return ok and encoded is not None
+
+
+class SignInLocked(ReviewError):
+    """Too many failed sign-ins for a reviewer name or from a client; `seconds_left` until it may try again."""
+
+    def __init__(self, seconds_left: float):
+        minutes = max(1, math.ceil(seconds_left / 60))
+        super().__init__(
+            f"too many failed sign-ins for this reviewer name or from this address: try again in {minutes} "
+            f"minute{'s' if minutes != 1 else ''}"
+        )
+        self.seconds_left = seconds_left
+
+
+class SignInThrottle:
+    """Failed sign-ins counted per reviewer name and per client address, with a lock-out.
+
+    A key (a name as typed, or a client) with `max_failures` failed attempts within the last `lockout_s`
+    seconds is locked out: further attempts are refused without checking the password until the oldest of
+    those failures is `lockout_s` old. A success clears the name's failures, not the client's (a client
+    with one valid account must not reset its guessing budget for the others). Each attempt is counted as a
+    failure before the password is checked and uncounted on success, so parallel attempts cannot overrun the
+    limit. State is in memory, shared by every session of one app process (`st.cache_resource`); a
+    restart clears it.
+
+    Trade-off: anyone can lock a reviewer name out for `lockout_s` by failing on purpose (the price of a
+    per-name limit); behind a reverse proxy every client has the proxy's address, so the per-client limit
+    then counts all clients together.
+    """
+
+    def __init__(
+        self,
+        max_failures_per_name: int,
+        max_failures_per_client: int,
+        lockout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_failures_per_name < 1 or max_failures_per_client < 1 or not lockout_s > 0:
+            raise ReviewError(
+                "sign-in limits must be >= 1 failure and a lock-out > 0 s, got "
+                f"{max_failures_per_name}, {max_failures_per_client}, {lockout_s}"
+            )
+        self.limits = {"name": max_failures_per_name, "client": max_failures_per_client}
+        self.lockout_s = float(lockout_s)
+        self._clock = clock
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _keys(self, name: str, client: str) -> tuple[tuple[str, str], tuple[str, str]]:
+        # A name longer than any valid one is still counted, under its first characters (bounded memory).
+        return ("name", name[:80]), ("client", client[:80])
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.lockout_s
+        for key in list(self._failures):
+            times = self._failures[key]
+            while times and times[0] <= horizon:
+                times.popleft()
+            if not times:
+                del self._failures[key]
+
+    def seconds_locked(self, name: str, client: str) -> float:
+        """Seconds until `name` from `client` may try again (0.0: it may now)."""
+        with self._lock:
+            return self._seconds_locked(self._keys(name, client), self._clock())
+
+    def _seconds_locked(self, keys, now: float) -> float:
+        self._prune(now)
+        left = 0.0
+        for key in keys:
+            times, limit = self._failures.get(key, ()), self.limits[key[0]]
+            if len(times) >= limit:
+                left = max(left, times[len(times) - limit] + self.lockout_s - now)
+        return left
+
+    def sign_in(self, reviewers: dict[str, str], name: str, password: str, client: str) -> bool:
+        """`authenticate` under the limits: True for the right password, False for a wrong one (counted).
+
+        Raises:
+            SignInLocked: the name or the client is locked out; the password was not checked.
+        """
+        keys = self._keys(name, client)
+        with self._lock:
+            now = self._clock()
+            left = self._seconds_locked(keys, now)
+            if left > 0:
+                raise SignInLocked(left)
+            for key in keys:
+                self._failures.setdefault(key, deque()).append(now)
+        ok = authenticate(reviewers, name, password)
+        if ok:
+            with self._lock:
+                name_key, client_key = keys
+                self._failures.pop(name_key, None)
+                client_times = self._failures.get(client_key)
+                if client_times is not None and now in client_times:
+                    client_times.remove(now)
+        return ok
 
 
 def _check_reviewer_name(name: str, source: str) -> None:
@@ -270,15 +421,91 @@ class GenerationRecord(BaseModel):
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def manifest_path_problem(value: str) -> str | None:
+    """Why `value` breaks the manifest path rule (contract 1) on its face, or None. Never touches the disk.
+
+    A path must be relative, use `/`, have no `..` segment and name something below the manifest's folder.
+    """
+    if not isinstance(value, str) or not value.strip():
+        return "is empty"
+    if "\x00" in value:
+        return "contains a NUL character"
+    if "\\" in value:
+        return "contains a backslash (write paths with '/')"
+    pure = PurePosixPath(value)
+    if pure.is_absolute() or PureWindowsPath(value).drive:
+        return "is absolute"
+    if ".." in pure.parts:
+        return "has a '..' segment"
+    if not pure.parts:
+        return "names the manifest's folder itself, not a file"
+    return None
+
+
+def resolve_manifest_path(folder: str | Path, value: str) -> Path:
+    """The file a manifest path names, resolved, after the whole path rule (contract 1).
+
+    Args:
+        folder: the folder holding the manifest.
+        value: the path as written in the manifest.
+
+    Returns:
+        The absolute path, symlinks resolved.
+
+    Raises:
+        ReviewError: `value` breaks the rule on its face, resolves outside `folder` (a symlink pointing out),
+            or does not name a readable regular file (missing, a folder, a FIFO: opening one would hang).
+    """
+    problem = manifest_path_problem(value)
+    if problem is not None:
+        raise ReviewError(f"{value} {problem}")
+    base = Path(folder).resolve()
+    resolved = (base / value).resolve()
+    if not resolved.is_relative_to(base):
+        raise ReviewError(f"{value} resolves outside the manifest's folder (a symlink pointing out)")
+    if not resolved.exists():
+        raise ReviewError(f"{value} does not exist")
+    problem = file_kind_problem(resolved)
+    if problem is not None:
+        raise ReviewError(f"{value} {problem}")
+    return resolved
+
+
+_PATH_RULE = (
+    "paths in a manifest are relative to its folder and stay inside it (magicid/reviews.py, contract 1); "
+    "`magicid evaluate` writes such manifests: run it again for a folder written otherwise"
+)
+
+
+def _resolve_record_paths(record: GenerationRecord, folder: Path, where: str) -> dict[str, Any]:
+    """The record's paths resolved under the path rule, as a `model_copy` update; errors name `where`."""
+
+    def resolve(field_name: str, value: str) -> str:
+        try:
+            return str(resolve_manifest_path(folder, value))
+        except ReviewError as exc:
+            raise ReviewError(f"{where}: {field_name} {exc}: {_PATH_RULE}") from None
+
+    return {
+        "image_path": resolve("image_path", record.image_path),
+        "pre_diir_path": resolve("pre_diir_path", record.pre_diir_path) if record.pre_diir_path else None,
+        "reference_paths": [
+            resolve(f"reference_paths[{k}]", p) for k, p in enumerate(record.reference_paths)
+        ],
+    }
+
+
 def read_generation_manifest(generations_dir: str | Path) -> list[GenerationRecord]:
-    """Read every `manifest.jsonl` under `generations_dir` (any depth); paths are made absolute.
+    """Read every `manifest.jsonl` under `generations_dir` (any depth, not through symlinked folders, which
+    `Path.rglob` does not enter); paths are resolved (absolute).
 
     Returns:
         The records, in manifest path order then line order.
 
     Raises:
         ReviewError: no manifest, a line that is not valid JSON or misses a required field, a duplicate
-            `generation_id`, or an image file that does not exist. Each message names the file and line.
+            `generation_id`, or a path that breaks the path rule (absolute, `..`, outside the manifest's
+            folder, not an existing regular file). Each message names the file and line.
     """
     root = Path(generations_dir)
     manifests = sorted(root.rglob(MANIFEST_NAME)) if root.is_dir() else []
@@ -290,7 +517,6 @@ def read_generation_manifest(generations_dir: str | Path) -> list[GenerationReco
     records: list[GenerationRecord] = []
     seen: dict[str, str] = {}
     for manifest in manifests:
-        base = manifest.parent
         for number, line in enumerate(manifest.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
@@ -306,39 +532,100 @@ def read_generation_manifest(generations_dir: str | Path) -> list[GenerationReco
                     f"{seen[record.generation_id]}: ids must be unique"
                 )
             seen[record.generation_id] = where
-
-            def absolute(value: str, base: Path = base) -> str:
-                path = Path(value)
-                return str(path if path.is_absolute() else (base / path).resolve())
-
-            record = record.model_copy(
-                update={
-                    "image_path": absolute(record.image_path),
-                    "pre_diir_path": absolute(record.pre_diir_path) if record.pre_diir_path else None,
-                    "reference_paths": [absolute(p) for p in record.reference_paths],
-                    # Case ids come from the paths as written, before they are made absolute.
-                    "case_id": record.resolved_case_id(),
-                }
-            )
-            if not Path(record.image_path).is_file():
-                raise ReviewError(f"{where}: image_path {record.image_path} does not exist")
-            records.append(record)
+            # Case ids come from the paths as written, before they are resolved.
+            update = {
+                **_resolve_record_paths(record, manifest.parent, where),
+                "case_id": record.resolved_case_id(),
+            }
+            records.append(record.model_copy(update=update))
     return records
 
 
 def write_generation_manifest(generations_dir: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write `records` (dicts in the manifest format) as `generations_dir/manifest.jsonl`, atomically.
 
-    Each record is validated first, so a writer cannot produce a manifest the dashboard refuses.
+    Each record is validated first, paths included (the path rule: the files must already be in
+    `generations_dir`), so a writer cannot produce a manifest the dashboard refuses.
+
+    Raises:
+        ReviewError: a record that is not valid or breaks the path rule; nothing is written then.
     """
+    folder = Path(generations_dir)
     lines = []
     for raw in records:
+        where = f"generation record {raw.get('generation_id')!r}"
         try:
-            GenerationRecord.model_validate(raw)
+            record = GenerationRecord.model_validate(raw)
         except ValidationError as exc:
-            raise ReviewError(f"generation record {raw.get('generation_id')!r}: {exc}") from exc
+            raise ReviewError(f"{where}: {exc}") from exc
+        _resolve_record_paths(record, folder, where)
         lines.append(json.dumps(raw, ensure_ascii=False))
-    return atomic_write_text(Path(generations_dir) / MANIFEST_NAME, "\n".join(lines) + "\n")
+    return atomic_write_text(folder / MANIFEST_NAME, "\n".join(lines) + "\n")
+
+
+def load_review_image(path: str | Path, generations_dir: str | Path, max_pixels: int):
+    """Open one image for the review app, after the checks that make showing (and serving) it safe.
+
+    The app hands Streamlit only what this returns, so no media URL can serve a file refused here.
+
+    Args:
+        path: the image (a resolved manifest path from the store).
+        generations_dir: `review.generations_dir`: nothing outside it is shown.
+        max_pixels: the decompression-bomb limit (`data.max_pixels`, one limit for every untrusted image).
+
+    Returns:
+        The decoded image as an RGB `PIL.Image.Image`.
+
+    Raises:
+        ReviewError: one line naming the file relative to `generations_dir` (never a server path): outside
+            the folder, missing or not a regular file, over the pixel limit, or not an image Pillow decodes.
+    """
+    from PIL import Image
+
+    root = Path(generations_dir).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ReviewError(
+            f"image {Path(path).name!r} is outside the generations folder (review.generations_dir): refused"
+        )
+    shown = resolved.relative_to(root).as_posix()
+    problem = file_kind_problem(resolved)
+    if problem is not None:
+        raise ReviewError(f"{shown}: {problem}")
+    try:
+        with Image.open(resolved) as image:
+            problem = pixel_problem(image.width, image.height, max_pixels)
+            if problem is not None:
+                raise ReviewError(f"{shown}: too large to show ({problem})")
+            return image.convert("RGB")
+    except ReviewError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, ValueError, ...
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        detail = detail.replace(str(resolved), shown).replace(str(path), shown).replace(str(root), "")
+        raise ReviewError(f"{shown}: not an image that can be shown ({detail[:160]})") from None
+
+
+# Markdown's inline syntax (emphasis, code, links, images, HTML, autolinks, strikethrough, Streamlit's
+# `:directives:` and `$math$`) and its block markers at a line's start (#, +, >, "1." or "1)").
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+.!|<>~:$&])")
+
+
+def plain_markdown(text: str) -> str:
+    """`text` escaped so that a Markdown renderer (Streamlit's GitHub-flavoured one, with its `:directives:`
+    and `$math$`) shows it as the characters it is: no link, image, emphasis, heading, HTML or directive.
+
+    Every ASCII punctuation character that Markdown gives a meaning gets a backslash (CommonMark renders a
+    backslash-escaped punctuation character as itself); line breaks become spaces and leading blanks are
+    dropped, so a text cannot start a block of its own. For text from manifests, prompts, comments and
+    error messages quoting them, shown inside the app's own messages; text shown on its own goes through
+    `st.text`, which renders nothing.
+    """
+    # Leading blanks would indent: 4 make a code block, fewer let a "-" start a list item.
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()).lstrip())
+    # "-" and "=" mean something only at the start of a line (a list item, a rule): escaped there only, so
+    # ids like v2-case0 stay readable in the Markdown source.
+    return "\\" + escaped if escaped[:1] in ("-", "=") else escaped
 
 
 def draw_face_boxes(image, boxes: Sequence[Sequence[float]], color=(0, 255, 0), width: int | None = None):

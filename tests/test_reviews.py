@@ -97,6 +97,231 @@ def test_manifest_errors_name_file_and_line(generation_set, tmp_path):
         reviews.write_generation_manifest(tmp_path, [{**yaml.safe_load(lines[0]), "boxes": [[5, 5, 1, 9]]}])
 
 
+def _one_record(generation_set, **changes) -> dict:
+    record = next(r for r in generation_set["records"] if r["generation_id"] == "v1-case1")
+    return {**record, **changes}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("image_path", "/etc/hostname", "is absolute"),
+        ("image_path", "v1/../../outside.png", "has a '..' segment"),
+        ("pre_diir_path", "v1\\case1.png", "backslash"),
+        ("reference_paths", ["refs/ada.png", ""], "is empty"),
+        ("reference_paths", ["refs/ada.png", "escape/ada.png"], "resolves outside the manifest's folder"),
+        ("image_path", "v1", "is a folder"),
+        ("image_path", "fifo.png", "not a regular file"),
+    ],
+)
+def test_manifest_path_rule_is_enforced_on_write_and_on_read(generation_set, tmp_path, field, value, reason):
+    """One rule for every path in a manifest: relative to its folder and inside it, a regular file."""
+    import json
+    import os
+
+    root = generation_set["generations_dir"]
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "ada.png").write_bytes((root / "refs" / "ada.png").read_bytes())
+    (root / "escape").symlink_to(tmp_path / "outside")  # a symlinked folder pointing out of the root
+    os.mkfifo(root / "fifo.png")  # opening it for reading would block the app forever
+    bad = _one_record(generation_set, generation_id="v1-bad", **{field: value})
+    with pytest.raises(ReviewError) as written:
+        reviews.write_generation_manifest(root, [bad])
+    assert reason in str(written.value) and "contract 1" in str(written.value)
+    # A hand-edited manifest with the same path is refused on read, naming the line and the field.
+    good = _one_record(generation_set)
+    (root / reviews.MANIFEST_NAME).write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ReviewError) as read:
+        reviews.read_generation_manifest(root)
+    message = str(read.value)
+    assert f"manifest.jsonl:2: {field}" in message and reason in message and "\n" not in message
+
+
+def test_a_manifest_below_the_root_resolves_against_its_own_folder(generation_set, tmp_path):
+    root = generation_set["generations_dir"]
+    (root / reviews.MANIFEST_NAME).unlink()
+    (root / "v1" / "refs").mkdir()
+    for name in ("ada", "ben"):
+        (root / "v1" / "refs" / f"{name}.png").write_bytes((root / "refs" / f"{name}.png").read_bytes())
+    record = _one_record(generation_set, image_path="case1.png", pre_diir_path="case1_raw.png")
+    reviews.write_generation_manifest(root / "v1", [record])
+    (got,) = reviews.read_generation_manifest(root)
+    assert got.image_path == str((root / "v1" / "case1.png").resolve())
+    assert got.reference_paths == [str((root / "v1" / "refs" / f"{p}.png").resolve()) for p in ("ada", "ben")]
+    # The same paths one folder up name nothing: a path is never read against the root or the cwd.
+    with pytest.raises(ReviewError, match="case1.png does not exist"):
+        reviews.write_generation_manifest(root, [record])
+    # A manifest in a symlinked folder below the root (its files are outside the root) is not read.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "linked").symlink_to(outside)
+    for name in ("case1.png", "case1_raw.png"):
+        (outside / name).write_bytes((root / "v1" / name).read_bytes())
+    (outside / "refs").mkdir()
+    for name in ("ada", "ben"):
+        (outside / "refs" / f"{name}.png").write_bytes((root / "refs" / f"{name}.png").read_bytes())
+    reviews.write_generation_manifest(outside, [{**record, "generation_id": "linked-1"}])
+    assert [r.generation_id for r in reviews.read_generation_manifest(root)] == ["v1-case1"]  # not entered
+
+
+# -- images the app may show ------------------------------------------------------------------------------
+
+
+def test_load_review_image_shows_only_checked_images_inside_the_root(generation_set, tmp_path):
+    import os
+
+    from PIL import Image
+
+    root = generation_set["generations_dir"]
+    ok = reviews.load_review_image(root / "v1" / "case0.png", root, max_pixels=10**6)
+    assert ok.mode == "RGB" and ok.size == (160, 160)
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), (255, 0, 255)).save(secret)
+    (root / "link.png").symlink_to(secret)
+    (root / "garbage.png").write_bytes(b"not a png at all")
+    data = (root / "v1" / "case0.png").read_bytes()
+    (root / "torn.png").write_bytes(data[: len(data) // 2])
+    os.mkfifo(root / "fifo.png")
+    cases = {
+        secret: "is outside the generations folder",  # absolute, outside
+        root / "link.png": "is outside the generations folder",  # a symlink pointing out
+        root / ".." / "secret.png": "is outside the generations folder",
+        root / "absent.png": "absent.png: file not found",
+        root / "fifo.png": "fifo.png: is not a regular file",
+        root / "garbage.png": "garbage.png: not an image that can be shown",
+        root / "torn.png": "torn.png: not an image that can be shown",
+    }
+    for path, expected in cases.items():
+        with pytest.raises(ReviewError) as info:
+            reviews.load_review_image(path, root, max_pixels=10**6)
+        message = str(info.value)
+        assert expected in message, message
+        assert str(tmp_path) not in message and "\n" not in message  # one line, no server path
+    with pytest.raises(ReviewError, match=r"v1/case0.png: too large to show \(160x160 = 25600 pixels"):
+        reviews.load_review_image(root / "v1" / "case0.png", root, max_pixels=160 * 159)
+
+
+# -- sign-in limits -----------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sign_in_throttle_locks_a_name_out_after_its_failures_and_lets_it_back(generation_set):
+    reviewers = reviews.load_reviewers(generation_set["reviewers_file"])
+    clock = _Clock()
+    throttle = reviews.SignInThrottle(3, 100, 600, clock=clock)
+    for attempt in range(3):
+        assert not throttle.sign_in(reviewers, "alice", f"guess-{attempt}", client=f"10.0.0.{attempt}")
+        clock.now += 10
+    # Locked: even the right password, from a new client, is refused without being checked.
+    with pytest.raises(reviews.SignInLocked, match="try again in 10 minutes") as info:
+        throttle.sign_in(reviewers, "alice", PASSWORDS["alice"], client="10.0.0.99")
+    assert info.value.seconds_left == pytest.approx(600 - 30)
+    assert throttle.sign_in(reviewers, "bob", PASSWORDS["bob"], client="10.0.0.99")  # other names are not
+    clock.now += 600 - 30  # the oldest failure is now lockout_s old
+    assert throttle.seconds_locked("alice", "10.0.0.99") == 0
+    assert throttle.sign_in(reviewers, "alice", PASSWORDS["alice"], client="10.0.0.99")
+
+
+def test_sign_in_throttle_limits_a_client_across_names_and_success_does_not_reset_it(generation_set):
+    reviewers = reviews.load_reviewers(generation_set["reviewers_file"])
+    clock = _Clock()
+    throttle = reviews.SignInThrottle(100, 3, 600, clock=clock)
+    assert not throttle.sign_in(reviewers, "mallory", "guess-one", client="10.0.0.7")
+    assert not throttle.sign_in(reviewers, "alice", "guess-two", client="10.0.0.7")
+    # Its own valid account does not reset the client's budget for guessing the others'.
+    assert throttle.sign_in(reviewers, "bob", PASSWORDS["bob"], client="10.0.0.7")
+    assert not throttle.sign_in(reviewers, "carol", "guess-three", client="10.0.0.7")
+    with pytest.raises(reviews.SignInLocked):
+        throttle.sign_in(reviewers, "bob", PASSWORDS["bob"], client="10.0.0.7")
+    assert throttle.sign_in(
+        reviewers, "alice", PASSWORDS["alice"], client="10.0.0.8"
+    )  # other clients are not
+
+
+def test_sign_in_throttle_holds_under_parallel_attempts(generation_set):
+    """Each attempt is counted before its password is checked, so parallel guesses cannot overrun the limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reviewers = reviews.load_reviewers(generation_set["reviewers_file"])
+    throttle = reviews.SignInThrottle(4, 100, 600)
+
+    def attempt(k):
+        try:
+            return throttle.sign_in(reviewers, "alice", f"guess-{k}", client=f"10.1.0.{k}")
+        except reviews.SignInLocked:
+            return "locked"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(attempt, range(16)))
+    assert outcomes.count(False) == 4 and outcomes.count("locked") == 12
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ("plain-text-password", "not a scrypt hash"),
+        ("scrypt$16384$8$1$AAAA", "not a scrypt hash"),
+        ("scrypt$lots$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 44, "non-number cost"),
+        ("scrypt$16384$8$1$not*base64$" + "A" * 44, "bad base64"),
+        ("scrypt$16384$8$1000000$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 44, "out of range"),
+        ("scrypt$1000$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 44, "out of range"),
+        ("scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$", "too short"),
+    ],
+)
+def test_a_bad_scrypt_entry_is_a_one_line_error_naming_the_reviewer(generation_set, entry, reason):
+    path = generation_set["reviewers_file"]
+    configured = yaml.safe_load(path.read_text())
+    configured["reviewers"]["bob"] = entry
+    path.write_text(yaml.safe_dump(configured))
+    with pytest.raises(ReviewError) as info:
+        reviews.load_reviewers(path)
+    message = str(info.value)
+    assert reason in message and "'bob'" in message and "review-add-reviewer bob" in message
+    assert "\n" not in message
+    with pytest.raises(ReviewError, match=reason):
+        reviews.verify_password("whatever-password", entry)
+    reviews.add_reviewer(path, "bob", "bobs-new-password")  # the command the error names repairs it
+    assert reviews.authenticate(reviews.load_reviewers(path), "bob", "bobs-new-password")
+
+
+# -- text shown in Markdown elements ----------------------------------------------------------------------
+
+HOSTILE_TEXTS = [
+    "![x](http://127.0.0.1:9/pixel.png)",
+    "[click](http://example.invalid) <img src=http://example.invalid/i.png> <b>bold</b>",
+    "**bold** _it_ `code` ~~gone~~ $x^2$ :red[red] :material/home: www.example.invalid a@b.example",
+    "# heading",
+    "- item",
+    "   - indented item",
+    "1. first",
+    "> quote",
+    "line one\n\n    indented code\n---",
+    "back\\slash &amp; &#x3C;script&#x3E; | a | b |",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXTS)
+def test_plain_markdown_renders_as_the_characters_it_is(text):
+    """Rendered by a CommonMark + GFM renderer, the escaped text is one paragraph holding exactly the text
+    (line breaks as spaces, leading blanks dropped): no link, image, HTML, emphasis, code, list or heading."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    # CommonMark with GFM's tables and strikethrough (linkify-it, for GFM's bare-URL links, is not installed).
+    renderer = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    rendered = renderer.render(reviews.plain_markdown(text)).strip()
+    assert rendered.startswith("<p>") and rendered.endswith("</p>") and rendered.count("<") == 2, rendered
+    assert html.unescape(rendered[3:-4]) == " ".join(text.splitlines()).lstrip()
+
+
 def test_a_generation_cannot_change_version(store, generation_set):
     record = reviews.read_generation_manifest(generation_set["generations_dir"])[0]
     with pytest.raises(ReviewError, match="generation ids must be stable"):

@@ -5,9 +5,12 @@ Layout of `out_dir` (`eval.out_dir`):
   infinity are written as null (JSON has neither; `background_psnr_inf_fraction` says how many were infinite);
 - `items.csv`: one row per eval item (the table the promotion gate pairs on);
 - `plots/metrics_by_slice.png`, `plots/diir_before_after.png`, `grid.png`.
-Generations (`review.generations_dir/v<version>/`): `<item_id>.png` (final, after DIIR), `<item_id>_before.png`,
-and `manifest.json`: per generation its stable id, prompt, references, seed, boxes, model name and version,
-which the review app reads.
+Generations (`review.generations_dir/v<version>/`, written by `write_generations`): `<item_id>.png` (final,
+after DIIR), `<item_id>_before.png`, `references/<face_id>.png` (copies of the reference crops the items used),
+`manifest.jsonl` (the review app's contract, `magicid/reviews.py`) and `manifest.json` (the same generations
+with more detail: references with identity, eval set id, DIIR face counts). Both manifests follow one path rule:
+every path is relative to the folder holding the manifest and stays inside it, so the folder is
+self-contained (it does not point into the dataset, which may move, be forgotten or be on another machine).
 """
 
 from __future__ import annotations
@@ -107,27 +110,35 @@ def plot_before_after(items: pd.DataFrame, path: Path) -> None:
     _save_figure(figure, path)
 
 
-def write_report(
-    out_dir: Path,
-    generations_dir: Path,
-    metrics: dict[str, Any],
-    items: pd.DataFrame,
-    generations: list,
-    eval_set,
-    params: Params,
+REFERENCES_DIR = "references"
+
+
+def write_generations(
+    generations_dir: Path, model_name: str, version: str, generations: list, eval_set
 ) -> Path:
-    """Write metrics.json, items.csv, plots, the grid and the generations with their manifest.
+    """Write one model version's generations, its reference crops and both manifests (module docstring).
 
     Args:
+        generations_dir: `review.generations_dir`; the version's folder `v<version>` is made under it.
+        model_name, version: the registered model and version that generated them.
         generations: `run.Generation`s (item, before, after, diir_mask), in eval-set order.
+        eval_set: the `EvalSet` (its references' crops are copied, re-encoded as PNG).
 
     Returns:
-        The path of metrics.json.
+        The version's folder.
+
+    Raises:
+        ReviewError: a record breaks the manifest contract (nothing is written to the manifests then).
     """
-    out_dir = Path(out_dir)
-    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
-    name, version = metrics["model_name"], metrics["model_version"]
     folder = Path(generations_dir) / f"v{version}"
+    references: dict[str, str] = {}  # face id -> its copy, relative to the folder
+    for gen in generations:
+        for face_id in gen.item.references:
+            if face_id not in references:
+                relative = f"{REFERENCES_DIR}/{face_id}.png"
+                with Image.open(eval_set.references[face_id].crop_path) as crop:
+                    atomic_save_image(crop.convert("RGB"), folder / relative)
+                references[face_id] = relative
     manifest = []
     for gen in generations:
         item = gen.item
@@ -135,27 +146,23 @@ def write_report(
         atomic_save_image(Image.fromarray(gen.before), folder / f"{item.item_id}_before.png")
         manifest.append(
             {
-                "generation_id": generation_id(name, version, item.item_id),
+                "generation_id": generation_id(model_name, version, item.item_id),
                 **item.manifest_row(),
                 "references": [
-                    {
-                        "face_id": f,
-                        "identity": eval_set.references[f].identity,
-                        "crop_path": eval_set.references[f].crop_path,
-                    }  # fmt: skip
+                    {"face_id": f, "identity": eval_set.references[f].identity, "crop_path": references[f]}
                     for f in item.references
                 ],
                 "image": f"{item.item_id}.png",
                 "image_before_diir": f"{item.item_id}_before.png",
                 "diir_faces": gen.diir_faces,
-                "model_name": name,
+                "model_name": model_name,
                 "model_version": version,
                 "eval_set_id": eval_set.set_id,
             }
         )
-    atomic_write_text(folder / "manifest.json", json.dumps(_clean(manifest), indent=2) + "\n")
     # The review app's contract (magicid/reviews.py): the same generations as `manifest.jsonl`; one case per
-    # eval item, so two versions evaluated on the same set form the blind pairs of the compare page.
+    # eval item, so two versions evaluated on the same set form the blind pairs of the compare page. Written
+    # first: it validates every record and path, so a bad one leaves neither manifest written.
     write_generation_manifest(
         folder,
         [
@@ -173,6 +180,30 @@ def write_report(
             for row in manifest
         ],
     )
+    atomic_write_text(folder / "manifest.json", json.dumps(_clean(manifest), indent=2) + "\n")
+    return folder
+
+
+def write_report(
+    out_dir: Path,
+    generations_dir: Path,
+    metrics: dict[str, Any],
+    items: pd.DataFrame,
+    generations: list,
+    eval_set,
+    params: Params,
+) -> Path:
+    """Write metrics.json, items.csv, plots, the grid and the generations with their manifests.
+
+    Args:
+        generations: `run.Generation`s (item, before, after, diir_mask), in eval-set order.
+
+    Returns:
+        The path of metrics.json.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    write_generations(generations_dir, metrics["model_name"], metrics["model_version"], generations, eval_set)
     atomic_write(out_dir / "items.csv", lambda tmp: items.to_csv(tmp, index=False))
     plot_slices(metrics, out_dir / "plots" / "metrics_by_slice.png")
     plot_before_after(items, out_dir / "plots" / "diir_before_after.png")

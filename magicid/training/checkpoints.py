@@ -6,11 +6,17 @@ is checked for the damage a crash, a full disk or a bad copy causes (a torn safe
 its directory, a pickle without its STOP opcode, a state file that is not JSON or has wrong types) before
 anything is loaded, so the error names the checkpoint and what to do instead of a traceback from deep inside
 torch, and a damaged newest checkpoint is never skipped in favour of an older one without saying so.
+
+Nothing in a checkpoint runs code: accelerate reads its pickles (optimizer, scheduler, RNG state) with
+`torch.load(weights_only=True)`, which builds only tensors and plain containers. The RNG state is read that way
+here first (accelerate would skip a refused one silently), and `load_checkpoint_state` turns a refused
+optimizer or scheduler pickle into a `CheckpointError`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -77,6 +83,49 @@ def _torch_file_problem(path: Path) -> str | None:
     return None
 
 
+def refused_global(error: BaseException) -> str | None:
+    """The function or class a `weights_only=True` unpickler refused to look up (`exec`, `posix.system`), or
+    None when `error` is another kind of damage (garbage bytes, a torn file)."""
+    match = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    return match.group(1) if match else None
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """A short reason for a message. torch's weights-only errors open with paragraphs of advice (including
+    "load with weights_only=False", which must not be followed here); their specific part is the line that
+    names the refused operation."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if "Weights only load failed" in lines[0]:
+        specific = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported" in line]
+        return (specific[-1] if specific else "refused by the weights-only loader")[:limit]
+    return lines[0][:limit]
+
+
+def _rng_state_problem(path: Path) -> str | None:
+    """accelerate reads the RNG state with `weights_only=True` but treats any failure as "no RNG state" and goes
+    on (a resume that is silently not exact); read it here the same way so a refused or torn one is named."""
+    import pickle
+
+    from accelerate.utils import load
+
+    try:
+        states = load(path)  # weights_only=True plus accelerate's allow-list of numpy RNG-state types
+    except pickle.UnpicklingError as error:
+        if (name := refused_global(error)) is not None:
+            return (
+                f"{path.name} holds objects other than tensors, numpy RNG states and plain containers "
+                f"(its pickle calls {name}; refused: loading it could run code)"
+            )
+        return f"{path.name} is not a readable pickle ({first_line(error)})"
+    except Exception as error:  # noqa: BLE001 - torch reports a torn file as RuntimeError, EOFError, ...
+        return f"{path.name} cannot be read ({first_line(error)})"
+    if not isinstance(states, dict) or "random_state" not in states:
+        return f"{path.name} is not an RNG state (no 'random_state')"
+    return None
+
+
 def checkpoint_problems(path: str | Path) -> list[str]:
     """What is wrong with one checkpoint folder (empty list: it can be resumed from)."""
     path = Path(path)
@@ -86,6 +135,8 @@ def checkpoint_problems(path: str | Path) -> list[str]:
         problems += [problem] if problem else []
     for name in sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pkl", ".pt")):
         problem = _torch_file_problem(path / name)
+        if problem is None and name.startswith("random_states_"):
+            problem = _rng_state_problem(path / name)
         problems += [problem] if problem else []
     if (path / STATE_FILE).is_file():
         try:
@@ -139,3 +190,36 @@ def check_resume_checkpoint(out_dir: str | Path) -> Path | None:
         else "no older intact checkpoint exists: train without --resume (after moving train.out_dir aside)"
     )
     raise CheckpointError(f"--resume: checkpoint {newest} is damaged: {'; '.join(problems)}; {fallback}")
+
+
+def load_checkpoint_state(accelerator, folder: str | Path) -> None:
+    """`accelerator.load_state(folder)`, with a damaged or crafted file reported as a `CheckpointError`.
+
+    accelerate reads the optimizer, scheduler and RNG pickles with `torch.load(weights_only=True)` (its
+    `utils.load`), which builds only tensors, plain containers and the numpy RNG-state types it allows; a
+    pickle that names any other function is refused there, never run. This turns that refusal, and the
+    errors of a file that passed `checkpoint_problems` but still does not load, into one line naming the
+    checkpoint.
+
+    Raises:
+        CheckpointError: the checkpoint's state cannot be loaded safely into this run.
+    """
+    import pickle
+
+    folder = Path(folder)
+    way_out = f"delete {folder} to resume from an older checkpoint, or train without --resume"
+    try:
+        accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as error:
+        if (name := refused_global(error)) is not None:
+            raise CheckpointError(
+                f"--resume: checkpoint {folder} holds a pickle with objects other than tensors and plain "
+                f"containers (it calls {name}; refused: loading it could run code); {way_out}"
+            ) from None
+        raise CheckpointError(
+            f"--resume: checkpoint {folder} holds a pickle that cannot be read ({first_line(error)}); {way_out}"
+        ) from None
+    except (RuntimeError, KeyError, ValueError, TypeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"--resume: checkpoint {folder} cannot be loaded ({first_line(error)}); {way_out}"
+        ) from None

@@ -350,6 +350,73 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+# What `checkpoint()` in `fit_backbone` writes: key -> the types its value may have.
+_CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
+    "key": (str,),
+    "phase": (str,),
+    "step": (int,),
+    "run_id": (str, type(None)),
+    "scaling_factor": (float, type(None)),
+    "vae": (dict,),
+    "unet": (dict,),
+    "vae_opt": (dict,),
+    "unet_opt": (dict,),
+    "vae_sched": (dict,),
+    "unet_sched": (dict,),
+    "unet_ema": (dict, type(None)),
+}
+
+
+def load_fit_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a fit checkpoint without running code from it.
+
+    `torch.load(weights_only=True)`: the unpickler builds only tensors and plain containers (dict, list,
+    tuple, str, numbers), so a crafted file whose pickle names a function to call is refused instead of
+    run. The result is then checked against what `fit_backbone` writes.
+
+    Raises:
+        CheckpointError: one line naming the file: it holds other objects (refused), is damaged or is not a
+            fit checkpoint; delete it or fit without --resume.
+    """
+    import pickle
+
+    from magicid.training.checkpoints import CheckpointError, first_line, refused_global
+
+    way_out = f"delete {path.parent} or run fit-backbone without --resume"
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if (name := refused_global(error)) is not None:
+            raise CheckpointError(
+                f"--resume: {path} holds objects other than tensors and plain containers (its pickle calls "
+                f"{name}; refused: loading it could run code); {way_out}"
+            ) from None
+        raise CheckpointError(
+            f"--resume: {path} is damaged or not a checkpoint ({first_line(error)}); {way_out}"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch reports a torn or foreign file as RuntimeError, EOFError, ...
+        raise CheckpointError(
+            f"--resume: {path} is damaged or not a checkpoint ({first_line(error)}); {way_out}"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"--resume: {path} is not a fit checkpoint (a {type(state).__name__}); {way_out}"
+        )
+    for name, types in _CHECKPOINT_FIELDS.items():
+        if name not in state:
+            raise CheckpointError(f"--resume: {path} is not a fit checkpoint (no {name!r}); {way_out}")
+        if isinstance(state[name], bool) or not isinstance(state[name], types):
+            raise CheckpointError(
+                f"--resume: {path}: {name!r} is a {type(state[name]).__name__}, expected "
+                f"{' or '.join(t.__name__ for t in types)}; {way_out}"
+            )
+    if state["phase"] not in ("vae", "unet") or state["step"] < 0:
+        raise CheckpointError(
+            f"--resume: {path}: phase {state['phase']!r:.20} step {state['step']} is not a fit position; {way_out}"
+        )
+    return state
+
+
 def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, optimizer, scheduler, max_grad_norm: float):
     """One update of either phase: backward, clip the module's gradients, step the optimizer and LR schedule."""
     loss.backward()
@@ -422,7 +489,7 @@ def _fit_backbone_locked(
             raise ConfigError(
                 f"--resume: no checkpoint at {ckpt_path}; run fit-backbone without --resume first"
             )
-        state = torch.load(ckpt_path, weights_only=False)
+        state = load_fit_checkpoint(ckpt_path)
         if state["key"] != key["key"]:
             raise ConfigError(
                 f"--resume: {ckpt_path} was made from other inputs (dataset version or fit params changed); "
@@ -451,14 +518,22 @@ def _fit_backbone_locked(
     unet_losses: dict[int, float] = {}
     run_id = None
     if state is not None:
-        vae.load_state_dict(state["vae"])
-        unet.load_state_dict(state["unet"])
-        vae_opt.load_state_dict(state["vae_opt"])
-        unet_opt.load_state_dict(state["unet_opt"])
-        vae_sched.load_state_dict(state["vae_sched"])
-        unet_sched.load_state_dict(state["unet_sched"])
-        if ema is not None:
-            ema.load_state_dict(state["unet_ema"])
+        try:
+            vae.load_state_dict(state["vae"])
+            unet.load_state_dict(state["unet"])
+            vae_opt.load_state_dict(state["vae_opt"])
+            unet_opt.load_state_dict(state["unet_opt"])
+            vae_sched.load_state_dict(state["vae_sched"])
+            unet_sched.load_state_dict(state["unet_sched"])
+            if ema is not None:
+                ema.load_state_dict(state["unet_ema"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            from magicid.training.checkpoints import CheckpointError, first_line
+
+            raise CheckpointError(
+                f"--resume: {ckpt_path} does not fit this backbone ({first_line(error)}); delete {ckpt_path.parent} "
+                "or run fit-backbone without --resume"
+            ) from None
         phase, step, run_id = state["phase"], int(state["step"]), state.get("run_id")
         if state.get("scaling_factor") is not None:
             vae.register_to_config(scaling_factor=float(state["scaling_factor"]))

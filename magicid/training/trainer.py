@@ -54,7 +54,7 @@ from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
 from magicid.models.denoise import IdentityConditions, StepConditions, guided_prediction, null_identity
-from magicid.training.checkpoints import CHECKPOINT_PREFIX, check_resume_checkpoint
+from magicid.training.checkpoints import CHECKPOINT_PREFIX, check_resume_checkpoint, load_checkpoint_state
 from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
 from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate_idzoom
 from magicid.training.mmf import MMFSchedule
@@ -478,7 +478,7 @@ def _train_locked(
     # 4. Resume: weights, optimizer, scheduler, scaler, RNG, accumulation counter; then the data position.
     step, run_id = 0, None
     if checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
+        load_checkpoint_state(accelerator, checkpoints[-1])
         state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
         step, run_id = int(state["step"]), state.get("run_id")
         if state.get("lr_horizon") not in (None, horizon):

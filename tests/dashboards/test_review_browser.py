@@ -99,3 +99,99 @@ def test_sign_in_rate_and_compare_in_chromium(tmp_path, chromium_page):
     (judgement,) = store.history("alice")[1]
     assert judgement.choice == "left" and {judgement.left_version, judgement.right_version} == {"1", "2"}
     assert (tmp_path / "review_compare.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_hostile_text_renders_as_text_and_refused_images_stay_out_in_chromium(tmp_path, chromium_page):
+    """Markdown in prompts, generation ids, model versions and comments never makes the browser fetch
+    anything (a loopback server counts the requests: none), and is shown as the characters typed; an image
+    outside the generations root is a one-line inline error while every image shown decodes."""
+    import http.server
+    import threading
+
+    from magicid.reviews import GenerationRecord, read_generation_manifest, write_generation_manifest
+
+    hits: list[str] = []
+
+    class Counter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counter)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bait = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        fixture = build_generation_set(tmp_path)
+        root = fixture["generations_dir"]
+        records = [
+            {**r, "prompt": f"{r['prompt']} ![p]({bait}/prompt.png) [link]({bait}/link) **bold**",
+             "generation_id": f"{r['generation_id']} ![g]({bait}/id.png)",
+             "model_version": f"{r['model_version']} ![v]({bait}/v.png)"}
+            for r in fixture["records"]
+        ]  # fmt: skip
+        write_generation_manifest(root, records)
+        db_url = f"sqlite:///{tmp_path / 'reviews.db'}"
+        store = ReviewStore(db_url)
+        store.register_generations(read_generation_manifest(root))
+        # A row the manifest does not list (left by another generations root): its image is outside this one.
+        secret = tmp_path / "secret.png"
+        Image.new("RGB", (160, 160), (255, 0, 255)).save(secret)
+        template = next(r for r in read_generation_manifest(root) if r.generation_id.startswith("v2-case0"))
+        store.register_generations(
+            [
+                GenerationRecord(
+                    **{**template.model_dump(), "generation_id": "v2-0-outside", "image_path": str(secret)}
+                )
+            ]
+        )
+        params_file = tmp_path / "params.yaml"
+        params_file.write_text(yaml.safe_dump({
+            "review": {"db_url": db_url, "generations_dir": str(root),
+                       "reviewers_file": str(fixture["reviewers_file"])},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'no-mlflow.db'}"},
+        }))  # fmt: skip
+        page = chromium_page
+        with streamlit_server(APP, ["--params", str(params_file)], tmp_path / "streamlit.log") as url:
+            page.goto(url)
+            page.get_by_role("textbox", name="Reviewer").fill("alice")
+            page.get_by_role("textbox", name="Password").fill(PASSWORDS["alice"])
+            page.get_by_role("button", name="Sign in").click()
+            # The refused image: a one-line error with no server path; the references and the pre-DIIR image load.
+            refusal = page.get_by_text("image 'secret.png' is outside the generations folder")
+            refusal.wait_for()
+            assert str(tmp_path) not in refusal.inner_text()
+            wait_for_images(page, 2)
+            # Rate it and the next one, with a Markdown comment: the flash messages quote the hostile id.
+            for comment in ("first", f"![c]({bait}/comment.png) see [here]({bait}/here)"):
+                page.get_by_role("textbox", name="Comment (plain text)").fill(comment)
+                page.evaluate("document.activeElement && document.activeElement.blur()")
+                page.keyboard.press("Control+Enter")
+                page.get_by_text("Saved your rating of").wait_for()
+                wait_for_images(page, 2)
+            page.get_by_text(f"Saved your rating of v2-case0 ![g]({bait}/id.png).").wait_for()
+            assert page.get_by_text(f"![p]({bait}/prompt.png) [link]({bait}/link) **bold**").count() >= 1
+            page.get_by_text("Compare", exact=True).click()
+            page.get_by_role("button", name="Left is better").wait_for()
+            wait_for_images(page, 3)
+            page.evaluate("document.activeElement && document.activeElement.blur()")
+            page.keyboard.press("2")
+            page.get_by_text(f"![v]({bait}/v.png), right was model version").wait_for()
+            for name in ("Leaderboard", "My history"):
+                page.get_by_text(name, exact=True).click()
+                page.get_by_role("heading", name=name).first.wait_for()
+            page.get_by_text(f"![c]({bait}/comment.png)").first.wait_for()
+            page.screenshot(path=str(tmp_path / "hostile.png"), full_page=True)
+            links = page.evaluate(
+                "(bait) => Array.from(document.querySelectorAll('a[href], img[src]'))"
+                ".map(e => e.href || e.src).filter(u => u.startsWith(bait))",
+                bait,
+            )
+            assert links == []
+    finally:
+        server.shutdown()
+    assert hits == [], f"the browser fetched {hits}"

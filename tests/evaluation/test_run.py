@@ -76,6 +76,18 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
     assert [r.generation_id for r in records] == [m["generation_id"] for m in manifest]
     assert all(Path(r.image_path).is_file() and Path(r.pre_diir_path).is_file() for r in records)
     assert {r.model_version for r in records} == {str(version.version)}
+    # One path rule (magicid/reviews.py contract 1): relative to the manifest's folder, inside it; the reference
+    # crops are copies there, never paths into the dataset, and the app's image check accepts every file.
+    from magicid.reviews import load_review_image
+
+    folder = out / "generations" / f"v{version.version}"
+    raw = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert all(p.startswith("references/") for r in raw for p in r["reference_paths"])
+    assert all(not Path(r["image_path"]).is_absolute() for r in raw)
+    for record in records:
+        for path in (record.image_path, record.pre_diir_path, *record.reference_paths):
+            assert Path(path).is_relative_to(folder.resolve())
+            load_review_image(path, out / "generations", params.data.max_pixels)
     # Logged: the per-item table the gate pairs on, the figures and the report in the version's run.
     logged = registry.load_eval_items(params, registry.resolve_version(params, f"models:/{version.name}/1"),
                                       result.eval_set.set_id)  # fmt: skip

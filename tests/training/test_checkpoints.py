@@ -78,6 +78,46 @@ def test_damaged_newest_checkpoint_is_an_error_naming_it_and_the_way_out(trained
     assert str(newest) in message and "delete" in message and "checkpoint_1" in message
 
 
+def test_a_crafted_rng_state_is_named_before_anything_loads_and_never_runs(trained, tmp_path):
+    """accelerate would skip an RNG state it refuses without a word; the check names it first."""
+    from crafted_pickles import save_crafted
+
+    run = _copy(trained, tmp_path)
+    newest = run / "checkpoints" / "checkpoint_2"
+    marker = tmp_path / "ran"
+    save_crafted(newest / "random_states_0.pkl", marker, random_state=None)
+    with pytest.raises(CheckpointError, match="random_states_0.pkl holds objects other than tensors") as info:
+        check_resume_checkpoint(run)
+    assert str(newest) in str(info.value) and "could run code" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin"])
+def test_a_crafted_optimizer_or_scheduler_pickle_is_refused_not_run(trained, tmp_path, name):
+    """accelerate loads them with weights_only=True; `load_checkpoint_state` makes the refusal one line."""
+    import torch
+    from accelerate import Accelerator
+    from crafted_pickles import save_crafted
+
+    from magicid.training.checkpoints import load_checkpoint_state
+
+    run = _copy(trained, tmp_path)
+    newest = run / "checkpoints" / "checkpoint_2"
+    marker = tmp_path / "ran"
+    save_crafted(newest / name, marker, state={}, param_groups=[])
+    assert checkpoint_problems(newest) == []  # an intact archive: only loading it can tell
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator.prepare(model, optimizer, scheduler)
+    with pytest.raises(CheckpointError, match="could run code") as info:
+        load_checkpoint_state(accelerator, newest)
+    assert str(newest) in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+    load_checkpoint_state(accelerator, run / "checkpoints" / "checkpoint_1")  # an intact one loads
+
+
 @pytest.mark.slow
 def test_resume_never_falls_back_silently_to_an_older_checkpoint(trained, tmp_path, idzoom_dir):
     """Through `train(resume=True)` and the CLI: the torn newest checkpoint stops the run before a model loads."""

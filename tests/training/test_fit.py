@@ -109,6 +109,89 @@ def test_resume_refuses_a_missing_or_foreign_checkpoint(fit_data, fit_params, tm
         )
 
 
+def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+    from crafted_pickles import save_crafted
+
+    from magicid.training.checkpoints import CheckpointError
+    from magicid.training.fit import load_fit_checkpoint
+
+    marker = tmp_path / "ran"
+    checkpoint = save_crafted(tmp_path / "checkpoint.pt", marker, key="k", phase="vae", step=1)
+    with pytest.raises(CheckpointError, match=r"its pickle calls exec; refused: loading it could run code"):
+        load_fit_checkpoint(checkpoint)
+    assert not marker.exists()
+
+
+def test_resume_never_runs_code_from_a_crafted_checkpoint(fit_data, tmp_path, repo_root):
+    """`fit-backbone --resume` reads checkpoint.pt with weights_only=True: a pickle that calls a function is
+    refused with one line naming the file (exit 2), and the function never runs."""
+    from crafted_pickles import save_crafted
+
+    from magicid.cli import app
+    from magicid.training.fit import CHECKPOINT_FILE
+
+    marker = tmp_path / "ran"
+    checkpoint = tmp_path / "out.checkpoint" / CHECKPOINT_FILE
+    checkpoint.parent.mkdir()
+    save_crafted(checkpoint, marker, key="k", phase="vae", step=1)
+    result = CliRunner().invoke(
+        app,
+        ["--params", str(repo_root / "params.yaml"), "fit-backbone", "--data", str(fit_data),
+         "--out", str(tmp_path / "out"), "--resume", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(checkpoint) in errors[0] and "could run code" in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not marker.exists()
+
+
+def _damage_checkpoint(path, how: str) -> None:
+    if how == "garbage":
+        path.write_bytes(b"\x00garbage, not a torch file\x00" * 10)
+    elif how == "torn":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "a list":
+        torch.save([1, 2, 3], path)
+    elif how == "no optimizer state":
+        state = torch.load(path, weights_only=True)
+        del state["vae_opt"]
+        torch.save(state, path)
+    elif how == "step is text":
+        state = torch.load(path, weights_only=True)
+        torch.save({**state, "step": "two"}, path)
+    elif how == "foreign weights":
+        state = torch.load(path, weights_only=True)
+        torch.save({**state, "vae": {"bogus.weight": torch.zeros(2)}}, path)
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("garbage", "is damaged or not a checkpoint"),
+        ("torn", "is damaged or not a checkpoint"),
+        ("a list", "not a fit checkpoint (a list)"),
+        ("no optimizer state", "not a fit checkpoint (no 'vae_opt')"),
+        ("step is text", "'step' is a str, expected int"),
+        ("foreign weights", "does not fit this backbone"),
+    ],
+)
+def test_resume_from_a_damaged_checkpoint_is_one_line_naming_it(fit_data, fit_params, tmp_path, how, reason):
+    from magicid.training.checkpoints import CheckpointError
+    from magicid.training.fit import CHECKPOINT_FILE, fit_backbone
+
+    params = fit_params()
+    fit_backbone(params, fit_data, tmp_path / "x", progress=False, track=False, stop_after=1)
+    checkpoint = tmp_path / "x.checkpoint" / CHECKPOINT_FILE
+    _damage_checkpoint(checkpoint, how)
+    with pytest.raises(CheckpointError) as info:
+        fit_backbone(params, fit_data, tmp_path / "x", progress=False, track=False, resume=True)
+    message = str(info.value)
+    assert str(checkpoint) in message and reason in message and "\n" not in message, message
+    assert "without --resume" in message
+
+
 def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
     fit_data, fit_params, tmp_path
 ):
