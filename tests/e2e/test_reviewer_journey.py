@@ -53,9 +53,9 @@ def _no_exception_box(page, where: str) -> None:
 
 @pytest.mark.slow
 def test_reviewer_journey_on_the_retrain_flows_own_output(tmp_path, monkeypatch, chromium_page):
-    from flows.retrain import retrain_flow
     from skimage import data as skdata
 
+    from flows.retrain import retrain_flow
     from magicid.data.sample import package_photo
 
     project = tmp_path / "project"
