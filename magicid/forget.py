@@ -241,6 +241,7 @@ def _plan(root: Path, identity: str | None, image_id: str | None) -> dict | None
         "image_ids": sorted(doomed),
         "removed": [{"source": i["source"], "image_id": i["image_id"]} for i in removed_rows],
         "removed_faces": sum(1 for f in faces if f["image_id"] in doomed),
+        "face_ids": sorted(f["face_id"] for f in faces if f["image_id"] in doomed),
         "files": sorted(name for name in files if (root / name).exists() or (root / name).is_symlink()),
         "builder_journal": sorted(builder_journal),
     }
@@ -308,6 +309,9 @@ def _erase(root: Path, params: Params, plan: dict) -> None:
         if _JOURNAL_NAME.fullmatch(name) and not journal_dir.is_symlink() and path.is_file():
             path.unlink()
     remove_write_leftovers(root)
+    # The evaluation copies its reference crops next to the generations (the review app shows them): those
+    # copies are this person's face too.
+    remove_review_references(params.review.generations_dir, plan.get("face_ids", []))
     left = sorted(name for name in plan["files"] if (root / name).exists() or (root / name).is_symlink())
     if left:
         raise DataError(
@@ -316,6 +320,25 @@ def _erase(root: Path, params: Params, plan: dict) -> None:
         )
     # 4. Done: the journal goes last.
     (root / JOURNAL).unlink()
+
+
+def remove_review_references(generations_dir: str | Path, face_ids: list[str]) -> int:
+    """Delete the evaluation's copies of these faces' reference crops (`<generations_dir>/*/references/<face_id>.png`,
+    `magicid.evaluation.report.write_generations`); returns how many were deleted. Idempotent. A generation
+    that showed one then reports its missing reference in the review app, by name."""
+    from magicid.evaluation.report import REFERENCES_DIR
+
+    root = Path(generations_dir)
+    if str(generations_dir).startswith("s3://") or not root.is_dir() or not face_ids:
+        return 0
+    removed = 0
+    for folder in sorted(p for p in root.glob(f"*/{REFERENCES_DIR}") if p.is_dir() and not p.is_symlink()):
+        for face_id in face_ids:
+            copy = folder / f"{face_id}.png"
+            if copy.is_file() and not copy.is_symlink():
+                copy.unlink()
+                removed += 1
+    return removed
 
 
 def _report(root: Path, params: Params, plan: dict | None, dvc: bool) -> ForgetReport:

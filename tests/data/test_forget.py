@@ -130,3 +130,26 @@ def test_forget_bad_arguments_are_one_line_errors(built, args, reason):
 def test_forget_needs_a_dataset(tmp_path, data_params):
     with pytest.raises(DataError, match="not an IDZoom dataset"):
         forget(tmp_path, data_params, identity="x")
+
+
+def test_forget_deletes_the_evaluations_copies_of_their_reference_crops(dataset, data_params, tmp_path):
+    """The review app shows reference crops copied next to the generations (evaluation/report.py): forgetting a
+    person deletes their copies in every version's folder and leaves everyone else's."""
+    _, faces, _ = _tables(dataset)
+    theirs = [f["face_id"] for f in faces if f["identity"] == "tom_hanks"]
+    others = [f["face_id"] for f in faces if f["identity"] != "tom_hanks"]
+    assert theirs and others
+    generations = tmp_path / "generations"
+    for version in ("v1", "v2"):
+        references = generations / version / "references"
+        references.mkdir(parents=True)
+        for face_id in (theirs[0], others[0]):
+            (references / f"{face_id}.png").write_bytes(b"png")
+    params = data_params.model_copy(
+        update={"review": data_params.review.model_copy(update={"generations_dir": str(generations)})}
+    )
+
+    forget(dataset, params, identity="tom_hanks", dvc=False)
+
+    left = sorted(p.relative_to(generations).as_posix() for p in generations.rglob("*.png"))
+    assert left == [f"{v}/references/{others[0]}.png" for v in ("v1", "v2")]
