@@ -767,6 +767,21 @@ def _store_errors(params: Params) -> Iterator[None]:
         raise RegistryError(f"tracking store {uri}: {exc.message}") from exc
 
 
+def run_exists(params: Params, run_id: str) -> bool:
+    """Whether the tracking store of `params` holds run `run_id` (a flow's cached result may name a run of a
+    deleted database or of another checkout's)."""
+    from mlflow.exceptions import MlflowException
+
+    with _store_errors(params):
+        try:
+            _client(params).get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return False
+            raise
+        return True
+
+
 def aliases(params: Params) -> dict[str, str]:
     """`{alias: version}` of the registered model (empty when it does not exist yet)."""
     from mlflow.exceptions import MlflowException

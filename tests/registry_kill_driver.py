@@ -43,6 +43,7 @@ def params_for(store: Path, model_name: str):
             "tracking.experiment=kill-test",
             f"promotion.model_name={model_name}",
             "promotion.bootstrap.n_resamples=200",
+            "promotion.compare=[id_similarity]",  # one comparison check: fewer identical tag writes to kill at
         ],
     )
 
