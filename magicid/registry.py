@@ -17,12 +17,18 @@
   Either way the decision, each check's figures and its reason are tags on the challenger version.
   Re-running is idempotent (the gate is deterministic; a challenger that is already champion is left alone).
 - `rollback` moves `champion` back to `previous` and marks the demoted version, so it is not re-promoted.
+- Both record their alias move before its first write and delete the record after its last (`AliasMove`,
+  registered-model tag `magicid.pending_move`); each of them first finishes a move a killed run left recorded.
+- `tracking_client` builds the `MlflowClient` of the registry and of training's tracker; a new local SQLite
+  database is created under a file lock (two processes may use it first at once).
+  MLflow errors in promote, rollback, aliases and version look-ups become `RegistryError`s naming the URI.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -179,26 +185,16 @@ def _sqlite_file(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on `lock_path` (created if missing; left in place: deleting a lock file races)."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def tracking_client(uri: str):
-    """An `MlflowClient` for tracking and registry at `uri`; the one place that builds one.
+    """An `MlflowClient` for tracking and registry at `uri` (the registry's and training's tracker's).
 
     On a local SQLite database the stores are built under a file lock (`<database>.lock`): MLflow creates the
     tables of a new database on first use, and two processes doing that at once fail with "table ... already
-    exists". The lock is held only while this process builds its (process-cached) stores.
+    exists". The lock is held only while this process builds its (process-cached) stores. An existing database
+    in a folder this user cannot write is opened without it: nobody can be creating it from here.
 
     Raises:
-        RegistryError: the database folder does not exist or cannot be written.
+        RegistryError: the database's folder does not exist, or it cannot be written and holds no database.
     """
     from mlflow import MlflowClient
 
@@ -207,17 +203,20 @@ def tracking_client(uri: str):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
     lock_path = database.with_name(database.name + ".lock")
     try:
-        with _exclusive(lock_path):
-            client = MlflowClient(
-                tracking_uri=uri, registry_uri=uri
-            )  # the tracking store: creates the tables
-            client.search_registered_models(
-                max_results=1
-            )  # the registry store is built lazily: build it here
+        lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)  # left in place: deleting a lock file races
     except OSError as exc:
+        if database.is_file() and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
         raise RegistryError(
-            f"tracking.uri {uri}: cannot open {lock_path} ({exc.strerror}); point tracking.uri at a writable folder"
+            f"tracking.uri {uri}: cannot create {lock_path} ({exc.strerror}); point tracking.uri at a database "
+            "in a folder that exists and can be written"
         ) from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # builds the tracking store: creates tables
+        client.search_registered_models(max_results=1)  # builds the registry store (lazy otherwise)
+    finally:
+        os.close(lock)  # releases the lock
     return client
 
 

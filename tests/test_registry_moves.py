@@ -17,10 +17,6 @@ from registry_kill_driver import KILLED, params_for
 
 from magicid import registry
 
-pytestmark = (
-    pytest.mark.slow
-)  # each test starts processes that import MLflow (seconds each) or builds a store
-
 DRIVER = Path(__file__).with_name("registry_kill_driver.py")
 
 
@@ -55,6 +51,7 @@ def _promoted(tags: dict[str, str]) -> bool:
     return tags.get("promotion.decision") == "pass" and tags.get("promotion.action") == "promoted"
 
 
+@pytest.mark.slow  # processes that import MLflow, or a new tracking store: seconds each
 def test_promote_killed_before_any_write_is_finished_by_a_rerun_of_promote_or_rollback(tmp_path):
     report = _kill_each_write(tmp_path, "promote", ("promote", "rollback"))
     assert report["writes"] >= 5  # decision tags, the record, previous, champion, clearing the record
@@ -98,6 +95,7 @@ def test_promote_killed_before_any_write_is_finished_by_a_rerun_of_promote_or_ro
             assert registry.ROLLED_BACK_TAG not in tags["1"], name  # never the champion itself
 
 
+@pytest.mark.slow  # processes that import MLflow, or a new tracking store: seconds each
 def test_rollback_killed_before_any_write_is_finished_by_a_rerun(tmp_path):
     report = _kill_each_write(tmp_path, "rollback", ("rollback", "promote"))
     assert (
@@ -132,6 +130,7 @@ def test_rollback_killed_before_any_write_is_finished_by_a_rerun(tmp_path):
         assert registry.ROLLED_BACK_TAG not in tags["1"], name
 
 
+@pytest.mark.slow  # processes that import MLflow, or a new tracking store: seconds each
 def test_rollback_refuses_a_champion_that_is_also_previous(tmp_path):
     """The state an interrupted promote of older versions could leave: rolling back would mark the champion."""
     from registry_kill_driver import setup_model
@@ -164,6 +163,7 @@ FIRST_USE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # processes that import MLflow, or a new tracking store: seconds each
 def test_first_use_of_a_new_tracking_database_by_two_processes(tmp_path):
     go = tmp_path / "go"
     procs = [
@@ -189,12 +189,19 @@ def test_first_use_of_a_new_tracking_database_by_two_processes(tmp_path):
     assert sorted(r.info.run_id for r in runs) == sorted(out.split()[1] for out, _ in outputs)
 
 
+def test_a_tracking_database_in_a_missing_folder_is_a_registry_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'no-such-folder' / 'mlruns.db'}"
+    with pytest.raises(registry.RegistryError, match="cannot create .*mlruns.db.lock"):
+        registry.tracking_client(uri)
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]  # closed again when the block ends: nothing listens there
 
 
+@pytest.mark.slow  # processes that import MLflow, or a new tracking store: seconds each
 def test_promote_against_a_server_that_does_not_answer_stops_soon_with_exit_2(tmp_path):
     uri = f"http://127.0.0.1:{_closed_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
