@@ -41,6 +41,31 @@ def test_store_location_and_where_name_this_checkout(tmp_path, monkeypatch):
     assert store_location(f"sqlite:///{first / 'mlruns.db'}") == here[0]
 
 
+def test_shard_and_demo_keys_differ_between_checkouts_with_the_same_files(tmp_path, monkeypatch):
+    """The IDZoom fan-out journals into the dataset folder, the demo stages write into their output folder: the
+    same inputs and relative settings in another checkout are another key (and the same checkout, the same)."""
+    from PIL import Image
+
+    from flows.build_idzoom import _shard_key
+    from flows.demo import _stage_key
+    from magicid.config import load_params
+
+    params = load_params(None)
+    keys = []
+    for name in ("a", "b", "a"):
+        checkout = tmp_path / name
+        (checkout / "raw").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(checkout / "raw" / "one.png")
+        (checkout / "adapter").mkdir(exist_ok=True)
+        monkeypatch.chdir(checkout)
+        shard = {"input_dir": "raw", "out_dir": "data/idzoom", "params": params, "sources": ["one.png"]}
+        stage = {"adapter_dir": "adapter", "params": params, "out_dir": "outputs/demo"}
+        context = type("Context", (), {"task": type("Task", (), {"name": "demo-group-photo"})()})()
+        keys.append((_shard_key(None, shard), _stage_key(context, stage)))
+    assert keys[0] == keys[2]
+    assert keys[0][0] != keys[1][0] and keys[0][1] != keys[1][1]
+
+
 def _checkout_overrides() -> list[str]:
     """The same relative settings in every checkout (as one params.yaml would give): tiny, CPU, one eval layout."""
     return [
