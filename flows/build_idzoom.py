@@ -40,6 +40,7 @@ from flows.common import (
     params_hash,
     publish,
     retry_on_io,
+    where,
 )
 from magicid.config import Params, load_params
 from magicid.errors import ConfigError, DataError, ValidationFailed
@@ -71,7 +72,7 @@ def _shard_key(context, arguments: dict) -> str:
 
     root = Path(arguments["input_dir"])
     ids = [(source, file_image_id(root / source)) for source in arguments["sources"]]
-    return cache_key("analyse-shard", ids, config_hash(arguments["params"]), arguments["out_dir"])
+    return cache_key("analyse-shard", ids, config_hash(arguments["params"]), *where(arguments["out_dir"]))
 
 
 @task(name="analyse-shard", cache_key_fn=_shard_key, **IO_RETRIES)
@@ -257,7 +258,15 @@ def build_idzoom_flow(
     shards = _shards(pending, params.orchestration.preprocess_shards)
     with api_for_worker_processes():
         futures = [analyse_shard.submit(input_dir, out_dir, params, shard) for shard in shards]
-        n_analysed = sum(future.result() for future in futures)
+        done = [future.result() for future in futures]
+        # A cached shard whose journal entries are not in this dataset folder (deleted since): analyse it again.
+        missing = set(pending_inputs(input_dir, out_dir, params)) if shards else set()
+        again = [i for i, shard in enumerate(shards) if missing.intersection(shard)]
+        refresh = analyse_shard.with_options(refresh_cache=True)
+        redone = [refresh.submit(input_dir, out_dir, params, shards[i]) for i in again]
+        for i, future in zip(again, redone, strict=True):
+            done[i] = future.result()
+        n_analysed = sum(done)
     logger.info("IDZoom: %d inputs to analyse in %d shards", len(pending), len(shards))
 
     if use_dvc:

@@ -5,6 +5,12 @@ run of the same task with the same key returns it without running. The keys here
 dataset the task reads plus a hash of the params sections it depends on (never the path strings alone: a path
 names a folder, not its content), so a re-run with unchanged data and params skips finished work and a change
 to either runs it again.
+
+That result cache is per user (`~/.prefect`), not per project, and a result only names what the task wrote
+(an MLflow run, a model version, a folder). So each key also holds where those were written, as this run sees
+it (`store_location`, `where`: the tracking store and output folders as absolute paths: two checkouts with the
+same params.yaml write to two places), and `run_cached` runs a task again, without the cache, when the outputs
+its cached result names are not there (a deleted folder or tracking database).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,36 @@ def folder_fingerprint(path: str | Path) -> str:
         stat = item.stat()
         digest.update(f"{item.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def store_location(uri: str) -> str:
+    """A tracking URI as the store it names from this working directory, for cache keys: the database file of
+    `sqlite:///` or the folder of a file store as an absolute path (a relative path names another store in
+    another checkout); a server URL as it is."""
+    for prefix, kind in (("sqlite:///", "sqlite"), ("file://", "file"), ("file:", "file")):
+        if uri.startswith(prefix):
+            path, _, query = uri.removeprefix(prefix).partition("?")
+            if path in ("", ":memory:"):
+                return uri
+            return f"{kind}:{Path(path).resolve()}" + (f"?{query}" if query else "")
+    return uri if "://" in uri else f"file:{Path(uri).resolve()}"
+
+
+def where(*folders: str | Path | None) -> list[str]:
+    """Output folders as absolute paths, for cache keys (an `s3://` or other URI as it is; None as "none")."""
+    return [
+        "none" if folder is None else str(folder) if "://" in str(folder) else str(Path(folder).resolve())
+        for folder in folders
+    ]
+
+
+def run_cached(task: Any, outputs_here: Callable[[Any], bool], *args: Any) -> Any:
+    """Call the cached `task` with `args`; when the result names outputs that `outputs_here` does not find (the
+    cache entry outlived them: a deleted folder or tracking database), run it again, refreshing the cache."""
+    result = task(*args)
+    if outputs_here(result):
+        return result
+    return task.with_options(refresh_cache=True)(*args)
 
 
 def cache_key(task_name: str, *parts: Any) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows.common import cache_key, folder_fingerprint, params_hash
+from flows.common import cache_key, folder_fingerprint, params_hash, run_cached, where
 from flows.retrain import retrain_flow
 from magicid.config import Params, load_params
 
@@ -20,12 +20,12 @@ DEMO_SECTIONS = ("seed", "model", "diir", "faces")
 
 
 def _stage_key(context, arguments: dict) -> str:
-    """The trained adapter's files + the params the stage reads + its output folder."""
+    """The trained adapter's files + the params the stage reads + its output folder (absolute)."""
     return cache_key(
         context.task.name,
         folder_fingerprint(arguments["adapter_dir"]),
         params_hash(arguments["params"], *DEMO_SECTIONS),
-        arguments["out_dir"],
+        *where(arguments["out_dir"]),
     )
 
 
@@ -100,6 +100,9 @@ def demo_flow(
         summary["model_version"] = f"{decision['model']} v{decision['version']}"
         summary["promotion"] = f"{'pass' if decision['passed'] else 'fail'} ({decision['action']})"
     logger.info("demo: generating the group photo and restoring t1.jpg")
-    summary["group_photo"] = group_photo(params, adapter_dir, raw_dir, out_dir, progress)
-    summary.update(restore(params, adapter_dir, out_dir, progress))
+    summary["group_photo"] = run_cached(
+        group_photo, lambda path: Path(path).is_file(), params, adapter_dir, raw_dir, out_dir, progress
+    )
+    restored = Path(out_dir) / "restored_t1.png"  # restore_group_photo's output
+    summary.update(run_cached(restore, lambda _: restored.is_file(), params, adapter_dir, out_dir, progress))
     return summary

@@ -1,7 +1,10 @@
 """Prefect flow `evaluate`: score a registered model version on the evaluation set (`magicid evaluate --model`).
 
-Cached on the model version (resolved from the URI, so `@challenger` moving to a new version is a new key) and
-the params evaluation reads. The artifact is a table of metrics per slice (people per image x face size).
+Cached on the model version (resolved from the URI, so `@challenger` moving to a new version is a new key; with its
+run id, so a new tracking database's version 1 is too), the dataset's data version, the params evaluation reads,
+and where it writes (tracking store, report and generations folders, absolute): a cache entry of another checkout
+is never reused, and one whose report or registry tags are gone is run again. The artifact is a table of metrics
+per slice (people per image x face size).
 
 Run locally: `python -m flows.evaluate --model models:/magicid@challenger`.
 """
@@ -22,6 +25,9 @@ from flows.common import (
     params_hash,
     publish,
     retry_on_io,
+    run_cached,
+    store_location,
+    where,
 )
 from magicid.config import Params
 
@@ -36,9 +42,22 @@ def _resolve(params: Params, model_uri: str) -> str:
 
 
 def _eval_key(context, arguments: dict) -> str:
+    """The version (its run id too: a version number is reused by a new tracking database), the dataset's data
+    version, the params evaluation reads, and where it writes (tracking store, report and generations folders)."""
+    from magicid.registry import resolve_version
+    from magicid.training.trainer import dataset_version
+
     params: Params = arguments["params"]
+    version = resolve_version(params, arguments["model_uri"])
+    dataset = arguments["dataset_dir"] or params.data.out_dir
     return cache_key(
-        "evaluate-model", _resolve(params, arguments["model_uri"]), params_hash(params, *EVAL_SECTIONS)
+        "evaluate-model",
+        f"{version.name}/{version.version}",
+        version.run_id,
+        dataset_version(dataset)[0],
+        params_hash(params, *EVAL_SECTIONS),
+        store_location(params.tracking.uri),
+        *where(dataset, params.eval.out_dir, params.review.generations_dir),
     )
 
 
@@ -50,7 +69,34 @@ def _register_key(context, arguments: dict) -> str:
         arguments["run_id"],
         folder_fingerprint(arguments["adapter_dir"]),
         params_hash(params, "promotion", "tracking"),
+        store_location(params.tracking.uri),
     )
+
+
+def registered_here(params: Params, result: dict) -> bool:
+    """The version a `register` result names is in this tracking store, registered from that run."""
+    from magicid.errors import MagicIDError
+    from magicid.registry import resolve_version
+
+    try:
+        version = resolve_version(params, f"models:/{result['name']}/{result['version']}")
+    except MagicIDError:
+        return False
+    return version.run_id == result["run_id"]
+
+
+def evaluated_here(params: Params, model_uri: str, result: dict) -> bool:
+    """The report an `evaluate_model` result names is on disk, and the version carries that evaluation."""
+    from magicid.errors import MagicIDError
+    from magicid.registry import EVAL_SET_TAG, resolve_version
+
+    if not (Path(result["report"]) / "metrics.json").is_file():
+        return False
+    try:
+        version = resolve_version(params, model_uri)
+    except MagicIDError:
+        return False
+    return version.run_id == result["run_id"] and version.tags.get(EVAL_SET_TAG) == result["eval_set_id"]
 
 
 @task(
@@ -85,6 +131,7 @@ def evaluate_model(params: Params, model_uri: str, dataset_dir: str | None = Non
     return {
         "version": _resolve(params, model_uri),
         "run_id": result.run_id,
+        "eval_set_id": result.metrics["eval_set_id"],
         "report": str(result.out_dir),
         "slices": {
             str(name): {k: v for k, v in values.items() if isinstance(v, (int, float))}
@@ -115,7 +162,9 @@ def evaluate_flow(
     if params_path and not Path(params_path).exists():
         params_path = None
     params = flow_params(params_path, overrides)
-    result = evaluate_model(params, model_uri, dataset_dir)
+    result = run_cached(
+        evaluate_model, lambda done: evaluated_here(params, model_uri, done), params, model_uri, dataset_dir
+    )
     publish("evaluation-metrics", metrics_markdown(result, params), f"metrics per slice of {model_uri}")
     get_run_logger().info("evaluated %s (%d slices)", result["version"], len(result["slices"]))
     return result

@@ -1,8 +1,9 @@
 """Prefect flow `fit_backbone`: fit the offline tiny backbone on an IDZoom version (`magicid fit-backbone`).
 
 The fitted folder is a Stable Diffusion model folder that training and evaluation then load as
-`model.backbone`. Cached on the data version (DVC md5) and the `seed`/`fit` params: a re-run with unchanged data
-and params reuses the folder (and fits again if it was deleted).
+`model.backbone`. Cached on the data version (DVC md5), the `seed`/`fit` params and where it writes (tracking
+store, output folder, absolute): a re-run with unchanged data and params reuses the folder (and fits again if it
+was deleted).
 
 Run locally: `python -m flows.fit_backbone --data data/idzoom --out models/fitted_tiny`.
 """
@@ -22,6 +23,9 @@ from flows.common import (
     params_hash,
     publish,
     retry_on_io,
+    run_cached,
+    store_location,
+    where,
 )
 from magicid.config import Params
 
@@ -31,7 +35,13 @@ def _fit_key(context, arguments: dict) -> str:
 
     params: Params = arguments["params"]
     version, _ = dataset_version(arguments["data_dir"])
-    return cache_key("fit-backbone", version, params_hash(params, "seed", "fit"), arguments["out_dir"])
+    return cache_key(
+        "fit-backbone",
+        version,
+        params_hash(params, "seed", "fit"),
+        store_location(params.tracking.uri),
+        *where(arguments["out_dir"]),
+    )
 
 
 @task(
@@ -68,10 +78,16 @@ def fit_backbone_flow(
         params_path = None
     params = flow_params(params_path, overrides)
     out_dir = out_dir or params.fit.out_dir
-    runner = (
-        fit.with_options(refresh_cache=True) if not (Path(out_dir) / "model_index.json").is_file() else fit
+    # A cached result names the fitted folder: fit again (refreshing the cache) when it is gone. Its MLflow run
+    # is not checked: nothing reads it, and a refit costs minutes.
+    result = run_cached(
+        fit,
+        lambda done: (Path(done["out_dir"]) / "model_index.json").is_file(),
+        data_dir,
+        out_dir,
+        params,
+        progress,
     )
-    result = runner(data_dir, out_dir, params, progress)
     rows = [
         ("folder", result["out_dir"]),
         ("final VAE loss", result["vae_loss"]),

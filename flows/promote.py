@@ -28,6 +28,7 @@ def gate(params: Params) -> dict:
         "champion_before": decision.champion,
         "passed": decision.passed,
         "action": decision.action,
+        "recovered": decision.recovered,
         "checks": [(c.name, "pass" if c.passed else "FAIL", c.reason) for c in decision.checks],
     }
 
@@ -40,6 +41,7 @@ def decision_markdown(decision: dict, params: Params) -> str:
             ("champion before", decision["champion_before"] or "none"),
             ("decision", "pass" if decision["passed"] else "fail"),
             ("action", decision["action"]),
+            ("interrupted move finished first", decision.get("recovered") or "none"),
             ("registry", f"`models:/{decision['model']}/{decision['version']}` in {params.tracking.uri}"),
         ],
         ("gate", "value"),

@@ -8,7 +8,8 @@
 3. `train` (sub-flow): MLflow run whose input is the data version (DVC md5).
 4. register the adapter as the next model version (alias `challenger`), `evaluate` it (and the champion, on
    the same evaluation set, cached when already scored), then `promote`: the gate moves `champion` or not.
-Every task is cached on data hash + params hash, so a re-run with nothing changed is mostly cache hits.
+Every task is cached on data hash + params hash + where it writes (flows/common.py), so a re-run with nothing
+changed is mostly cache hits, and a run in another checkout or after deleting the tracking database is not.
 
 `retrain_deployment(params)` is the deployment `retrain/<orchestration.deployment_name>` on the cron schedule
 `orchestration.retrain_cron`; `magicid serve-flows` serves it (flows/serve.py).
@@ -24,8 +25,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.build_idzoom import build_idzoom_flow, validate
-from flows.common import dask_runner, flow_params, local_process_pool
-from flows.evaluate import evaluate_flow, register
+from flows.common import dask_runner, flow_params, local_process_pool, run_cached
+from flows.evaluate import evaluate_flow, register, registered_here
 from flows.fit_backbone import fit_backbone_flow
 from flows.promote import promote_flow
 from flows.train import train_flow
@@ -95,7 +96,13 @@ def retrain_flow(
 
     # 4. Registry, evaluation, the gate.
     params = flow_params(params_path, overrides)
-    out["model"] = register(params, out["train"]["adapter_dir"], out["train"]["run_id"])
+    out["model"] = run_cached(
+        register,
+        lambda done: registered_here(params, done),
+        params,
+        out["train"]["adapter_dir"],
+        out["train"]["run_id"],
+    )
     challenger_uri = f"models:/{out['model']['name']}/{out['model']['version']}"
     out["evaluation"] = evaluate_flow(
         challenger_uri, params_path=params_path, overrides=overrides, dataset_dir=data_dir

@@ -1,9 +1,9 @@
 """Prefect flow `train`: train the MagicID adapter on an IDZoom version (MLflow tracks the run).
 
 The training task is cached on the dataset's data version (DVC md5 from dvc.lock, what the trainer logs to
-MLflow as the run's input), the params the trainer reads, and the backbone folder's fingerprint: a re-run with
-unchanged data and params returns the finished run instead of training again (and trains again if the adapter
-folder was deleted).
+MLflow as the run's input), the params the trainer reads, the backbone folder's fingerprint, and where it writes
+(tracking store and `train.out_dir`, absolute): a re-run with unchanged data and params returns the finished run
+instead of training again, and trains again if the adapter folder or the run is gone.
 
 Run locally: `python -m flows.train --data data/idzoom`.
 """
@@ -24,6 +24,9 @@ from flows.common import (
     params_hash,
     publish,
     retry_on_io,
+    run_cached,
+    store_location,
+    where,
 )
 from magicid.config import Params
 
@@ -42,7 +45,18 @@ def _train_key(context, arguments: dict) -> str:
         params_hash(params, *TRAIN_SECTIONS),
         folder_fingerprint(params.model.backbone),
         arguments["resume"],
+        store_location(params.tracking.uri),
+        *where(params.train.out_dir),
     )
+
+
+def trained_here(params: Params, result: dict) -> bool:
+    """The adapter folder and the MLflow run a `train_adapter` result names both exist."""
+    from magicid.registry import run_exists
+
+    if not Path(result["adapter_dir"]).is_dir():
+        return False
+    return result["run_id"] is None or run_exists(params, result["run_id"])
 
 
 @task(
@@ -102,10 +116,10 @@ def train_flow(
     if params_path and not Path(params_path).exists():
         params_path = None
     params = flow_params(params_path, overrides)
-    # A cached result names an adapter folder: train again (refreshing the cache) when it is gone.
-    adapter = Path(params.train.out_dir) / "adapter"
-    runner = train_adapter.with_options(refresh_cache=True) if not adapter.is_dir() else train_adapter
-    result = runner(data_dir, params, resume, progress)
+    # A cached result names an adapter folder and a run: train again (refreshing the cache) when either is gone.
+    result = run_cached(
+        train_adapter, lambda done: trained_here(params, done), data_dir, params, resume, progress
+    )
     publish("train-summary", losses_markdown(result, params), "training run")
     get_run_logger().info(
         "trained %d steps on data version %s (MLflow run %s)",

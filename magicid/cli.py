@@ -5,6 +5,7 @@ Global options come before the command: `magicid --params params.yaml --set mode
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -33,6 +34,12 @@ UntrainedAdapterOption = Annotated[
 ]
 
 
+# MLflow's defaults retry a request that reaches no tracking server 7 times with exponential backoff (about 4
+# minutes) and wait 120 s for an answer; the CLI gives up within about 20 s instead (3 tries of at most 5 s plus
+# backoff). A user's own values of these variables win.
+MLFLOW_HTTP_WAITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
 def _params(ctx: typer.Context) -> Params:
     return ctx.obj["params"]
 
@@ -58,6 +65,8 @@ def main(
     """Load params once; every command receives them."""
     if ctx.resilient_parsing:
         return
+    for name, value in MLFLOW_HTTP_WAITS.items():
+        os.environ.setdefault(name, value)
     try:
         # Without a params.yaml in the working directory the embedded defaults apply (demo on a bare machine).
         path = params_file if (params_file.exists() or params_file != Path("params.yaml")) else None

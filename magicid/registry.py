@@ -17,14 +17,24 @@
   Either way the decision, each check's figures and its reason are tags on the challenger version.
   Re-running is idempotent (the gate is deterministic; a challenger that is already champion is left alone).
 - `rollback` moves `champion` back to `previous` and marks the demoted version, so it is not re-promoted.
+- Both record their alias move before its first write and delete the record after its last (`AliasMove`,
+  registered-model tag `magicid.pending_move`); each of them first finishes a move a killed run left recorded.
+- `tracking_client` builds the `MlflowClient` of the registry and of training's tracker; a new local SQLite
+  database is created under a file lock (two processes may use it first at once).
+  MLflow errors in promote, rollback, aliases and version look-ups become `RegistryError`s naming the URI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import math
+import os
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -167,20 +177,73 @@ def pip_requirements() -> list[str]:
     return found
 
 
-def _client(params: Params):
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` tracking URI (None for other stores and in-memory SQLite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def tracking_client(uri: str):
+    """An `MlflowClient` for tracking and registry at `uri` (the registry's and training's tracker's).
+
+    On a local SQLite database the stores are built under a file lock (`<database>.lock`): MLflow creates the
+    tables of a new database on first use, and two processes doing that at once fail with "table ... already
+    exists". The lock is held only while this process builds its (process-cached) stores. An existing database
+    in a folder this user cannot write is opened without it: nobody can be creating it from here.
+
+    Raises:
+        RegistryError: the database's folder does not exist, or it cannot be written and holds no database.
+    """
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=params.tracking.uri, registry_uri=params.tracking.uri)
+    database = _sqlite_file(uri)
+    if database is None:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    lock_path = database.with_name(database.name + ".lock")
+    try:
+        lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)  # left in place: deleting a lock file races
+    except OSError as exc:
+        if database.is_file() and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        raise RegistryError(
+            f"tracking.uri {uri}: cannot create {lock_path} ({exc.strerror}); point tracking.uri at a database "
+            "in a folder that exists and can be written"
+        ) from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # builds the tracking store: creates tables
+        client.search_registered_models(max_results=1)  # builds the registry store (lazy otherwise)
+    finally:
+        os.close(lock)  # releases the lock
+    return client
 
 
-def _experiment_id(client, params: Params) -> str:
+def _client(params: Params):
+    return tracking_client(params.tracking.uri)
+
+
+def experiment_id(client, params: Params) -> str:
+    """The id of `tracking.experiment`, created (artifacts under `tracking.artifact_root`) when missing.
+
+    Two processes creating it at once: the second one's create fails as existing, and it reads the first one's.
+    """
+    from mlflow.exceptions import MlflowException
+
     tracking = params.tracking
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
     root = tracking.artifact_root
     location = root if "://" in root else Path(root).resolve().as_uri()
-    return client.create_experiment(tracking.experiment, artifact_location=location)
+    try:
+        return client.create_experiment(tracking.experiment, artifact_location=location)
+    except MlflowException as exc:
+        experiment = client.get_experiment_by_name(tracking.experiment)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def register_adapter(params: Params, adapter_dir: str | Path, run_id: str | None = None):
@@ -212,7 +275,7 @@ def register_adapter(params: Params, adapter_dir: str | Path, run_id: str | None
     name = params.promotion.model_name
     mlflow.set_tracking_uri(params.tracking.uri)
     mlflow.set_registry_uri(params.tracking.uri)
-    experiment_id = _experiment_id(client, params)
+    experiment = experiment_id(client, params)
     with tempfile.TemporaryDirectory() as tmp:
         params_path = Path(tmp) / "params.yaml"
         stored = params.model_dump(mode="json")
@@ -221,7 +284,7 @@ def register_adapter(params: Params, adapter_dir: str | Path, run_id: str | None
         artifacts = {"adapter": str(adapter_dir), "params": str(params_path)}
         if params.model.backbone != "tiny":
             artifacts["backbone"] = str(Path(params.model.backbone))
-        with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run:
+        with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment) as run:
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT_NAME,
                 python_model=MagicIDPyfuncModel(),
@@ -244,22 +307,25 @@ def resolve_version(params: Params, model_uri: str):
     """
     from mlflow.exceptions import MlflowException
 
-    client = _client(params)
     if not model_uri.startswith("models:/"):
         raise RegistryError(f"--model {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
     body = model_uri.removeprefix("models:/")
-    try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, _, number = body.partition("/")
-        if not number.isdigit():
-            raise RegistryError(f"--model {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
-        return client.get_model_version(name, number)
-    except MlflowException as exc:
-        raise RegistryError(
-            f"--model {model_uri!r}: not in the registry at {params.tracking.uri} ({exc})"
-        ) from exc
+    with _store_errors(params):
+        client = _client(params)
+        try:
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                return client.get_model_version_by_alias(name, alias)
+            name, _, number = body.partition("/")
+            if not number.isdigit():
+                raise RegistryError(f"--model {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+            return client.get_model_version(name, number)
+        except MlflowException as exc:
+            if exc.error_code not in _NOT_FOUND:
+                raise
+            raise RegistryError(
+                f"--model {model_uri!r}: not in the registry at {params.tracking.uri} ({exc.message})"
+            ) from exc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,6 +390,7 @@ class GateDecision:
     passed: bool
     action: str  # promoted | first_champion | kept | already_champion | rolled_back
     checks: list[Check]
+    recovered: str | None = None  # an interrupted move this call finished first, in words
 
     @property
     def reasons(self) -> list[str]:
@@ -442,28 +509,43 @@ def reviewer_checks(tags: dict[str, str], champion: str | None, cfg: PromotionPa
 
 
 def _alias_version(client, name: str, alias: str):
+    """The version `alias` points at, or None when the model or the alias does not exist (other errors raise)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise
 
 
 def promote(params: Params) -> GateDecision:
     """Run the promotion gate on the `challenger` version; move `champion` when it passes.
 
+    An alias move that an earlier `promote` or `rollback` left unfinished (killed) is finished first.
+
     Raises:
         RegistryError: no challenger; the challenger was rolled back; it (or the champion) has no evaluation on
-            the challenger's eval set (the message says which `magicid evaluate` to run).
+            the challenger's eval set (the message says which `magicid evaluate` to run); the tracking store
+            cannot be reached.
     """
-    client = _client(params)
+    with _store_errors(params):
+        client = _client(params)
+        finished = finish_pending_move(client, params.promotion.model_name)
+        decision = _promote(client, params)
+        decision.recovered = finished.describe() if finished else None
+        return decision
+
+
+def _promote(client, params: Params) -> GateDecision:
     cfg = params.promotion
     name = cfg.model_name
     challenger = _alias_version(client, name, CHALLENGER)
     if challenger is None:
         raise RegistryError(
-            f"model {name!r} has no version with alias {CHALLENGER!r}: train and register one (`magicid train`)"
+            f"model {name!r} has no version with alias {CHALLENGER!r} in {params.tracking.uri}: "
+            "train and register one (`magicid train`)"
         )
     champion = _alias_version(client, name, CHAMPION)
     version = str(challenger.version)
@@ -499,60 +581,218 @@ def promote(params: Params) -> GateDecision:
     passed = all(c.passed for c in checks)
     action = ("promoted" if champion is not None else "first_champion") if passed else "kept"
     decision = GateDecision(name, version, champion_version, passed, action, checks)
-    _write_decision_tags(client, decision, set_id)
-    if passed:
-        if champion_version is not None:
-            client.set_registered_model_alias(name, PREVIOUS, champion_version)
-        client.set_registered_model_alias(name, CHAMPION, version)
+    # The checks' figures first: they move nothing, so a kill here leaves a state the next run simply redoes.
+    for check in checks:
+        _set_version_tag(client, name, version, f"promotion.check.{check.name}", check.tag_value())
+    if not passed:
+        _write_summary_tags(client, decision, set_id)
+        return decision
+    move = AliasMove("promote", name, to=version, former=champion_version, action=action, eval_set=set_id)
+    _record_move(client, move)
+    _apply_move(client, move)
     return decision
 
 
-def _write_decision_tags(client, decision: GateDecision, set_id: str) -> None:
-    name, version = decision.model_name, decision.version
+def _set_version_tag(client, name: str, version: str, key: str, value: str) -> None:
+    client.set_model_version_tag(name, version, key, value[:5000])
+
+
+def _write_summary_tags(client, decision: GateDecision, set_id: str) -> None:
+    """The decision in words on the challenger; `promotion.decision` last, so it is never ahead of the rest."""
     values = {
-        "promotion.decision": "pass" if decision.passed else "fail",
-        "promotion.action": decision.action,
         "promotion.against": decision.champion or "none",
         "promotion.eval_set": set_id,
         "promotion.reasons": "; ".join(decision.reasons) or "all checks passed",
+        "promotion.action": decision.action,
+        "promotion.decision": "pass" if decision.passed else "fail",
     }
-    values.update({f"promotion.check.{c.name}": c.tag_value() for c in decision.checks})
     for key, value in values.items():
-        client.set_model_version_tag(name, version, key, value[:5000])
+        _set_version_tag(client, decision.model_name, decision.version, key, value)
 
 
 def rollback(params: Params) -> GateDecision:
     """Move `champion` back to the `previous` version; the demoted version is tagged and loses `previous`.
 
+    An alias move that an earlier `promote` or `rollback` left unfinished (killed) is finished first.
+
     Raises:
-        RegistryError: there is no champion or no previous version.
+        RegistryError: there is no champion or no previous version (or they are the same version); the tracking
+            store cannot be reached.
     """
-    client = _client(params)
-    name = params.promotion.model_name
-    champion = _alias_version(client, name, CHAMPION)
-    previous = _alias_version(client, name, PREVIOUS)
-    if champion is None or previous is None:
+    with _store_errors(params):
+        client = _client(params)
+        name = params.promotion.model_name
+        finished = finish_pending_move(client, name)
+        if finished is not None and finished.kind == "rollback":  # the rollback asked for again: now done
+            return GateDecision(
+                name, finished.former, finished.to, True, "rolled_back", [], finished.describe()
+            )
+        champion = _alias_version(client, name, CHAMPION)
+        previous = _alias_version(client, name, PREVIOUS)
+        if champion is None or previous is None or str(champion.version) == str(previous.version):
+            raise RegistryError(
+                f"model {name!r}: nothing to roll back to (champion {champion.version if champion else 'none'}, "
+                f"previous {previous.version if previous else 'none'})"
+            )
+        demoted, restored = str(champion.version), str(previous.version)
+        move = AliasMove("rollback", name, to=restored, former=demoted, action=f"rolled_back_to_{restored}")
+        _record_move(client, move)
+        _apply_move(client, move)
+        recovered = finished.describe() if finished else None
+        return GateDecision(name, demoted, restored, True, "rolled_back", [], recovered)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Alias moves that survive a kill
+# ---------------------------------------------------------------------------------------------------------
+# A move writes several registry entries (aliases, tags), and the store has no transaction across them. So the
+# move is recorded first, as one registered-model tag (one atomic write), then each write is made (each one
+# idempotent: setting an alias or tag to the value it has changes nothing), and the record is deleted last.
+# Whoever finds a record (every promote and rollback looks first) makes all the writes again: a move that was
+# decided is finished, whatever write the kill came before. Before the record exists nothing has moved.
+
+PENDING_MOVE_TAG = "magicid.pending_move"
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # the latter: "alias ... not found"
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasMove:
+    """One decided alias move of registered model `model_name`.
+
+    promote: `champion` -> `to`, `previous` -> `former` (the replaced champion; None for the first champion), and
+    the decision tags on `to` (`action`: promoted | first_champion; `eval_set`).
+    rollback: `champion` -> `to` (the previous version), `previous` removed, `former` (the demoted champion)
+    tagged rolled back (`action`: rolled_back_to_<to>).
+    """
+
+    kind: str
+    model_name: str
+    to: str
+    former: str | None
+    action: str
+    eval_set: str | None = None
+
+    def record(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str) -> AliasMove:
+        try:
+            fields = json.loads(text)
+            move = cls(**fields)
+            if move.kind not in ("promote", "rollback") or not str(move.to).isdigit():
+                raise ValueError(f"kind {move.kind!r}, to {move.to!r}")
+        except (ValueError, TypeError) as exc:
+            raise RegistryError(
+                f"registered-model tag {PENDING_MOVE_TAG!r} does not hold a move this version can finish ({exc}): "
+                f"set the aliases by hand, then delete the tag (MlflowClient().delete_registered_model_tag)"
+            ) from exc
+        return move
+
+    def describe(self) -> str:
+        if self.kind == "promote":
+            return (
+                f"an interrupted promote of version {self.to} (champion was {self.former or 'none'}) finished"
+            )
+        return f"an interrupted rollback from version {self.former} to {self.to} finished"
+
+
+def _record_move(client, move: AliasMove) -> None:
+    client.set_registered_model_tag(move.model_name, PENDING_MOVE_TAG, move.record())
+
+
+def _apply_move(client, move: AliasMove) -> None:
+    """Every write of `move`, in an order whose every prefix is safe to find: readers of `champion` see the old
+    version until the one write that switches it, and the record goes last."""
+    name = move.model_name
+    if move.kind == "promote":
+        if move.former is not None:
+            client.set_registered_model_alias(name, PREVIOUS, move.former)
+        client.set_registered_model_alias(name, CHAMPION, move.to)
+        decision = GateDecision(name, move.to, move.former, True, move.action, [])
+        _write_summary_tags(client, decision, move.eval_set or "none")
+    else:
+        client.set_registered_model_alias(name, CHAMPION, move.to)
+        client.delete_registered_model_alias(name, PREVIOUS)
+        _set_version_tag(client, name, move.former, ROLLED_BACK_TAG, "true")
+        _set_version_tag(client, name, move.former, "promotion.action", move.action)
+    client.delete_registered_model_tag(name, PENDING_MOVE_TAG)
+
+
+def pending_move(client, model_name: str) -> AliasMove | None:
+    """The move recorded on `model_name` and not finished, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(model_name).tags
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise
+    text = tags.get(PENDING_MOVE_TAG)
+    return AliasMove.parse(text) if text else None
+
+
+def finish_pending_move(client, model_name: str) -> AliasMove | None:
+    """Finish the move a killed promote/rollback left recorded on `model_name`; returns it (None: none was)."""
+    move = pending_move(client, model_name)
+    if move is None:
+        return None
+    if move.model_name != model_name:
         raise RegistryError(
-            f"model {name!r}: nothing to roll back to (champion {champion.version if champion else 'none'}, "
-            f"previous {previous.version if previous else 'none'})"
+            f"registered model {model_name!r}: its {PENDING_MOVE_TAG!r} tag names model {move.model_name!r}; "
+            "set the aliases by hand, then delete the tag"
         )
-    demoted, restored = str(champion.version), str(previous.version)
-    client.set_registered_model_alias(name, CHAMPION, restored)
-    client.delete_registered_model_alias(name, PREVIOUS)
-    client.set_model_version_tag(name, demoted, ROLLED_BACK_TAG, "true")
-    client.set_model_version_tag(name, demoted, "promotion.action", f"rolled_back_to_{restored}")
-    return GateDecision(name, demoted, restored, True, "rolled_back", [])
+    _apply_move(client, move)
+    return move
+
+
+@contextlib.contextmanager
+def _store_errors(params: Params) -> Iterator[None]:
+    """MLflow errors as `RegistryError`s naming the tracking URI; a server that did not answer says so."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        uri = params.tracking.uri
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, requests.RequestException):
+            raise RegistryError(
+                f"the tracking server did not answer at {uri} ({type(cause).__name__}): start it, or point "
+                "tracking.uri at one that runs"
+            ) from exc
+        raise RegistryError(f"tracking store {uri}: {exc.message}") from exc
+
+
+def run_exists(params: Params, run_id: str) -> bool:
+    """Whether the tracking store of `params` holds run `run_id` (a flow's cached result may name a run of a
+    deleted database or of another checkout's)."""
+    from mlflow.exceptions import MlflowException
+
+    with _store_errors(params):
+        try:
+            _client(params).get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return False
+            raise
+        return True
 
 
 def aliases(params: Params) -> dict[str, str]:
     """`{alias: version}` of the registered model (empty when it does not exist yet)."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        model = _client(params).get_registered_model(params.promotion.model_name)
-    except MlflowException:
-        return {}
-    return {alias: str(version) for alias, version in model.aliases.items()}
+    with _store_errors(params):
+        try:
+            model = _client(params).get_registered_model(params.promotion.model_name)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return {}
+            raise
+        return {alias: str(version) for alias, version in model.aliases.items()}
 
 
 def run_tags_for_decision(decision: GateDecision) -> dict[str, Any]:
@@ -564,6 +804,8 @@ def run_tags_for_decision(decision: GateDecision) -> dict[str, Any]:
         "decision": "pass" if decision.passed else "fail",
         "action": decision.action,
     }
+    if decision.recovered:
+        out["recovered"] = decision.recovered
     for check in decision.checks:
         out[f"check.{check.name}"] = f"{'pass' if check.passed else 'FAIL'}: {check.reason}"
     return out

@@ -50,18 +50,13 @@ class RunTracker:
         (`source_name`); True when a new run was created (params to log)."""
         if not self.enabled:
             return False
-        from mlflow import MlflowClient
+        from magicid.registry import experiment_id as tracking_experiment
+        from magicid.registry import tracking_client
 
-        tracking = self.params.tracking
         use_s3_endpoint_for_mlflow(self.params.storage)  # s3:// artifact roots on storage.s3_endpoint_url
-        self._client = client = MlflowClient(tracking_uri=tracking.uri)
-        experiment = client.get_experiment_by_name(tracking.experiment)
-        if experiment is None:
-            root = tracking.artifact_root
-            location = root if "://" in root else Path(root).resolve().as_uri()
-            experiment_id = client.create_experiment(tracking.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        # The registry's builder: a new SQLite database is created under its lock (two first runs at once).
+        self._client = client = tracking_client(self.params.tracking.uri)
+        experiment_id = tracking_experiment(client, self.params)
         if run_id is not None:
             try:
                 client.get_run(run_id)
