@@ -42,3 +42,8 @@ class InputRejected(DataError):
 
 class ReviewError(MagicIDError):
     """A review request cannot be done: bad sign-in file, unknown reviewer or generation, bad score or choice."""
+
+
+class StoreError(MagicIDError):
+    """A tracking store, database or server named in params cannot be used as given: an unknown URL scheme, a
+    database driver that is not installed, a server that does not answer."""

@@ -157,27 +157,50 @@ def verify_password(password: str, encoded: str) -> bool:
     Raises:
         ReviewError: `encoded` is not a `scrypt$n$r$p$salt$hash` string (a hand-edited reviewers file).
     """
-    parts = encoded.split("$")
-    if len(parts) != 6 or parts[0] != "scrypt":
-        raise ReviewError(
-            "reviewer password entry is not a scrypt hash (expected scrypt$n$r$p$salt$hash): "
-            "set it with `magicid review-add-reviewer NAME`"
-        )
-    n, r, p = (int(v) for v in parts[1:4])
-    salt, expected = base64.b64decode(parts[4]), base64.b64decode(parts[5])
+    n, r, p, salt, expected = parse_password_hash(encoded)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(expected))
     return hmac.compare_digest(digest, expected)
+
+
+def parse_password_hash(
+    encoded: str, source: str = "reviewer password entry", reviewer: str = "NAME"
+) -> tuple[int, int, int, bytes, bytes]:
+    """`(n, r, p, salt, hash)` of a `hash_password` string, checked so that scrypt accepts it within its
+    default 32 MiB (a hand-edited entry would otherwise stop a sign-in with a ValueError from hashlib).
+
+    Raises:
+        ReviewError: not `scrypt$n$r$p$salt$hash` with n a power of two, 128*n*r <= 32 MiB, 1 <= r, p <= 16,
+            base64 salt and a hash of 16-64 bytes; the message starts with `source`.
+    """
+    fix = f"set it again with `magicid review-add-reviewer {reviewer}`"
+    parts = encoded.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ReviewError(f"{source} is not a scrypt hash (expected scrypt$n$r$p$salt$hash): {fix}")
+    try:
+        n, r, p = (int(v) for v in parts[1:4])
+        salt = base64.b64decode(parts[4], validate=True)
+        expected = base64.b64decode(parts[5], validate=True)
+    except ValueError as exc:  # int() and binascii.Error (a ValueError)
+        raise ReviewError(f"{source}: a scrypt field is not a number or not base64 ({exc}): {fix}") from exc
+    if n < 2 or n & (n - 1) or not (1 <= r <= 16 and 1 <= p <= 16) or 128 * n * r > 32 * 2**20:
+        raise ReviewError(f"{source}: scrypt cost n={n} r={r} p={p} is not one this program makes: {fix}")
+    if not salt or not 16 <= len(expected) <= 64:
+        raise ReviewError(f"{source}: scrypt salt or hash has the wrong length: {fix}")
+    return n, r, p, salt, expected
 
 
 # Unknown names are checked against this so a wrong name costs the same time as a wrong password.
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + base64.b64encode(bytes(32)).decode()
 
 
-def load_reviewers(path: str | Path) -> dict[str, str]:
+def load_reviewers(path: str | Path, *, replacing: str | None = None) -> dict[str, str]:
     """Read the reviewers file: YAML `reviewers: {name: scrypt-hash, ...}`.
 
+    Args:
+        replacing: a reviewer whose entry is about to be replaced, so a damaged one of theirs is no error.
+
     Raises:
-        ReviewError: missing file, not that shape, or a bad name.
+        ReviewError: missing file, not that shape, a bad name, or an entry that is not a valid scrypt hash.
     """
     path = Path(path)
     if not path.is_file():
@@ -187,15 +210,17 @@ def load_reviewers(path: str | Path) -> dict[str, str]:
         )
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ReviewError(f"{path}: not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ReviewError(f"{path}: not a valid YAML text file: {str(exc)[:300]}") from exc
     reviewers = loaded.get("reviewers") if isinstance(loaded, dict) else None
     if not isinstance(reviewers, dict) or not all(isinstance(v, str) for v in reviewers.values()):
         raise ReviewError(
             f"{path}: expected `reviewers: {{name: scrypt-hash}}` (use magicid review-add-reviewer)"
         )
-    for name in reviewers:
+    for name, encoded in reviewers.items():
         _check_reviewer_name(str(name), source=str(path))
+        if str(name) != replacing:
+            parse_password_hash(encoded, f"{path}: the entry of reviewer {str(name)!r}", reviewer=str(name))
     return {str(k): v for k, v in reviewers.items()}
 
 
@@ -206,7 +231,7 @@ def add_reviewer(path: str | Path, name: str, password: str) -> Path:
     """
     _check_reviewer_name(name, source="reviewer name")
     path = Path(path)
-    reviewers = load_reviewers(path) if path.is_file() else {}
+    reviewers = load_reviewers(path, replacing=name) if path.is_file() else {}
     reviewers[name] = hash_password(password)
     text = (
         "# Review dashboard sign-in: reviewer name -> scrypt password hash (magicid review-add-reviewer).\n"

@@ -406,8 +406,15 @@ def fit_backbone(
             raise ConfigError(
                 f"--resume: no checkpoint at {ckpt_path}; run fit-backbone without --resume first"
             )
-        state = torch.load(ckpt_path, weights_only=False)
-        if state["key"] != key["key"]:
+        try:
+            state = torch.load(ckpt_path, weights_only=False)
+            saved_key = state["key"]
+        except Exception as error:  # noqa: BLE001 - damage shows as pickle, zip, EOF, type or key errors alike
+            raise ConfigError(
+                f"--resume: {ckpt_path} is damaged or not a fit-backbone checkpoint ({type(error).__name__}: "
+                f"{str(error)[:120]}); delete {ckpt_path.parent} and run fit-backbone without --resume"
+            ) from error
+        if saved_key != key["key"]:
             raise ConfigError(
                 f"--resume: {ckpt_path} was made from other inputs (dataset version or fit params changed); "
                 "delete it or run without --resume"
