@@ -58,7 +58,7 @@ OS_ADVICE = {
     errno.EPERM: "fix the permissions or choose another path",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
     errno.EISDIR: "a folder is where a file goes: give a file path",
-    errno.EEXIST: "something that is not a folder is where a folder goes: choose another path",
+    errno.EEXIST: "it exists already (a file where a folder goes, or a name that must be new): choose another path",
     errno.ENAMETOOLONG: "shorten the path (a name in it is over 255 bytes, or the whole over 4096)",
     errno.ELOOP: "fix the symbolic links or choose another path",
     errno.ENXIO: "a FIFO, socket or device is where a file goes: give a regular file",
@@ -104,7 +104,10 @@ class MagicIDGroup(TyperGroup):
         except MagicIDError as error:
             raise _fail(error) from error
         except Exception as error:
-            line = environment_error_line(error, ctx.meta.get(_INVOCATION))
+            try:
+                line = environment_error_line(error, ctx.meta.get(_INVOCATION))
+            except Exception:  # noqa: BLE001 - describing the error must never hide it
+                line = None
             if line is None:
                 raise
             raise _fail(error, f"{line} ({DEBUG_ENV}=1 shows the traceback)") from error
@@ -270,8 +273,9 @@ def environment_error_line(error: Exception, invocation: tuple[str, list, Params
     mlflow_exceptions = sys.modules.get("mlflow.exceptions")
     if mlflow_exceptions is not None and isinstance(error, mlflow_exceptions.MlflowException):
         uri = _short(params.tracking.uri) if params is not None else "tracking.uri"
+        said = _short(" ".join(str(error).split()), 300)
         return (
-            f"tracking.uri={uri}: MLflow refused: {message}; check tracking.uri and that its server or database "
+            f"tracking.uri={uri}: MLflow refused: {said}; check tracking.uri and that its server or database "
             "is reachable, then rerun"
         )
     return None

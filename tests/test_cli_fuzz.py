@@ -404,12 +404,17 @@ def test_bad_arguments_fail_with_one_line_reason(args, files, monkeypatch):
     if any("{DEVICE}" in a for a in args) and not Path(files["DEVICE"]).exists():
         pytest.skip("making a device node needs root")
     # Fail before any model loads: a case that reached one would be a bug (and slow).
-    import magicid.models.backbone as backbone
+    import magicid.generate
+    import magicid.models.backbone
+    import magicid.training.trainer
 
     def no_model(*_, **__):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(backbone, "load_backbone", no_model)
+    # Patched where it is bound: these modules import it by name, so a first import while it is patched would
+    # keep the patch for the later tests that load a model (the disk-full cases).
+    for module in (magicid.models.backbone, magicid.generate, magicid.training.trainer):
+        monkeypatch.setattr(module, "load_backbone", no_model)
     monkeypatch.chdir(files["ROOT"])
     result, seconds = _invoke(_fill(args, files))
     _assert_one_line_exit_2(result, seconds)
@@ -454,6 +459,39 @@ def test_debug_shows_the_traceback(files, monkeypatch):
     assert result.exit_code == 2
     assert "Traceback" in result.output and "OSError" in result.output
     assert len(_reason_lines(result.output)) == 1
+
+
+def test_error_line_for_each_kind_of_machine_or_store_error(tmp_path):
+    """`environment_error_line` names the input for each kind it maps, and maps nothing else."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from magicid.cli import environment_error_line
+    from magicid.config import load_params
+
+    params = load_params(None, ["review.db_url=postgresql://u@db/reviews"])
+    out = str(tmp_path / "run")
+    invocation = ("review-export", [("--out", out, "folder")], params)
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = RuntimeError("file write failed")
+    wrapped.__cause__ = OSError(errno.EACCES, "Permission denied", "/data/x.pt")
+    driver = ModuleNotFoundError("No module named 'psycopg2'", name="psycopg2")
+    refused = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+    cases = {
+        enospc: [f"writing --out {out}", "ENOSPC", "free space"],
+        OSError(errno.EACCES, "Permission denied", "/data/x"): ["/data/x", "EACCES", "permissions"],
+        wrapped: ["/data/x.pt", "EACCES"],
+        RuntimeError("Error while serializing: No space left on device (os error 28)"): ["--out", "ENOSPC"],
+        driver: ["review.db_url=postgresql://u@db/reviews", "'psycopg2' is not installed"],
+        refused: ["review.db_url=postgresql://u@db/reviews", "connection refused"],
+        MlflowException("RESOURCE_DOES_NOT_EXIST"): ["tracking.uri=sqlite:///mlruns.db", "MLflow refused"],
+    }
+    for error, words in cases.items():
+        line = environment_error_line(error, invocation)
+        assert line is not None and all(word in line for word in words), (words, line)
+    for bug in (ValueError("x"), KeyError("k"), ModuleNotFoundError("No module named 'foo'", name="foo")):
+        assert environment_error_line(bug, invocation) is None
+    assert environment_error_line(OSError(errno.ENOENT, "No such file", "/x"), invocation) is None
 
 
 def test_a_bug_keeps_its_traceback(files, monkeypatch):
