@@ -5,20 +5,126 @@ Global options come before the command: `magicid --params params.yaml --set mode
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from magicid.config import Params, load_params
 from magicid.errors import MagicIDError
 
-app = typer.Typer(
+# Set to 1 to see the Python traceback behind a one-line error (for bug reports).
+DEBUG_ENV = "MAGICID_DEBUG"
+# Where each command writes: (its option's parameter, the params key used without it, "folder" | "file" | "png").
+# Checked before the command starts (a FIFO, device or file where a folder goes stops it at once) and named by
+# the one-line error of a write that fails without naming its file (a full disk).
+WRITES: dict[str, tuple[tuple[str | None, str | None, str], ...]] = {
+    "generate": (("out", None, "png"),),
+    "restore": (("out", None, "png"),),
+    "sample-data": (("out", "data.raw_dir", "folder"),),
+    "build-data": (("out", "data.out_dir", "folder"),),
+    "validate": (("report_dir", None, "folder"),),
+    "train": ((None, "train.out_dir", "folder"),),
+    "fit-backbone": (("out", "fit.out_dir", "folder"),),
+    "evaluate": (("out", "eval.out_dir", "folder"),),
+    "demo": (("out_dir", None, "folder"),),
+    "forget": (("data", "data.out_dir", "folder"),),
+    "review-add-reviewer": (("reviewers", "review.reviewers_file", "file"),),
+}
+# Which stores of params each command opens: checked before it starts (store_urls.check_stores: the database
+# driver imports, an HTTP tracking server answers within 5 s) instead of failing in MLflow or SQLAlchemy.
+STORES: dict[str, tuple[str, ...]] = {
+    "train": ("tracking",),
+    "fit-backbone": ("tracking",),
+    "evaluate": ("tracking",),
+    "register": ("tracking",),
+    "promote": ("tracking",),
+    "review-export": ("tracking", "review"),
+    "demo": ("tracking",),
+}
+# OS errors that the machine or an argument causes, and what to do about each (any other errno is a bug).
+OS_ADVICE = {
+    errno.ENOSPC: "free space on that disk or choose an output on another one, then rerun",
+    errno.EDQUOT: "free space within your quota or choose an output elsewhere, then rerun",
+    errno.EFBIG: "the file system or the process's limit (ulimit -f) refuses a file this large: choose another disk",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.EACCES: "fix the permissions or choose another path",
+    errno.EPERM: "fix the permissions or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "a folder is where a file goes: give a file path",
+    errno.EEXIST: "it exists already (a file where a folder goes, or a name that must be new): choose another path",
+    errno.ENAMETOOLONG: "shorten the path (a name in it is over 255 bytes, or the whole over 4096)",
+    errno.ELOOP: "fix the symbolic links or choose another path",
+    errno.ENXIO: "a FIFO, socket or device is where a file goes: give a regular file",
+    errno.EMFILE: "raise the open-files limit (ulimit -n) and rerun",
+    errno.ENFILE: "the system's open-files table is full: close other programs and rerun",
+    errno.EIO: "the device reports an I/O error: check the disk, then rerun",
+}
+# Modules of the database drivers SQLAlchemy loads for postgresql://, mysql://, mssql://, oracle:// URLs.
+DB_DRIVER_MODULES = {"psycopg", "psycopg2", "pg8000", "asyncpg", "MySQLdb", "pymysql", "mysql", "mariadb",
+                     "pyodbc", "pymssql", "oracledb", "cx_Oracle"}  # fmt: skip
+_INVOCATION = "magicid.invocation"
+
+
+class MagicIDCommand(TyperCommand):
+    """A command that checks its outputs (`WRITES`) and stores (`STORES`) before it starts, and records them
+    for the error line of `MagicIDGroup`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if ctx.obj:  # None only when the global options failed, which already ended the run
+            params: Params = ctx.obj["params"]
+            writes = _write_locations(ctx.info_name or "", ctx.params, params)
+            ctx.meta[_INVOCATION] = (ctx.info_name, writes, params)
+            _check_writes(
+                writes, _store_locations(params, ctx.info_name or "") if ctx.info_name in STORES else []
+            )
+            from magicid.store_urls import check_stores
+
+            check_stores(params, STORES.get(ctx.info_name or "", ()))
+        return super().invoke(ctx)
+
+
+class MagicIDGroup(TyperGroup):
+    """Runs the global options and the command; an error that an input or the machine caused (a
+    `MagicIDError`, a full disk, a special file, a missing database driver, a store that refuses) becomes one
+    line `error: ...` naming the input and what to do, and exit code 2. Anything else is a bug and keeps its
+    traceback; MAGICID_DEBUG=1 shows the traceback of the one-line errors too."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except MagicIDError as error:
+            raise _fail(error) from error
+        except Exception as error:
+            try:
+                line = environment_error_line(error, ctx.meta.get(_INVOCATION))
+            except Exception:  # noqa: BLE001 - describing the error must never hide it
+                line = None
+            if line is None:
+                raise
+            raise _fail(error, f"{line} ({DEBUG_ENV}=1 shows the traceback)") from error
+
+
+class _App(typer.Typer):
+    def command(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("cls", MagicIDCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
     name="magicid",
     help="MagicID: identity-faithful portrait and group-photo generation, and its MLOps.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=MagicIDGroup,
 )
 
 
@@ -44,11 +150,173 @@ def _params(ctx: typer.Context) -> Params:
     return ctx.obj["params"]
 
 
-def _fail(error: MagicIDError) -> typer.Exit:
+def _fail(error: BaseException, line: str | None = None) -> typer.Exit:
+    """Print `error` (or `line`) as one `error: ...` line on stderr; the caller raises the returned exit 2."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(error, file=sys.stderr)
     # One line: a reason that spans lines (a YAML parser's context, a list of bad keys) is joined with " | ".
-    reason = " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = str(error) if line is None else line
+    reason = " | ".join(part.strip() for part in text.splitlines() if part.strip())
     typer.secho(f"error: {reason}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
+
+
+def _short(value: object, limit: int = 160) -> str:
+    text = str(value)
+    return (
+        text
+        if len(text) <= limit
+        else f"{text[: limit // 2]}...{text[-limit // 4 :]} ({len(text)} characters)"
+    )
+
+
+def _setting(params: Params, dotted: str) -> Any:
+    value: Any = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _write_locations(command: str, options: dict[str, Any], params: Params) -> list[tuple[str, str, str]]:
+    """(how the location was given, the location, kind) for each place `command` writes."""
+    found = []
+    for option, key, kind in WRITES.get(command, ()):
+        value = options.get(option) if option else None
+        if value is not None:
+            found.append((f"--{option.replace('_', '-')}", str(value), kind))
+        elif key is not None:
+            found.append((key, str(_setting(params, key)), kind))
+    return found
+
+
+def _check_writes(writes: list[tuple[str, str, str]], stores: list[tuple[str, str]]) -> None:
+    """Each output is a folder or file as its kind says (not a FIFO, socket or device), and no output or local
+    store is on a full disk: a run that would fail at its first write stops before its work."""
+    from magicid.safety import OutputPathError, check_output_file, check_output_folder
+    from magicid.storage import is_s3
+    from magicid.utils import FULL_DISK_BYTES, free_bytes
+
+    for what, location, kind in writes:
+        if is_s3(location):
+            continue
+        if kind == "folder":
+            check_output_folder(location, what)
+        else:
+            check_output_file(location, what, suffixes=(".png",) if kind == "png" else None)
+    for what, location, _ in [*writes, *((w, loc, "") for w, loc in stores)]:
+        free = None if is_s3(location) else free_bytes(location)
+        if free is not None and free < FULL_DISK_BYTES:
+            raise OutputPathError(
+                f"{what} {_short(location)}: the disk holding it is full ({free} bytes free); free space there "
+                "or choose another location, then rerun"
+            )
+
+
+def _store_locations(params: Params, command: str) -> list[tuple[str, str]]:
+    """Local files behind the stores `command` uses (SQLite databases, a local artifact root)."""
+    from magicid.store_urls import url_scheme
+
+    stores = STORES.get(command, ("tracking", "review"))
+    found = []
+    urls = [("tracking.uri", params.tracking.uri)] if "tracking" in stores else []
+    urls += [("review.db_url", params.review.db_url)] if "review" in stores else []
+    for key, url in urls:
+        if url_scheme(url) == "sqlite" and url.startswith("sqlite:///"):
+            found.append((key, url.removeprefix("sqlite:///")))
+        elif url_scheme(url) in ("", "file"):
+            found.append((key, url.removeprefix("file://").removeprefix("file:")))
+    if "tracking" in stores and url_scheme(params.tracking.artifact_root) == "":
+        found.append(("tracking.artifact_root", params.tracking.artifact_root))
+    return found
+
+
+def environment_error_line(error: Exception, invocation: tuple[str, list, Params] | None) -> str | None:
+    """One line for an error that the machine or an input caused, naming it and what to do; None for
+    anything else (a bug: its traceback stays).
+
+    Args:
+        error: what the command raised (not a `MagicIDError`: those carry their own line).
+        invocation: (command, its write locations, params) as `MagicIDCommand` recorded them, or None.
+    """
+    from magicid.utils import FULL_DISK_BYTES, free_bytes
+
+    command, writes, params = invocation if invocation is not None else ("", [], None)
+    where = [(what, location) for what, location, _ in writes]
+    stores = _store_locations(params, command) if params is not None else []
+    message = _short(" ".join(str(error).split()) or type(error).__name__, 200)
+    os_error = _os_error_behind(error)
+    if os_error is not None:
+        target = (
+            _short(os_error.filename)
+            if os_error.filename is not None
+            else f"writing {', '.join(f'{w} {_short(loc)}' for w, loc in where) or 'a file'}"
+        )
+        code = os_error.errno
+        return f"{target}: {os.strerror(code)} ({errno.errorcode[code]}); {OS_ADVICE[code]}"
+    for what, location in where + stores:
+        free = None if location.startswith("s3://") else free_bytes(location)
+        if free is not None and free < FULL_DISK_BYTES:
+            return (
+                f"{what} {_short(location)}: the disk holding it is full ({free} bytes free) and "
+                f"{type(error).__name__}: {message}; free space there or choose another location, then rerun"
+            )
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in DB_DRIVER_MODULES:
+        urls = _database_urls(params, command, sqlite=False)
+        keys = ", ".join(f"{key}={_short(url)}" for key, url in urls) or "a database URL"
+        return (
+            f"{keys}: the database driver {error.name!r} is not installed: install it, name an installed "
+            "driver (postgresql+psycopg2://...) or use sqlite:///file.db"
+        )
+    sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")
+    if sqlalchemy_exc is not None and isinstance(error, sqlalchemy_exc.SQLAlchemyError):
+        urls = _database_urls(params, command, sqlite=True)
+        keys = ", ".join(f"{key}={_short(url)}" for key, url in urls) or "the database"
+        cause = getattr(error, "orig", None) or error
+        return (
+            f"{keys}: the database refused: {_short(' '.join(str(cause).split()), 200)}; check the URL, that "
+            "the server runs and the disk has space, then rerun"
+        )
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is not None and isinstance(error, mlflow_exceptions.MlflowException):
+        uri = _short(params.tracking.uri) if params is not None else "tracking.uri"
+        said = _short(" ".join(str(error).split()), 300)
+        return (
+            f"tracking.uri={uri}: MLflow refused: {said}; check tracking.uri and that its server or database "
+            "is reachable, then rerun"
+        )
+    return None
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The OS error (with an errno of `OS_ADVICE`) that `error` is or was raised from; a library that words the
+    OS error into its own exception (safetensors: "No space left on device (os error 28)") counts as ENOSPC or
+    EDQUOT. None if there is none."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain and len(chain) < 16:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for link in chain:
+        if isinstance(link, OSError) and link.errno in OS_ADVICE:
+            return link
+    for link in chain:
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if os.strerror(code) in str(link):
+                return OSError(code, os.strerror(code))
+    return None
+
+
+def _database_urls(params: Params | None, command: str, sqlite: bool) -> list[tuple[str, str]]:
+    """The params keys (of the stores `command` uses) whose value is a database URL; SQLite's only with
+    `sqlite` (they need no driver installed)."""
+    from magicid.store_urls import url_scheme
+
+    if params is None:
+        return []
+    stores = STORES.get(command, ("tracking", "review"))
+    urls = [("tracking.uri", params.tracking.uri)] if "tracking" in stores else []
+    urls += [("review.db_url", params.review.db_url)] if "review" in stores else []
+    skip = ("", "file", "http", "https") if sqlite else ("", "file", "http", "https", "sqlite")
+    return [(key, url) for key, url in urls if url_scheme(url) not in skip]
 
 
 @app.callback()

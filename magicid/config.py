@@ -24,6 +24,14 @@ from pydantic import (
 )
 
 from magicid.errors import ConfigError
+from magicid.store_urls import (
+    ARTIFACT_SCHEMES,
+    ENDPOINT_SCHEMES,
+    REVIEW_DB_SCHEMES,
+    STORAGE_ROOT_SCHEMES,
+    TRACKING_SCHEMES,
+    scheme_problem,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 # params.yaml is a page of settings: a larger file is not a parameter file (and is never parsed).
@@ -35,6 +43,12 @@ MAX_SEED = 2**63 - 1
 MAX_INFERENCE_STEPS = 1000
 # Error text quotes at most this much of an offending value (a YAML alias bomb expands to megabytes).
 _MAX_QUOTE = 120
+# A string setting is a path, a name or a prompt: PATH_MAX (4096) is more than any of them needs, and a longer
+# one reaches the OS, MLflow or SQL as an error of theirs.
+MAX_STRING_CHARS = 4096
+# Params nest five levels deep (train.mmf.schedule[0].mode); deeper YAML is not a parameter file, and
+# Python's parsers and validators recurse once a level (a few thousand levels exhaust the stack).
+MAX_NESTING = 16
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
@@ -68,8 +82,35 @@ class _StrictLoader(yaml.SafeLoader):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
 
 
-def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+def _nesting(value: Any) -> int:
+    """How deep lists and mappings nest in `value` (a scalar: 0); iterative, so any depth is measured."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """YAML through `_StrictLoader`, at most `MAX_NESTING` levels deep.
+
+    Raises:
+        yaml.YAMLError: invalid YAML (the callers word it). ConfigError: nested too deep, naming `source`.
+    """
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError as exc:  # the parser recurses once a level: thousands of [[[ exhaust the stack
+        raise ConfigError(
+            f"{source}: lists or mappings nested thousands of levels deep; parameters nest at most {MAX_NESTING}"
+        ) from exc
+    depth = _nesting(value)
+    if depth > MAX_NESTING:
+        raise ConfigError(
+            f"{source}: lists or mappings nested {depth} levels deep; parameters nest at most {MAX_NESTING}"
+        )
+    return value
 
 
 def _numeric(annotation: Any) -> bool:
@@ -93,6 +134,8 @@ class _Section(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads `true` as 1: `train.steps=true` would train one step.
         annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, str) and len(value) > MAX_STRING_CHARS:
+            raise ValueError(f"{len(value)} characters is not a setting (at most {MAX_STRING_CHARS})")
         if isinstance(value, bool) and _numeric(annotation):
             raise ValueError(f"expected a number, got the boolean {value}")
         if isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value):
@@ -396,10 +439,30 @@ class PromotionParams(_Section):
     bootstrap: BootstrapParams = BootstrapParams()
 
 
+def _url_validator(schemes: tuple[str, ...], example: str):
+    """A field validator: the value's URL scheme is one of `schemes` (`magicid/store_urls.py`)."""
+
+    def check(value: str | None) -> str | None:
+        problem = None if value is None else scheme_problem(value, schemes, example)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    return check
+
+
 class TrackingParams(_Section):
     uri: str = "sqlite:///mlruns.db"
     artifact_root: str = "mlartifacts"
-    experiment: str = "magicid"
+    # MLflow refuses experiment names over 500 characters.
+    experiment: str = Field("magicid", min_length=1, max_length=500)
+
+    _uri_scheme = field_validator("uri")(
+        _url_validator(TRACKING_SCHEMES, "sqlite:///mlruns.db or http://127.0.0.1:5000")
+    )
+    _artifact_scheme = field_validator("artifact_root")(
+        _url_validator(ARTIFACT_SCHEMES, "mlartifacts or s3://bucket/mlflow")
+    )
 
 
 class StorageParams(_Section):
@@ -407,6 +470,11 @@ class StorageParams(_Section):
     s3_endpoint_url: str | None = None
     s3_max_attempts: int = Field(5, ge=1, le=20)
     cache_dir: str = ".cache/magicid/s3"
+
+    _root_scheme = field_validator("root")(_url_validator(STORAGE_ROOT_SCHEMES, ". or s3://bucket/prefix"))
+    _endpoint_scheme = field_validator("s3_endpoint_url")(
+        _url_validator(ENDPOINT_SCHEMES, "http://127.0.0.1:9000")
+    )
 
 
 class ReviewParams(_Section):
@@ -419,6 +487,10 @@ class ReviewParams(_Section):
     sign_in_max_failures_per_name: int = Field(5, ge=1, le=1000)
     sign_in_max_failures_per_client: int = Field(20, ge=1, le=10000)
     sign_in_lockout_s: float = Field(900.0, gt=0, le=7 * 24 * 3600)
+
+    _db_scheme = field_validator("db_url")(
+        _url_validator(REVIEW_DB_SCHEMES, "sqlite:///reviews.db or postgresql://user@host/reviews")
+    )
 
 
 class OrchestrationParams(_Section):
@@ -485,8 +557,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     Raises:
         ConfigError: if the override has no `=` or names a key that params do not define.
     """
+    if len(override) > MAX_PARAMS_BYTES:
+        raise ConfigError(
+            f"override {_quote(override)}: longer than a whole parameter file (limit {MAX_PARAMS_BYTES} characters)"
+        )
     if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected the form section.key=value")
+        raise ConfigError(f"override {_quote(override)}: expected the form section.key=value")
     dotted, _, text = override.partition("=")
     parts = dotted.strip().split(".")
     model: type[BaseModel] = Params
@@ -496,14 +572,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if part not in fields:
             where = ".".join(parts[:depth]) or "top level"
             raise ConfigError(
-                f"override {override!r}: unknown key {dotted!r} ({part!r} is not in {where}; "
+                f"override {_quote(override)}: unknown key {_quote(dotted)} ({_quote(part)} is not in {where}; "
                 f"known: {', '.join(fields)})"
             )
         annotation = fields[part].annotation
         is_last = depth == len(parts) - 1
         if is_last:
             try:
-                node[part] = _parse_yaml(text)
+                node[part] = _parse_yaml(text, f"override {_quote(override)}")
             except yaml.YAMLError as exc:
                 problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
                 raise ConfigError(
@@ -511,10 +587,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
                 ) from exc
         else:
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a section")
+                raise ConfigError(
+                    f"override {_quote(override)}: {'.'.join(parts[: depth + 1])} is not a section"
+                )
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a mapping")
+                raise ConfigError(
+                    f"override {_quote(override)}: {'.'.join(parts[: depth + 1])} is not a mapping"
+                )
             model = annotation
 
 
@@ -554,7 +634,7 @@ def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] |
         if "\x00" in text:
             raise ConfigError(f"{path}: contains NUL bytes: not a YAML parameter file")
         try:
-            loaded = _parse_yaml(text)
+            loaded = _parse_yaml(text, str(path))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {str(exc)[: _MAX_QUOTE * 4]}") from exc
         if loaded is None:
@@ -566,6 +646,7 @@ def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] |
         raw = loaded
     for override in overrides or []:
         apply_override(raw, override)
+    if overrides:
         source = f"{source} + overrides"
     try:
         return Params.model_validate(raw)

@@ -46,3 +46,8 @@ class ReviewError(MagicIDError):
 
 class OutputLocked(MagicIDError):
     """Another process is writing the same output folder (`magicid.locks`); the message names it and its pid."""
+
+
+class StoreError(MagicIDError):
+    """A tracking store, database or server named in params cannot be used as given: an unknown URL scheme, a
+    database driver that is not installed, a server that does not answer."""

@@ -170,32 +170,6 @@ def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int
 # What a reviewers-file entry may ask of scrypt: the cost stays bounded (a hand-edited p=10**6 would make every
 # sign-in run for hours) and within what OpenSSL accepts (n a power of 2; memory 128*n*r under its 32 MiB).
 _SCRYPT_MAX_N, _SCRYPT_MAX_R, _SCRYPT_MAX_P = 2**15, 16, 4
-_HASH_FORMAT = "scrypt$n$r$p$salt$hash (as `magicid review-add-reviewer` writes it)"
-
-
-def _parse_scrypt(encoded: str) -> tuple[int, int, int, bytes, bytes]:
-    """(n, r, p, salt, hash) of a `hash_password` string; ReviewError saying what is wrong with it."""
-    parts = encoded.split("$") if isinstance(encoded, str) else []
-    if len(parts) != 6 or parts[0] != "scrypt":
-        raise ReviewError(f"password entry is not a scrypt hash ({_HASH_FORMAT})")
-    try:
-        n, r, p = (int(v) for v in parts[1:4])
-        salt = base64.b64decode(parts[4], validate=True)
-        expected = base64.b64decode(parts[5], validate=True)
-    except ValueError:  # int() and base64's binascii.Error (a ValueError)
-        raise ReviewError(
-            f"password entry has a non-number cost or a bad base64 salt or hash: use {_HASH_FORMAT}"
-        ) from None
-    if not (
-        2 <= n <= _SCRYPT_MAX_N and n & (n - 1) == 0 and 1 <= r <= _SCRYPT_MAX_R and 1 <= p <= _SCRYPT_MAX_P
-    ):
-        raise ReviewError(
-            f"password entry's scrypt cost n={n}, r={r}, p={p} is out of range (n a power of 2 up to "
-            f"{_SCRYPT_MAX_N}, r up to {_SCRYPT_MAX_R}, p up to {_SCRYPT_MAX_P})"
-        )
-    if len(salt) < 8 or len(expected) < 16:
-        raise ReviewError(f"password entry's salt or hash is too short ({len(salt)}, {len(expected)} bytes)")
-    return n, r, p, salt, expected
 
 
 def verify_password(password: str, encoded: str) -> bool:
@@ -204,25 +178,51 @@ def verify_password(password: str, encoded: str) -> bool:
     Raises:
         ReviewError: `encoded` is not a valid `scrypt$n$r$p$salt$hash` string (a hand-edited reviewers file).
     """
-    n, r, p, salt, expected = _parse_scrypt(encoded)
+    n, r, p, salt, expected = parse_password_hash(encoded)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(expected))
     return hmac.compare_digest(digest, expected)
+
+
+def parse_password_hash(
+    encoded: str, source: str = "reviewer password entry", reviewer: str = "NAME"
+) -> tuple[int, int, int, bytes, bytes]:
+    """`(n, r, p, salt, hash)` of a `hash_password` string, checked so that scrypt accepts it within its
+    default 32 MiB (a hand-edited entry would otherwise stop a sign-in with a ValueError from hashlib).
+
+    Raises:
+        ReviewError: not `scrypt$n$r$p$salt$hash` with n a power of two up to 2**15, 128*n*r <= 32 MiB, r <= 16, p <= 4,
+            base64 salt and a hash of 16-64 bytes (bounds: `_SCRYPT_MAX_*`); the message starts with `source`.
+    """
+    fix = f"set it again with `magicid review-add-reviewer {reviewer}`"
+    parts = encoded.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ReviewError(f"{source} is not a scrypt hash (expected scrypt$n$r$p$salt$hash): {fix}")
+    try:
+        n, r, p = (int(v) for v in parts[1:4])
+        salt = base64.b64decode(parts[4], validate=True)
+        expected = base64.b64decode(parts[5], validate=True)
+    except ValueError as exc:  # int() and binascii.Error (a ValueError)
+        raise ReviewError(f"{source}: a scrypt field is not a number or not base64 ({exc}): {fix}") from exc
+    bounded = n <= _SCRYPT_MAX_N and 1 <= r <= _SCRYPT_MAX_R and 1 <= p <= _SCRYPT_MAX_P
+    if n < 2 or n & (n - 1) or not bounded or 128 * n * r > 32 * 2**20:
+        raise ReviewError(f"{source}: scrypt cost n={n} r={r} p={p} is not one this program makes: {fix}")
+    if not salt or not 16 <= len(expected) <= 64:
+        raise ReviewError(f"{source}: scrypt salt or hash has the wrong length: {fix}")
+    return n, r, p, salt, expected
 
 
 # Unknown names are checked against this so a wrong name costs the same time as a wrong password.
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + base64.b64encode(bytes(32)).decode()
 
 
-def load_reviewers(path: str | Path, *, check_hashes: bool = True) -> dict[str, str]:
+def load_reviewers(path: str | Path, *, replacing: str | None = None) -> dict[str, str]:
     """Read the reviewers file: YAML `reviewers: {name: scrypt-hash, ...}`.
 
     Args:
-        path: the file (`review.reviewers_file`).
-        check_hashes: check that every entry is a well-formed scrypt hash (off only for `add_reviewer`, so
-            that a bad entry can be replaced with the command its error names).
+        replacing: a reviewer whose entry is about to be replaced, so a damaged one of theirs is no error.
 
     Raises:
-        ReviewError: missing file, not that shape, a bad name, or a bad hash (one line naming the reviewer).
+        ReviewError: missing file, not that shape, a bad name, or an entry that is not a valid scrypt hash.
     """
     path = Path(path)
     if not path.is_file():
@@ -232,8 +232,8 @@ def load_reviewers(path: str | Path, *, check_hashes: bool = True) -> dict[str, 
         )
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ReviewError(f"{path}: not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ReviewError(f"{path}: not a valid YAML text file: {str(exc)[:300]}") from exc
     reviewers = loaded.get("reviewers") if isinstance(loaded, dict) else None
     if not isinstance(reviewers, dict) or not all(isinstance(v, str) for v in reviewers.values()):
         raise ReviewError(
@@ -241,14 +241,8 @@ def load_reviewers(path: str | Path, *, check_hashes: bool = True) -> dict[str, 
         )
     for name, encoded in reviewers.items():
         _check_reviewer_name(str(name), source=str(path))
-        if not check_hashes:
-            continue
-        try:
-            _parse_scrypt(encoded)
-        except ReviewError as exc:
-            raise ReviewError(
-                f"{path}: reviewer {str(name)!r}: {exc}; set it again with `magicid review-add-reviewer {name}`"
-            ) from None
+        if str(name) != replacing:
+            parse_password_hash(encoded, f"{path}: the entry of reviewer {str(name)!r}", reviewer=str(name))
     return {str(k): v for k, v in reviewers.items()}
 
 
@@ -259,7 +253,7 @@ def add_reviewer(path: str | Path, name: str, password: str) -> Path:
     """
     _check_reviewer_name(name, source="reviewer name")
     path = Path(path)
-    reviewers = load_reviewers(path, check_hashes=False) if path.is_file() else {}
+    reviewers = load_reviewers(path, replacing=name) if path.is_file() else {}
     reviewers[name] = hash_password(password)
     text = (
         "# Review dashboard sign-in: reviewer name -> scrypt password hash (magicid review-add-reviewer).\n"

@@ -62,21 +62,44 @@ def check_input_file(path: str | Path, what: str) -> Path:
     return Path(path)
 
 
-def check_output_file(path: str | Path, what: str, suffixes: tuple[str, ...] = (".png",)) -> Path:
+def special_file_kind(path: str | Path) -> str | None:
+    """What kind of special file `path` is ("a FIFO", "a socket", "a device"; not followed through a symlink),
+    or None for anything else.
+
+    Writing in place of one replaces it (as root, `/dev/null` itself); opening a FIFO blocks."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return None
+
+
+def check_output_file(path: str | Path, what: str, suffixes: tuple[str, ...] | None = (".png",)) -> Path:
     """Check an output file path before any work is done (so a model is never loaded for nothing).
 
     Args:
         path: where the result will be written (its folder is created if missing).
         what: the option's name for messages (`--out`).
-        suffixes: accepted extensions, lower case.
+        suffixes: accepted extensions, lower case; None: any.
 
     Raises:
-        OutputPathError: the path is a folder, has another extension, or its folder cannot be created or written.
+        OutputPathError: the path is a folder or a special file, has another extension, or its folder cannot be
+            created or written.
     """
     path = Path(path)
     if path.is_dir():
-        raise OutputPathError(f"{what} {str(path)!r}: is a folder; give a file name, e.g. {path / 'out.png'}")
-    if path.suffix.lower() not in suffixes:
+        example = path / ("out" + (suffixes[0] if suffixes else ""))
+        raise OutputPathError(f"{what} {str(path)!r}: is a folder; give a file name, e.g. {example}")
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise OutputPathError(f"{what} {str(path)!r}: is {kind}, not a regular file; choose a file path")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
         raise OutputPathError(
             f"{what} {str(path)!r}: the extension must be one of {', '.join(suffixes)} (the file is written as PNG)"
         )
@@ -106,7 +129,8 @@ def check_output_folder(path: str | Path, what: str) -> Path:
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
-        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        kind = special_file_kind(existing) or "a file"
+        where = f"is {kind}" if existing == path else f"is inside {existing}, which is {kind}"
         raise OutputPathError(f"{what} {str(path)!r}: {where}, not a folder; choose a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputPathError(f"{what} {str(path)!r}: {existing} is not writable; choose another folder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -13,19 +14,70 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from magicid.safety import OutputPathError, special_file_kind
+
+# A disk with less than this free is full for this program (every output it writes is larger): commands refuse
+# to start writing there, and a write that failed while its disk had less than this left failed for want of space.
+FULL_DISK_BYTES = 1 << 20
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes this process may still write on the file system holding `path` (its nearest existing ancestor);
+    None if that cannot be told. Root may use the blocks reserved for it, others only the available ones."""
+    existing = Path(path)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        info = os.statvfs(existing)
+    except OSError:
+        return None
+    return (info.f_bfree if os.geteuid() == 0 else info.f_bavail) * info.f_frsize
+
+
+def _refuse_special(path: Path, want: str) -> None:
+    """Replacing a FIFO, socket or device by rename would swap out the node itself (as root: `/dev/null`)."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise OutputPathError(f"{path}: is {kind}, not {want}; choose another output path")
+
+
+def _as_write_error(error: Exception, path: Path, tmp_path: Path) -> Exception:
+    """The error to raise for a failed write of `path`: an OSError names `path` when the OS did not (a write()
+    on a full disk names no file), and a library's own error (torch's "file write failed", safetensors' I/O
+    error) becomes ENOSPC when the disk is full at that moment (the partial temporary file still holds it)."""
+    if isinstance(error, OSError):
+        if error.filename is None:
+            error.filename = str(path)
+        return error
+    free = free_bytes(tmp_path)
+    if free is not None and free < FULL_DISK_BYTES:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return error
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place.
 
     A crash mid-write leaves the old file (or none), never a truncated one.
+
+    Raises:
+        OutputPathError: `path` is a FIFO, socket or device (renaming onto it would replace the node).
+        OSError: the write failed (naming `path`); ENOSPC also for a library's error on a full disk.
     """
     path = Path(path)
+    _refuse_special(path, "a regular file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        write(tmp_path)
+        try:
+            write(tmp_path)
+        except Exception as error:
+            better = _as_write_error(error, path, tmp_path)
+            if better is error:
+                raise
+            raise better from error
         # mkstemp creates 0600 files; give the result the permissions a plain open() would (0666 & ~umask).
         umask = os.umask(0)
         os.umask(umask)
@@ -58,6 +110,9 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     the previous folder is still whole under `.<name>.old`).
     """
     path = Path(path)
+    _refuse_special(path, "a folder")
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{path}: is a file, not a folder; choose another output path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = path.with_name(f".{path.name}.old")

@@ -69,3 +69,46 @@ def test_killed_writer_leaves_a_complete_version(tmp_path, kind):
         if target.exists():
             _check(kind, target)
     assert kills == 5 and target.exists()
+
+
+def test_atomic_write_refuses_special_files_and_keeps_them(tmp_path):
+    """Renaming onto a FIFO (or, as root, onto /dev/null) would replace the node itself: refused, node kept."""
+    from magicid.safety import OutputPathError
+    from magicid.utils import atomic_write_bytes, atomic_write_dir
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputPathError, match="is a FIFO"):
+        atomic_write_bytes(fifo, b"x")
+    with pytest.raises(OutputPathError, match="is a FIFO"):
+        atomic_write_dir(fifo, lambda folder: None)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(OutputPathError, match="is a file, not a folder"):
+        atomic_write_dir(tmp_path / "file", lambda folder: None)
+    assert fifo.is_fifo() and (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "file"]  # no temporary left behind
+
+
+def test_failed_write_names_the_file_and_a_full_disk_is_enospc(tmp_path, monkeypatch):
+    import errno
+
+    import magicid.utils as utils
+
+    def no_space(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file name
+
+    with pytest.raises(OSError) as info:
+        utils.atomic_write(tmp_path / "a.bin", no_space)
+    assert info.value.filename == str(tmp_path / "a.bin")
+
+    def library_error(tmp):
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] file write failed")  # torch.save's wording
+
+    with pytest.raises(RuntimeError, match="file write failed"):  # plenty of space: the error is its own
+        utils.atomic_write(tmp_path / "b.bin", library_error)
+    monkeypatch.setattr(utils, "free_bytes", lambda path: 4096)  # the disk is full at that moment
+    with pytest.raises(OSError) as info:
+        utils.atomic_write(tmp_path / "c.bin", library_error)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "c.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -182,3 +182,53 @@ def test_long_wrong_values_are_quoted_short(tmp_path):
 def test_valid_bounds_still_load():
     params = load_params(None, ["seed=9223372036854775807", "data.split={train: 1, val: 0, test: 0}"])
     assert params.seed == 2**63 - 1
+
+
+# --- issue 27, item 8: store URLs, nesting and size limits -----------------------------------------------
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("tracking.uri=foo://x", "tracking.uri"),
+        ("tracking.uri=http://", "tracking.uri"),
+        ("tracking.artifact_root=foo://bucket", "tracking.artifact_root"),
+        ("review.db_url=bogus://", "review.db_url"),
+        ("review.db_url=reviews.db", "review.db_url"),
+        ("storage.root=gs://bucket", "storage.root"),
+        ("storage.s3_endpoint_url=localhost:9000", "storage.s3_endpoint_url"),
+        ("tracking.experiment=" + "e" * 501, "tracking.experiment"),
+        ("model.backbone=" + "b" * 4097, "model.backbone"),
+    ],
+)
+def test_store_urls_and_long_strings_fail_at_load(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_params(None, [override])
+    assert key in str(info.value) and len(str(info.value)) < 600
+
+
+def test_supported_store_urls_load():
+    params = load_params(
+        None,
+        [
+            "tracking.uri=postgresql+psycopg2://mlflow@db:5432/mlflow",
+            "tracking.artifact_root=s3://bucket/mlflow",
+            "review.db_url=mysql+pymysql://reviews@db/reviews",
+            "storage.root=s3://bucket/data",
+            "storage.s3_endpoint_url=http://127.0.0.1:9000",
+        ],
+    )
+    assert params.tracking.uri.startswith("postgresql+psycopg2://")
+
+
+def test_nesting_is_limited_before_the_parser_recurses(tmp_path):
+    with pytest.raises(ConfigError, match="nested 17 levels deep"):
+        load_params(None, ["eval.prompts=" + "[" * 17 + "]" * 17])
+    path = tmp_path / "deep.yaml"
+    path.write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: lists or mappings nested thousands"):
+        load_params(path)
+
+
+def test_an_override_longer_than_a_params_file_is_refused_quoted_short():
+    with pytest.raises(ConfigError, match="longer than a whole parameter file") as info:
+        load_params(None, ["model.backbone=" + "x" * (2 << 20)])
+    assert len(str(info.value)) < 300

@@ -133,7 +133,8 @@ def checkpoint_problems(path: str | Path) -> list[str]:
     if (path / "model.safetensors").is_file():
         problem = _safetensors_problem(path / "model.safetensors")
         problems += [problem] if problem else []
-    for name in sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pkl", ".pt")):
+    # Regular files only: opening a FIFO planted under a torch file's name would block.
+    for name in sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pkl", ".pt") and p.is_file()):
         problem = _torch_file_problem(path / name)
         if problem is None and name.startswith("random_states_"):
             problem = _rng_state_problem(path / name)
