@@ -1,9 +1,9 @@
 """`magicid forget`: remove a person (`--identity`) or one image (`--image`) from an IDZoom dataset version.
 
 Faces and face embeddings are biometric data. Forgetting removes, from the dataset folder: every image that
-shows the person (the image file, all its faces' rows and zoomed crops, its skeleton and landmark maps, and the
-embeddings, which live in faces.parquet) — a group photo is removed whole, since the other faces' crops and
-maps would still show the person's pixels. Each removed input stays accounted for as a quarantine row with
+shows the person (the image file, all its faces' rows and zoomed crops, its skeleton and landmark maps, the
+embeddings, which live in faces.parquet, and its faces' composite-world cut-outs and photo region in world/) —
+a group photo is removed whole, since the other faces' crops and maps would still show the person's pixels. Each removed input stays accounted for as a quarantine row with
 reason `forgotten` (inputs = images + quarantine still holds), and `forgotten.json` records the image ids and
 identities so that `build-data` never takes them back in, even with other settings.
 
@@ -148,7 +148,10 @@ def forget(
     stats["config_hash"] = old_stats.get("config_hash", stats["config_hash"])  # same analysis settings
     atomic_write_text(root / mf.STATS, json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
-    referenced = set()
+    from magicid.data.world_ingredients import forget_world, world_files
+
+    world_doomed = forget_world(root, doomed)  # the composite world's rows and cut-out masks of those images
+    referenced = set(world_files(root))
     for row in kept_images:
         record = {"status": "image", "image_id": row["image_id"], "image": row,
                   "faces": [f for f in kept_faces if f["image_id"] == row["image_id"]]}  # fmt: skip
@@ -158,6 +161,7 @@ def forget(
         record = {"status": "image", "image_id": row["image_id"], "image": row,
                   "faces": [f for f in faces if f["image_id"] == row["image_id"]]}  # fmt: skip
         doomed_files.update(_files_of(record))
+    doomed_files |= world_doomed
     written = _read_ledger(root) | referenced | doomed_files
     before = {name for name in doomed_files if (root / name).exists()}
     _write_ledger(root, written)
