@@ -32,8 +32,7 @@ Ingredients are data, so they are part of the IDZoom version (DVC versions them,
 
 Drawn on the fly, not stored: the world is unbounded (any index >= 0 is a new scene, so a fit never sees a scene
 twice), a scene is a pure function of `(seed, index)`, and composing is cheap: ~500-600 scenes/s on one core of
-this machine at 256 px (`test_world_draws_quickly` asserts > 100/s; `benchmarks/bench_world.py` prints
-`world_samples_per_second`), far above what a tiny-UNet training step consumes, so a stored bank would only cost
+this machine at 256 px, far above what a tiny-UNet training step consumes, so a stored bank would only cost
 disk and a DVC version per change of a jitter setting.
 """
 
@@ -367,7 +366,8 @@ class CompositeWorld:
 
     def _place(self, cutouts: list[_Cutout], rng: np.random.Generator) -> list:
         """Placements for the cut-outs (largest face first): each face box inside the image, no cut-out covering
-        an earlier face box. Faces that do not fit after 64 tries are all shrunk by 15 % and placed again."""
+        an earlier face box. When a face does not fit in 64 tries, all are shrunk by 15 % (never below
+        `face_scale_min`) and placed again."""
         from magicid.imaging.composite import Placement, boxes_overlap
 
         size, settings = self.resolution, self.settings
@@ -410,9 +410,10 @@ class CompositeWorld:
                     break
             if len(placed) == len(cutouts):
                 return [(cutouts[i], placement) for i, placement in placed]
-            sides = sides * 0.85
-        raise DataError(  # pragma: no cover - 40 shrinks make any face a few pixels wide
-            f"composite world: cannot place {len(cutouts)} faces on {size}x{size}; lower data.world.face_scale_min"
+            sides = np.maximum(sides * 0.85, settings.face_scale_min * size)
+        raise DataError(
+            f"composite world: cannot place {len(cutouts)} faces of side >= {settings.face_scale_min} x {size} px "
+            f"without overlap on {size}x{size}; lower data.world.face_scale_min or faces_max"
         )
 
     def _sample(
