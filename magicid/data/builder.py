@@ -10,8 +10,9 @@
    decode and normalise (`ingest.load_image`), analyse faces, pose per person, write the image, zoomed crops
    and condition maps. Any input that cannot be used becomes a quarantine row with a reason.
 4. Assemble: identity labels from the sidecar, splits, manifests, stats.json, the composite world's ingredients
-   (`world/`, `data/world.write_world`: cut-outs of the identity-labelled faces, backgrounds); delete the stale files this
-   builder wrote itself (listed in the ledger `build_files.json` or the journal) that no row refers to now.
+   (`world/`, `data/world_ingredients.write_world`: cut-outs of the identity-labelled faces, backgrounds); delete
+   the stale files this builder wrote itself (listed in the ledger `build_files.json` or the journal) that no
+   row refers to now.
    Invariant (checked): every input is in exactly one of images.parquet and quarantine.parquet.
 Re-running on the same inputs processes nothing and writes byte-identical files.
 
@@ -50,8 +51,8 @@ from magicid.utils import atomic_write_bytes, atomic_write_text
 
 IDENTITY_SIDECAR = "identities.json"
 JOURNAL_DIR = ".journal"
-# Every file under images/, crops/, conditions/ and world/ this builder has written into the dataset version and not
-# deleted since: the only files garbage collection may delete (a user's own files there are never touched).
+# Every file under images/, crops/, conditions/ and world/ this builder has written into the dataset version and
+# not deleted since: the only files garbage collection may delete (a user's own files there are never touched).
 LEDGER = "build_files.json"
 # The names the builder gives its outputs; a ledger entry of any other shape is never deleted.
 _OUTPUT_NAME = re.compile(

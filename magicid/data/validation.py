@@ -35,6 +35,9 @@ INT_TYPES = ["int32", "int64", "Int32", "Int64"]
 FLOAT_TYPES = ["float32", "float64"]
 PIXEL_TOLERANCE = 0.5  # px: boxes and keypoints may touch the border within rounding
 NORM_TOLERANCE = 1e-3
+GEOMETRY_TOLERANCE = (
+    0.05  # px: a cut-out's geometry is faces.parquet's mapped into its crop (float32 storage)
+)
 
 
 @dataclass
@@ -257,8 +260,8 @@ def _world_frames(root: Path, images: pd.DataFrame, faces: pd.DataFrame) -> tupl
     """
     cutouts = mf.read_table(root / wi.CUTOUTS).copy()
     backgrounds = mf.read_table(root / wi.BACKGROUNDS).copy()
-    if {"face_id", "identity", "crop_path", "mask_path", "crop_size", "crop_box", "face_box", "kps5",
-        "landmarks"} <= set(cutouts.columns) and {"face_id", "bbox", "landmarks"} <= set(faces.columns):  # fmt: skip
+    cutout_columns = set(wi.CUTOUTS_SCHEMA.names) - {"split", "image_id"}
+    if cutout_columns <= set(cutouts.columns) and {"face_id", "bbox", "landmarks"} <= set(faces.columns):
         known = faces.drop_duplicates("face_id").set_index("face_id")
         face_known, identity_matches, crop_ok, mask_ok, inside, kps_inside, finite, agrees = (
             [] for _ in range(8)
@@ -277,8 +280,7 @@ def _world_frames(root: Path, images: pd.DataFrame, faces: pd.DataFrame) -> tupl
             kps, lms = _array(row.kps5, 10), _array(row.landmarks)
             tol = PIXEL_TOLERANCE
             formed = box is not None and bool(np.isfinite(box).all()) and box[0] < box[2] and box[1] < box[3]
-            inside.append(formed and bool(box[0] >= -tol and box[1] >= -tol and box[2] <= row.crop_size + tol
-                                          and box[3] <= row.crop_size + tol))  # fmt: skip
+            inside.append(formed and bool((box >= -tol).all() and (box <= row.crop_size + tol).all()))
             if formed and kps is not None and np.isfinite(kps).all():
                 xy = kps.reshape(5, 2)
                 kps_inside.append(bool(((xy >= box[:2] - tol) & (xy <= box[2:] + tol)).all()))
@@ -297,8 +299,8 @@ def _world_frames(root: Path, images: pd.DataFrame, faces: pd.DataFrame) -> tupl
                     mapped_box = (bbox - origin) * scale
                     mapped = (landmarks.reshape(-1, 2) - crop_box[:2]) * scale
                     match = bool(
-                        np.abs(mapped_box - box).max() <= 0.01
-                        and np.abs(mapped - lms.reshape(-1, 2)).max() <= 0.01
+                        np.abs(mapped_box - box).max() <= GEOMETRY_TOLERANCE
+                        and np.abs(mapped - lms.reshape(-1, 2)).max() <= GEOMETRY_TOLERANCE
                     )
             agrees.append(match)
         cutouts["face_id_known"] = face_known
@@ -316,8 +318,12 @@ def _world_frames(root: Path, images: pd.DataFrame, faces: pd.DataFrame) -> tupl
         for row in backgrounds.itertuples(index=False):
             file_ok.append(_image_size(root, row.path) == (row.width, row.height))
             region = _array(row.region, 4)
-            region_ok.append(region is not None and bool(np.isfinite(region).all()) and 0 <= region[0] < region[2]
-                             <= row.width and 0 <= region[1] < region[3] <= row.height)  # fmt: skip
+            region_ok.append(
+                region is not None
+                and bool(np.isfinite(region).all())
+                and 0 <= region[0] < region[2] <= row.width
+                and 0 <= region[1] < region[3] <= row.height
+            )
             photo_known.append(row.kind != "photo_region" or row.path in photo_paths)
         backgrounds["file_matches_size"] = file_ok
         backgrounds["region_inside_image"] = region_ok

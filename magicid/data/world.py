@@ -121,28 +121,16 @@ class _Background:
     pixels: np.ndarray  # uint8 (h, w, 3): the usable region, shorter side at most 2 R
 
 
-def _read_rgb(path: Path, what: str) -> np.ndarray:
+def _read_image(root: Path, relative: str, what: str, mode: str = "RGB") -> np.ndarray:
+    """A dataset file named by a world table (relative, inside `root`) as a uint8 array in `mode`, else DataError."""
+    path = mf.check_relative(str(relative), root, what)
     if not path.is_file():
         raise DataError(
             f"{path}: {what} is missing; restore it (dvc pull) or rebuild with `magicid build-data`"
         )
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise DataError(
-            f"{path}: {what} is unreadable ({error}); rebuild with `magicid build-data`"
-        ) from error
-
-
-def _read_grey(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(
-            f"{path}: {what} is missing; restore it (dvc pull) or rebuild with `magicid build-data`"
-        )
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L"))
+            return np.asarray(image.convert(mode))
     except (OSError, ValueError) as error:
         raise DataError(
             f"{path}: {what} is unreadable ({error}); rebuild with `magicid build-data`"
@@ -211,8 +199,8 @@ class CompositeWorld:
         counts = set()
         for row in cutouts.sort_values("face_id").itertuples(index=False):
             where = f"{self.root / CUTOUTS}: face_id={row.face_id}"
-            crop = _read_rgb(self.root / row.crop_path, f"{where}: crop")
-            alpha = _read_grey(self.root / row.mask_path, f"{where}: cut-out mask")
+            crop = _read_image(self.root, row.crop_path, f"{where}: crop")
+            alpha = _read_image(self.root, row.mask_path, f"{where}: cut-out mask", "L")
             if crop.shape[:2] != alpha.shape or crop.shape[0] != int(row.crop_size):
                 raise DataError(
                     f"{where}: crop {crop.shape[1]}x{crop.shape[0]}, mask {alpha.shape[1]}x{alpha.shape[0]} and "
@@ -231,7 +219,7 @@ class CompositeWorld:
                     np.asarray(row.face_box, np.float32),
                     np.asarray(row.kps5, np.float32).reshape(5, 2),
                     landmarks,
-                )  # fmt: skip
+                )
             )
         if len(counts) != 1:
             raise DataError(f"{self.root / CUTOUTS}: landmark counts differ between faces ({sorted(counts)})")
@@ -257,7 +245,7 @@ class CompositeWorld:
                     f"{self.root / mf.FACES}: face_id={row.face_id}: embedding of shape {embedding.shape}, expected "
                     f"({dim},) (model.id_embed_dim); use the face backend the dataset was built with"
                 )
-            crop = _read_rgb(self.root / row.crop_path, f"face_id={row.face_id}: crop")
+            crop = _read_image(self.root, row.crop_path, f"face_id={row.face_id}: crop")
             if crop.shape[:2] != (size, size):
                 crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
             embedding = embedding / np.linalg.norm(embedding)
@@ -267,7 +255,9 @@ class CompositeWorld:
     def _load_background(self, row) -> _Background:
         import cv2
 
-        pixels = _read_rgb(self.root / row.path, f"{self.root / BACKGROUNDS}: background {row.background_id}")
+        pixels = _read_image(
+            self.root, row.path, f"{self.root / BACKGROUNDS}: background {row.background_id}"
+        )
         x0, y0, x1, y1 = (int(round(v)) for v in row.region)
         if not (0 <= x0 < x1 <= pixels.shape[1] and 0 <= y0 < y1 <= pixels.shape[0]):
             raise DataError(
@@ -373,6 +363,7 @@ class CompositeWorld:
         size, settings = self.resolution, self.settings
         low, high = math.log(settings.face_scale_min), math.log(settings.face_scale_max)
         sides = np.exp(rng.uniform(low, high, size=len(cutouts))) * size
+        low_px, high_px = settings.face_scale_min * size, settings.face_scale_max * size
         order = np.argsort(-sides, kind="stable")
         mirrors = rng.random(len(cutouts)) < settings.flip_prob
         for _ in range(40):
@@ -382,9 +373,13 @@ class CompositeWorld:
                 cutout = cutouts[i]
                 crop_side = cutout.crop.shape[0]
                 face_side = float(np.max(cutout.face_box[2:] - cutout.face_box[:2]))
-                at_origin = Placement.scaled(
-                    (crop_side, crop_side), 0, 0, sides[i] / face_side, bool(mirrors[i])
-                )
+                # The pasted crop's side in whole pixels, nudged so the face stays within the scale range.
+                pasted = max(1, round(crop_side * sides[i] / face_side))
+                while pasted > 1 and face_side * pasted / crop_side > high_px:
+                    pasted -= 1
+                while face_side * pasted / crop_side < low_px:
+                    pasted += 1
+                at_origin = Placement((0, 0, pasted, pasted), (crop_side, crop_side), bool(mirrors[i]))
                 # Face box and cut-out extent with the crop's corner at (0, 0); a placement shifts both.
                 face = at_origin.boxes(cutout.face_box)[0].astype(np.float64)
                 extent = at_origin.boxes(np.asarray(cutout.extent, np.float32))[0].astype(np.float64)

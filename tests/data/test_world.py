@@ -109,7 +109,7 @@ def test_boxes_are_exact_inside_the_image_and_sized_as_asked(sample_world_dir, w
         assert s.boxes.shape == (n, 4) and s.boxes.dtype == np.float32
         assert (s.boxes >= -1e-3).all() and (s.boxes <= RES + 1e-3).all()
         sides = (s.boxes[:, 2:] - s.boxes[:, :2]).max(axis=1)
-        assert ((sides >= 0.10 * RES - 1) & (sides <= 0.45 * RES + 1)).all(), sides / RES
+        assert ((sides >= 0.10 * RES - 1e-3) & (sides <= 0.45 * RES + 1e-3)).all(), sides / RES
         for k, face_id in enumerate(s.face_ids):
             row = cutouts[face_id]
             face_box = np.asarray(row["face_box"])
