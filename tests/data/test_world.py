@@ -345,5 +345,6 @@ def test_package_backgrounds_show_no_face():
         assert analyzer.analyze(wi.package_background(name)) == [], name
     with pytest.raises(DataError, match="person"):
         wi.package_background("astronaut")
-    with pytest.raises(DataError, match="scikit-image"):
-        wi.package_background("no_such_photo")
+    for name in ("no_such_photo", "download_all"):  # not a shipped photo: refused before anything is called
+        with pytest.raises(DataError, match="scikit-image"):
+            wi.package_background(name)
