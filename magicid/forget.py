@@ -266,7 +266,6 @@ def _erase(root: Path, params: Params, plan: dict) -> None:
         config_hash,
         remove_write_leftovers,
     )
-
     from magicid.data.world_ingredients import forget_world, world_files
 
     doomed = set(plan["image_ids"])
@@ -294,7 +293,9 @@ def _erase(root: Path, params: Params, plan: dict) -> None:
     mf.write_table(images, mf.IMAGES_SCHEMA, root / mf.IMAGES)
     mf.write_table(faces, mf.FACES_SCHEMA, root / mf.FACES)
     mf.write_table(quarantine, mf.QUARANTINE_SCHEMA, root / mf.QUARANTINE)
-    forget_world(root, doomed)  # the composite world's rows of those images (their masks are in plan["files"])
+    forget_world(
+        root, doomed
+    )  # the composite world's rows of those images (their masks are in plan["files"])
     stats = _stats(images, faces, quarantine, len(images) + len(quarantine), params, config_hash(params))
     old_stats = json.loads((root / mf.STATS).read_text()) if (root / mf.STATS).is_file() else {}
     stats["config_hash"] = old_stats.get("config_hash", stats["config_hash"])  # same analysis settings

@@ -44,6 +44,7 @@ import numpy as np
 
 from magicid.config import Params
 from magicid.data import manifest as mf
+from magicid.data import world_ingredients as wi
 from magicid.data.inputs import InputEntry, hash_regular_file, list_input_entries
 from magicid.errors import DataError, InputRejected
 from magicid.forget import FORGOTTEN, finish_pending_erasure, read_forgotten
@@ -67,9 +68,11 @@ _OUTPUT_NAME = re.compile(
 _JOURNAL_NAME = re.compile(r"[0-9a-f]{20}\.json")
 # What a kill in the middle of `utils.atomic_write` leaves of the files this builder and `forget` write: the
 # temporary `.<name>.<8 random characters><suffix>` beside the file (tempfile.mkstemp's names).
-_ROOT_FILES = (mf.IMAGES, mf.FACES, mf.QUARANTINE, mf.STATS, LEDGER, FORGOTTEN, FORGET_JOURNAL)
+_ROOT_FILES = (mf.IMAGES, mf.FACES, mf.QUARANTINE, mf.STATS, LEDGER, FORGOTTEN, FORGET_JOURNAL,
+               *(Path(name).name for name in (wi.CUTOUTS, wi.BACKGROUNDS)))  # fmt: skip
 _LEFTOVER_NAME = re.compile(
     rf"\.(?:{'|'.join(re.escape(name) for name in _ROOT_FILES)}"
+    r"|skimage_[a-z_]+\.png"
     r"|[0-9a-f]{16}(?:_[0-9]{2,}|_skeleton|_landmark)?\.(?:png|jpg|webp)|[0-9a-f]{20}\.json)"
     r"\.[a-z0-9_]{8}\.(?:parquet|json|png|jpg|webp)"
 )
@@ -809,14 +812,15 @@ def _collect_garbage(out_dir: Path, written: set[str], referenced: set[str]) -> 
 
 def remove_write_leftovers(out_dir: Path) -> list[str]:
     """Delete the temporary files that a kill during an atomic write of this builder or of `forget` left in
-    the dataset folder, its `images/`, `crops/`, `conditions/` and `.journal/` (names of that exact shape,
-    regular files, no symlinked folder followed).
+    the dataset folder, its `images/`, `crops/`, `conditions/`, `.journal/` and the composite world's folders
+    (names of that exact shape, regular files, no symlinked folder followed).
 
     Returns:
         The names deleted (relative to `out_dir`).
     """
     removed = []
-    subfolders = (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR, JOURNAL_DIR)
+    subfolders = (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR, JOURNAL_DIR, wi.WORLD_DIR, wi.MASKS_DIR,
+                  wi.BACKGROUNDS_DIR)  # fmt: skip
     for folder in [out_dir, *(out_dir / name for name in subfolders)]:
         if folder.is_symlink() or not folder.is_dir():
             continue
