@@ -158,6 +158,36 @@ class SplitParams(_Section):
         return self
 
 
+class WorldParams(_Section):
+    """The composite training world (`data/world.py`): ingredients written by build-data, scenes drawn on the fly."""
+
+    # Photos without people in scikit-image's data set (shipped in its wheel; checked face-free by the offline
+    # analyzer in tests/data/test_world.py).
+    backgrounds: list[str] = ["coffee", "chelsea", "rocket", "hubble_deep_field", "brick", "grass", "gravel",
+                              "coins", "moon", "clock"]  # fmt: skip
+    photo_regions: bool = True
+    min_region: int = Field(64, ge=8)
+    faces_min: int = Field(1, ge=1)
+    faces_max: int = Field(4, ge=1)
+    face_scale_min: float = Field(0.10, gt=0, le=1)
+    face_scale_max: float = Field(0.45, gt=0, le=1)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    color_jitter: float = Field(0.15, ge=0, lt=1)
+    light_jitter: float = Field(0.3, ge=0, lt=1)
+    background_tint: float = Field(0.3, ge=0, lt=1)
+    background_zoom: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorldParams:
+        if self.faces_min > self.faces_max:
+            raise ValueError(f"faces_min ({self.faces_min}) must be <= faces_max ({self.faces_max})")
+        if self.face_scale_min > self.face_scale_max:
+            raise ValueError(
+                f"face_scale_min ({self.face_scale_min}) must be <= face_scale_max ({self.face_scale_max})"
+            )
+        return self
+
+
 class DataParams(_Section):
     raw_dir: str = "data/raw"
     out_dir: str = "data/idzoom"
@@ -167,6 +197,7 @@ class DataParams(_Section):
     workers: int = Field(2, ge=1)
     split: SplitParams = SplitParams()
     sample_scales: list[Annotated[float, Field(gt=0, le=1)]] = [1.0, 0.5, 0.3, 0.2]
+    world: WorldParams = WorldParams()
 
 
 class FacesParams(_Section):

@@ -1,8 +1,9 @@
 """`magicid forget`: remove a person (`--identity`) or one image (`--image`) from an IDZoom dataset version.
 
 Faces and face embeddings are biometric data. Forgetting removes, from the dataset folder: every image that
-shows the person (the image file, all its faces' rows and zoomed crops, its skeleton and landmark maps, and the
-embeddings, which live in faces.parquet and in any `.journal/` record an interrupted build left) — a group photo
+shows the person (the image file, all its faces' rows and zoomed crops, its skeleton and landmark maps, the
+embeddings, which live in faces.parquet and in any `.journal/` record an interrupted build left, and its faces'
+composite-world cut-outs and photo region in world/) — a group photo
 is removed whole, since the other faces' crops and maps would still show the person's pixels. Each removed
 input stays accounted for as a quarantine row with reason `forgotten` (inputs = images + quarantine still
 holds), and `forgotten.json` records the image ids and identities so that `build-data` never takes them back
@@ -201,6 +202,7 @@ def _plan(root: Path, identity: str | None, image_id: str | None) -> dict | None
     import pyarrow.parquet as pq
 
     from magicid.data.builder import _files_of, _journal_entries
+    from magicid.data.world_ingredients import world_masks_of
     from magicid.training.trainer import dataset_version
 
     images = pq.read_table(root / mf.IMAGES).to_pylist()
@@ -232,6 +234,7 @@ def _plan(root: Path, identity: str | None, image_id: str | None) -> dict | None
         if entry["record"]["image_id"] in doomed:
             builder_journal.append(path.name)
             files.update(_files_of(entry["record"]))
+    files.update(world_masks_of(root, doomed))
     old_version, _ = dataset_version(root)
     return {
         "version": JOURNAL_VERSION,
@@ -263,6 +266,7 @@ def _erase(root: Path, params: Params, plan: dict) -> None:
         config_hash,
         remove_write_leftovers,
     )
+    from magicid.data.world_ingredients import forget_world, world_files
 
     doomed = set(plan["image_ids"])
     # 1. The record that keeps build-data from taking them back (and the versions that held them).
@@ -289,13 +293,16 @@ def _erase(root: Path, params: Params, plan: dict) -> None:
     mf.write_table(images, mf.IMAGES_SCHEMA, root / mf.IMAGES)
     mf.write_table(faces, mf.FACES_SCHEMA, root / mf.FACES)
     mf.write_table(quarantine, mf.QUARANTINE_SCHEMA, root / mf.QUARANTINE)
+    forget_world(
+        root, doomed
+    )  # the composite world's rows of those images (their masks are in plan["files"])
     stats = _stats(images, faces, quarantine, len(images) + len(quarantine), params, config_hash(params))
     old_stats = json.loads((root / mf.STATS).read_text()) if (root / mf.STATS).is_file() else {}
     stats["config_hash"] = old_stats.get("config_hash", stats["config_hash"])  # same analysis settings
     atomic_write_text(root / mf.STATS, json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
     # 3. Files: the ledger lists them first (so a build would delete them too), then they are deleted.
-    referenced = set()
+    referenced = set(world_files(root))
     for row in images:
         record = {"status": "image", "image_id": row["image_id"], "image": row,
                   "faces": [f for f in faces if f["image_id"] == row["image_id"]]}  # fmt: skip

@@ -32,3 +32,20 @@ def tiny_backbone():
     from magicid.models.tiny import build_tiny_backbone
 
     return build_tiny_backbone()
+
+
+@pytest.fixture(scope="session")
+def sample_world_dir(tmp_path_factory) -> Path:
+    """The sample set (ten identities, `magicid sample-data` at scales 1.0 and 0.3) built into an IDZoom version
+    with 128-px crops, once per session: the composite world's ingredients (`world/`) included. ~10 s.
+
+    Read-only for tests: copy it before editing.
+    """
+    from magicid.config import load_params
+    from magicid.data.builder import build_idzoom
+    from magicid.data.sample import build_sample_set
+
+    root = tmp_path_factory.mktemp("sample-world")
+    params = load_params(None, ["data.sample_scales=[1.0, 0.3]", "data.workers=1", "data.crop_size=128"])
+    raw = build_sample_set(root / "raw", params)
+    return Path(build_idzoom(raw, root / "idzoom", params, progress=False).out_dir)

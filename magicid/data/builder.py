@@ -9,8 +9,10 @@
 3. Process the rest in `data.workers` processes (each pinned to one thread, models loaded once per process):
    decode and normalise (`ingest.load_image`), analyse faces, pose per person, write the image, zoomed crops
    and condition maps. Any input that cannot be used becomes a quarantine row with a reason.
-4. Assemble: identity labels from the sidecar, splits, manifests, stats.json; delete the stale files this
-   builder wrote itself (listed in the ledger `build_files.json` or the journal) that no row refers to now.
+4. Assemble: identity labels from the sidecar, splits, manifests, stats.json, the composite world's ingredients
+   (`world/`, `data/world_ingredients.write_world`: cut-outs of the identity-labelled faces, backgrounds); delete
+   the stale files this builder wrote itself (listed in the ledger `build_files.json` or the journal) that no
+   row refers to now.
    Invariant (checked): every input is in exactly one of images.parquet and quarantine.parquet.
 Re-running on the same inputs processes nothing and writes byte-identical files.
 
@@ -42,6 +44,7 @@ import numpy as np
 
 from magicid.config import Params
 from magicid.data import manifest as mf
+from magicid.data import world_ingredients as wi
 from magicid.data.inputs import InputEntry, hash_regular_file, list_input_entries
 from magicid.errors import DataError, InputRejected
 from magicid.forget import FORGOTTEN, finish_pending_erasure, read_forgotten
@@ -51,21 +54,25 @@ from magicid.utils import atomic_write_bytes, atomic_write_text
 
 IDENTITY_SIDECAR = "identities.json"
 JOURNAL_DIR = ".journal"
-# Every file under images/, crops/ and conditions/ this builder has written into the dataset version and not
-# deleted since: the only files garbage collection may delete (a user's own files there are never touched).
+# Every file under images/, crops/, conditions/ and world/ this builder has written into the dataset version and
+# not deleted since: the only files garbage collection may delete (a user's own files there are never touched).
 LEDGER = "build_files.json"
 # The names the builder gives its outputs; a ledger entry of any other shape is never deleted.
 _OUTPUT_NAME = re.compile(
     rf"({mf.IMAGES_DIR}/[0-9a-f]{{16}}\.(png|jpg|webp)"
     rf"|{mf.CROPS_DIR}/[0-9a-f]{{16}}_[0-9]{{2,}}\.png"
-    rf"|{mf.CONDITIONS_DIR}/[0-9a-f]{{16}}_(skeleton|landmark)\.png)"
+    rf"|{mf.CONDITIONS_DIR}/[0-9a-f]{{16}}_(skeleton|landmark)\.png"
+    r"|world/masks/[0-9a-f]{16}_[0-9]{2,}\.png"
+    r"|world/backgrounds/skimage_[a-z0-9_]+\.png)"
 )
 _JOURNAL_NAME = re.compile(r"[0-9a-f]{20}\.json")
 # What a kill in the middle of `utils.atomic_write` leaves of the files this builder and `forget` write: the
 # temporary `.<name>.<8 random characters><suffix>` beside the file (tempfile.mkstemp's names).
-_ROOT_FILES = (mf.IMAGES, mf.FACES, mf.QUARANTINE, mf.STATS, LEDGER, FORGOTTEN, FORGET_JOURNAL)
+_ROOT_FILES = (mf.IMAGES, mf.FACES, mf.QUARANTINE, mf.STATS, LEDGER, FORGOTTEN, FORGET_JOURNAL,
+               *(Path(name).name for name in (wi.CUTOUTS, wi.BACKGROUNDS)))  # fmt: skip
 _LEFTOVER_NAME = re.compile(
     rf"\.(?:{'|'.join(re.escape(name) for name in _ROOT_FILES)}"
+    r"|skimage_[a-z_]+\.png"
     r"|[0-9a-f]{16}(?:_[0-9]{2,}|_skeleton|_landmark)?\.(?:png|jpg|webp)|[0-9a-f]{20}\.json)"
     r"\.[a-z0-9_]{8}\.(?:parquet|json|png|jpg|webp)"
 )
@@ -677,7 +684,10 @@ def _build_idzoom_locked(
     mf.write_table(quarantine, mf.QUARANTINE_SCHEMA, out_dir / mf.QUARANTINE)
     stats = _stats(images, faces, quarantine, len(inputs), params, cfg_hash)
     atomic_write_text(out_dir / mf.STATS, json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    referenced = {name for r in image_records for name in _files_of(r)}
+    from magicid.data.world_ingredients import write_world
+
+    world_files = write_world(out_dir, images, faces, params)  # the composite world's ingredients (world/)
+    referenced = {name for r in image_records for name in _files_of(r)} | world_files
     written = _read_ledger(out_dir) | referenced
     for entry in _journal_entries(out_dir).values():  # interrupted runs, any settings
         written.update(_files_of(entry["record"]))
@@ -737,7 +747,7 @@ def check_folders(input_dir: Path, out_dir: Path) -> None:
             "its own images/, crops/ and conditions/ there); choose an output folder that does not contain "
             "the input, e.g. a sibling of it"
         )
-    for name in (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR, JOURNAL_DIR, LEDGER):
+    for name in (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR, "world", JOURNAL_DIR, LEDGER):
         if (out_dir / name).is_symlink():
             raise DataError(
                 f"{out_dir / name}: is a symlink; the builder writes only into folders of its own "
@@ -772,8 +782,8 @@ def _collect_garbage(out_dir: Path, written: set[str], referenced: set[str]) -> 
     """Delete the files the builder wrote (`written`) that no manifest row refers to any more.
 
     A file is deleted only if its name has the shape the builder gives its outputs and it is a regular file
-    (not a link) directly inside the output's own `images/`, `crops/` or `conditions/` folder: a forged or
-    stale ledger entry can never reach a file outside them.
+    (not a link) inside the output's own `images/`, `crops/`, `conditions/` or `world/` folders (no folder on
+    the way a link): a forged or stale ledger entry can never reach a file outside them.
 
     Returns:
         The ledger's new content: `referenced`, plus any listed file that could not be deleted.
@@ -782,9 +792,9 @@ def _collect_garbage(out_dir: Path, written: set[str], referenced: set[str]) -> 
     for name in sorted(written - referenced):
         if not _OUTPUT_NAME.fullmatch(name):
             continue  # not a name the builder gives: never the builder's to delete
-        folder = out_dir / name.split("/", 1)[0]
         path = out_dir / name
-        if folder.is_symlink() or not folder.is_dir():
+        folders = [out_dir / Path(*name.split("/")[:depth]) for depth in range(1, name.count("/") + 1)]
+        if any(folder.is_symlink() or not folder.is_dir() for folder in folders):
             continue
         try:
             if not stat.S_ISREG(path.lstat().st_mode):
@@ -802,14 +812,15 @@ def _collect_garbage(out_dir: Path, written: set[str], referenced: set[str]) -> 
 
 def remove_write_leftovers(out_dir: Path) -> list[str]:
     """Delete the temporary files that a kill during an atomic write of this builder or of `forget` left in
-    the dataset folder, its `images/`, `crops/`, `conditions/` and `.journal/` (names of that exact shape,
-    regular files, no symlinked folder followed).
+    the dataset folder, its `images/`, `crops/`, `conditions/`, `.journal/` and the composite world's folders
+    (names of that exact shape, regular files, no symlinked folder followed).
 
     Returns:
         The names deleted (relative to `out_dir`).
     """
     removed = []
-    subfolders = (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR, JOURNAL_DIR)
+    subfolders = (mf.IMAGES_DIR, mf.CROPS_DIR, mf.CONDITIONS_DIR, JOURNAL_DIR, wi.WORLD_DIR, wi.MASKS_DIR,
+                  wi.BACKGROUNDS_DIR)  # fmt: skip
     for folder in [out_dir, *(out_dir / name for name in subfolders)]:
         if folder.is_symlink() or not folder.is_dir():
             continue

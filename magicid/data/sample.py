@@ -85,10 +85,10 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(gradient + texture, 0, 255).astype(np.uint8)
 
 
-def _person(photo: np.ndarray, face_box, face_side: float, mirror: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Cut head and shoulders around `face_box`, scale so the face is `face_side` px; returns (patch, face box
-    in patch coordinates)."""
-    import cv2
+def _person(photo: np.ndarray, face_box, face_side: float, mirror: bool):
+    """Head and shoulders around `face_box`, placed so the face is `face_side` px: returns (region, its
+    placement with the top-left corner at 0, 0, the face box in region pixels)."""
+    from magicid.imaging.composite import Placement
 
     x0, y0, x1, y1 = (float(v) for v in face_box)
     f = max(x1 - x0, y1 - y0)
@@ -96,29 +96,29 @@ def _person(photo: np.ndarray, face_box, face_side: float, mirror: bool) -> tupl
     h, w = photo.shape[:2]
     rx0, rx1 = max(0, int(cx - 1.0 * f)), min(w, int(math.ceil(cx + 1.0 * f)))
     ry0, ry1 = max(0, int(y0 - 0.5 * f)), min(h, int(math.ceil(y1 + 1.2 * f)))
-    region = photo[ry0:ry1, rx0:rx1]
-    k = face_side / f
-    size = (max(1, round(region.shape[1] * k)), max(1, round(region.shape[0] * k)))
-    patch = cv2.resize(region, size, interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
-    box = np.array([(x0 - rx0) * k, (y0 - ry0) * k, (x1 - rx0) * k, (y1 - ry0) * k])
-    if mirror:
-        patch = patch[:, ::-1]
-        box = np.array([patch.shape[1] - box[2], box[1], patch.shape[1] - box[0], box[3]])
-    return np.ascontiguousarray(patch), box
+    region = np.ascontiguousarray(photo[ry0:ry1, rx0:rx1])
+    placement = Placement.scaled((region.shape[1], region.shape[0]), 0, 0, face_side / f, mirror)
+    return region, placement, np.array([x0 - rx0, y0 - ry0, x1 - rx0, y1 - ry0])
 
 
 def _composite(people: list[tuple[str, np.ndarray, np.ndarray]], scale: float, rng: np.random.Generator):
-    """Place the people left to right; returns (image, labels)."""
+    """Place the people left to right (`magicid.imaging.composite.paste`, opaque); returns (image, labels)."""
+    from magicid.imaging.composite import Placement, paste
+
     width, height = CANVAS
     face_side = math.sqrt(FACE_AREA_AT_SCALE_1 * scale * width * height)
     canvas = _background(rng)
     patches = []
     for index, (identity, photo, box) in enumerate(people):
-        patch, face = _person(photo, box, face_side, mirror=index >= 2)
-        patches.append((identity, patch, face))
+        region, placement, face = _person(photo, box, face_side, mirror=index >= 2)
+        patches.append((identity, region, placement, face))
+
+    def span(placement: Placement) -> int:
+        return placement.box[2] - placement.box[0]
+
     fitting = []
     for item in patches:  # as many as fit side by side
-        if sum(p.shape[1] for _, p, _ in fitting) + item[1].shape[1] > width:
+        if sum(span(p) for _, _, p, _ in fitting) + span(item[2]) > width:
             break
         fitting.append(item)
     if len(fitting) < 2:
@@ -126,16 +126,16 @@ def _composite(people: list[tuple[str, np.ndarray, np.ndarray]], scale: float, r
             f"data.sample_scales: scale {scale} leaves room for {len(fitting)} person(s) on "
             f"{width}x{height}; use scales <= 1.0"
         )
-    gap = (width - sum(p.shape[1] for _, p, _ in fitting)) / (len(fitting) + 1)
+    gap = (width - sum(span(p) for _, _, p, _ in fitting)) / (len(fitting) + 1)
     x = gap
     labels = []
-    for identity, patch, face in fitting:
-        ph, pw = patch.shape[:2]
+    for identity, region, sized, face in fitting:
+        pw, ph = span(sized), sized.box[3] - sized.box[1]
         left = int(round(x))
         top = int(rng.integers(0, max(1, height - ph + 1))) if ph < height else 0
-        visible = patch[: height - top, : width - left]
-        canvas[top : top + visible.shape[0], left : left + visible.shape[1]] = visible
-        fx0, fy0, fx1, fy1 = face + np.array([left, top, left, top])
+        placement = Placement((left, top, left + pw, top + ph), sized.patch_size, sized.mirror)
+        paste(canvas, region, placement)
+        fx0, fy0, fx1, fy1 = placement.boxes(face)[0].astype(np.float64)
         labels.append(
             {
                 "identity": identity,

@@ -7,6 +7,9 @@ inside the dataset root; n_faces agrees with faces.parquet; quarantine reasons k
 every file under the dataset is referenced (manifests, stats, the builder's ledger, `forgotten.json`, and the
 images, crops and condition maps the manifests name): a leftover of an interrupted build or erasure (the journal
 of `forget` included) fails.
+The composite world's ingredients (`world/`, `data/world_ingredients.py`): each cut-out a known labelled face
+whose crop and mask exist at its size and whose geometry agrees with faces.parquet; backgrounds exist, with
+their regions inside them, and at least one when there are cut-outs.
 
 Row-wise geometry cannot be expressed on list columns in GE's pandas engine (`UnexpectedRowsExpectation` has
 no pandas provider), so derived columns (`bbox_inside_image`, `kps_inside_box`, `embedding_norm`, ...) are
@@ -27,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from magicid.data import manifest as mf
+from magicid.data import world_ingredients as wi
 from magicid.errors import DataError, ValidationFailed
 from magicid.utils import atomic_write_text
 
@@ -35,6 +39,9 @@ INT_TYPES = ["int32", "int64", "Int32", "Int64"]
 FLOAT_TYPES = ["float32", "float64"]
 PIXEL_TOLERANCE = 0.5  # px: boxes and keypoints may touch the border within rounding
 NORM_TOLERANCE = 1e-3
+GEOMETRY_TOLERANCE = (
+    0.05  # px: a cut-out's geometry is faces.parquet's mapped into its crop (float32 storage)
+)
 
 
 @dataclass
@@ -138,6 +145,8 @@ def check_column_types(root: Path) -> None:
         (mf.IMAGES, mf.IMAGES_SCHEMA),
         (mf.FACES, mf.FACES_SCHEMA),
         (mf.QUARANTINE, mf.QUARANTINE_SCHEMA),
+        (wi.CUTOUTS, wi.CUTOUTS_SCHEMA),
+        (wi.BACKGROUNDS, wi.BACKGROUNDS_SCHEMA),
     ):
         path = root / name
         if not path.is_file():
@@ -170,7 +179,7 @@ def _array(value, length: int | None = None) -> np.ndarray | None:
 
 
 def derive_frames(root: Path) -> dict[str, pd.DataFrame]:
-    """The three manifests plus the derived check columns the suite expects on.
+    """The three manifests and the world's two tables, plus the derived check columns the suite expects on.
 
     Raises:
         DataError: a manifest is missing or unreadable.
@@ -253,12 +262,14 @@ def derive_frames(root: Path) -> dict[str, pd.DataFrame]:
     if "source" in quarantine and "source" in images:
         quarantine["source_in_images"] = quarantine["source"].isin(images["source"]).astype(bool)
     listed = dataset_files(root)
-    referenced = referenced_files(images, faces)
+    referenced = referenced_files(images, faces) | wi.world_files(root) | {wi.CUTOUTS, wi.BACKGROUNDS}
     files = pd.DataFrame(
         {"path": listed, "unreferenced_path": [None if name in referenced else name for name in listed]},
         dtype=object,
     )
-    frames = {"images": images, "faces": faces, "quarantine": quarantine, "files": files}
+    cutouts, backgrounds = _world_frames(root, images, faces)
+    frames = {"images": images, "faces": faces, "quarantine": quarantine, "files": files,
+              "world_cutouts": cutouts, "world_backgrounds": backgrounds}  # fmt: skip
     for frame in frames.values():
         # pandas 3 reads Parquet strings as dtype `str`, which GE's type expectations do not recognise;
         # as object columns GE checks each value's Python type (`str`) instead.
@@ -266,6 +277,101 @@ def derive_frames(root: Path) -> dict[str, pd.DataFrame]:
             if pd.api.types.is_string_dtype(frame[column].dtype) and frame[column].dtype != object:
                 frame[column] = frame[column].astype(object)
     return frames
+
+
+def _image_size(root: Path, relative) -> tuple[int, int] | None:
+    """(width, height) of a dataset file read from its header, or None when it is unsafe, missing or unreadable."""
+    from PIL import Image
+
+    if not _safe_path(relative) or not _file_inside(root, relative):
+        return None
+    try:
+        with Image.open(root / relative) as image:
+            return image.size
+    except (OSError, ValueError):
+        return None
+
+
+def _world_frames(root: Path, images: pd.DataFrame, faces: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The composite world's tables (`world_ingredients.py`) with derived check columns: every cut-out is a
+    known, identity-labelled face whose crop and mask exist, have its `crop_size` and agree with faces.parquet
+    (its face box and landmarks, mapped into the crop, are the manifest's); every background file exists and
+    its region lies inside it.
+
+    Raises:
+        DataError: a world table is missing (a build from before the world: rebuild) or unreadable.
+    """
+    cutouts = mf.read_table(root / wi.CUTOUTS).copy()
+    backgrounds = mf.read_table(root / wi.BACKGROUNDS).copy()
+    cutout_columns = set(wi.CUTOUTS_SCHEMA.names) - {"split", "image_id"}
+    if cutout_columns <= set(cutouts.columns) and {"face_id", "bbox", "landmarks"} <= set(faces.columns):
+        known = faces.drop_duplicates("face_id").set_index("face_id")
+        face_known, identity_matches, crop_ok, mask_ok, inside, kps_inside, finite, agrees = (
+            [] for _ in range(8)
+        )
+        for row in cutouts.itertuples(index=False):
+            face = known.loc[row.face_id] if row.face_id in known.index else None
+            face_known.append(face is not None)
+            identity_matches.append(
+                face is not None and row.identity is not None and face["identity"] == row.identity
+            )
+            crop_size = _image_size(root, row.crop_path)
+            mask_size = _image_size(root, row.mask_path)
+            crop_ok.append(crop_size == (row.crop_size, row.crop_size))
+            mask_ok.append(mask_size == (row.crop_size, row.crop_size))
+            box, crop_box = _array(row.face_box, 4), _array(row.crop_box, 4)
+            kps, lms = _array(row.kps5, 10), _array(row.landmarks)
+            tol = PIXEL_TOLERANCE
+            formed = box is not None and bool(np.isfinite(box).all()) and box[0] < box[2] and box[1] < box[3]
+            inside.append(formed and bool((box >= -tol).all() and (box <= row.crop_size + tol).all()))
+            if formed and kps is not None and np.isfinite(kps).all():
+                xy = kps.reshape(5, 2)
+                kps_inside.append(bool(((xy >= box[:2] - tol) & (xy <= box[2:] + tol)).all()))
+            else:
+                kps_inside.append(False)
+            finite.append(
+                lms is not None and lms.size > 0 and lms.size % 2 == 0 and bool(np.isfinite(lms).all())
+            )
+            match = False
+            if face is not None and formed and crop_box is not None and finite[-1]:
+                bbox, landmarks = _array(face["bbox"], 4), _array(face["landmarks"])
+                side = crop_box[2] - crop_box[0]
+                if bbox is not None and landmarks is not None and landmarks.size == lms.size and side > 0:
+                    scale = row.crop_size / side
+                    origin = np.tile(crop_box[:2], 2)
+                    mapped_box = (bbox - origin) * scale
+                    mapped = (landmarks.reshape(-1, 2) - crop_box[:2]) * scale
+                    match = bool(
+                        np.abs(mapped_box - box).max() <= GEOMETRY_TOLERANCE
+                        and np.abs(mapped - lms.reshape(-1, 2)).max() <= GEOMETRY_TOLERANCE
+                    )
+            agrees.append(match)
+        cutouts["face_id_known"] = face_known
+        cutouts["identity_matches_faces"] = identity_matches
+        cutouts["crop_matches_size"] = crop_ok
+        cutouts["mask_matches_size"] = mask_ok
+        cutouts["face_box_inside_crop"] = inside
+        cutouts["kps_inside_face_box"] = kps_inside
+        cutouts["landmarks_finite"] = finite
+        cutouts["geometry_matches_faces"] = agrees
+        cutouts["world_has_backgrounds"] = [len(backgrounds) > 0] * len(cutouts)
+    if {"path", "width", "height", "region", "kind"} <= set(backgrounds.columns):
+        file_ok, region_ok, photo_known = [], [], []
+        photo_paths = set(images["path"]) if "path" in images else set()
+        for row in backgrounds.itertuples(index=False):
+            file_ok.append(_image_size(root, row.path) == (row.width, row.height))
+            region = _array(row.region, 4)
+            region_ok.append(
+                region is not None
+                and bool(np.isfinite(region).all())
+                and 0 <= region[0] < region[2] <= row.width
+                and 0 <= region[1] < region[3] <= row.height
+            )
+            photo_known.append(row.kind != "photo_region" or row.path in photo_paths)
+        backgrounds["file_matches_size"] = file_ok
+        backgrounds["region_inside_image"] = region_ok
+        backgrounds["photo_known"] = photo_known
+    return cutouts, backgrounds
 
 
 def _suites():
@@ -349,10 +455,56 @@ def _suites():
         gxe.ExpectColumnValuesToBeInSet(column="reason", value_set=[*REASONS, "analysis_error"]),
         gxe.ExpectColumnValuesToBeInSet(column="source_in_images", value_set=[False]),
     ]
+    world_cutouts = [
+        *[
+            gxe.ExpectColumnToExist(column=c)
+            for c in (
+                "face_id",
+                "identity",
+                "crop_path",
+                "mask_path",
+                "crop_size",
+                "crop_box",
+                "face_box",
+                "kps5",
+                "landmarks",
+            )  # fmt: skip
+        ],
+        gxe.ExpectColumnValuesToNotBeNull(column="face_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="face_id"),
+        gxe.ExpectColumnValuesToNotBeNull(column="identity"),
+        *[
+            gxe.ExpectColumnValuesToBeInSet(column=c, **true)
+            for c in (
+                "face_id_known",
+                "identity_matches_faces",
+                "crop_matches_size",
+                "mask_matches_size",
+                "face_box_inside_crop",
+                "kps_inside_face_box",
+                "landmarks_finite",
+                "geometry_matches_faces",
+                "world_has_backgrounds",
+            )  # fmt: skip
+        ],
+    ]
+    world_backgrounds = [
+        *[
+            gxe.ExpectColumnToExist(column=c)
+            for c in ("background_id", "kind", "path", "source", "width", "height", "region")
+        ],
+        gxe.ExpectColumnValuesToNotBeNull(column="background_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="background_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=["package", "photo_region"]),
+        gxe.ExpectColumnValuesToBeInSet(column="file_matches_size", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="region_inside_image", **true),
+        gxe.ExpectColumnValuesToBeInSet(column="photo_known", **true),
+    ]
     # Every file under the dataset is one the manifests account for: no leftover of a person `forget` removed,
     # of an interrupted build or erasure, or of anyone else.
     files = [gxe.ExpectColumnValuesToBeNull(column="unreferenced_path")]
-    return {"images": images, "faces": faces, "quarantine": quarantine, "files": files}
+    return {"images": images, "faces": faces, "quarantine": quarantine, "files": files,
+            "world_cutouts": world_cutouts, "world_backgrounds": world_backgrounds}  # fmt: skip
 
 
 def _describe(result) -> str:
@@ -458,7 +610,7 @@ def validate_idzoom(
                     failures.append(f"{name}: {_describe(result)}")
                     if name == "files":
                         failures.append(_unreferenced_hint(root, result))
-    context.build_data_docs(site_names=["idzoom"])  # once for all three results (each build costs ~2 s)
+    context.build_data_docs(site_names=["idzoom"])  # once for all results (each build costs ~2 s)
     report = ValidationReport(
         success=not failures,
         n_expectations=total,

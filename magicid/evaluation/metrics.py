@@ -9,6 +9,10 @@ gate and the benchmarks all call them:
 - `generation_id_top1`: the same over generations, a generation without a detected face counting as a miss;
 - `face_detection_rate`: share of the layout's faces that the detector finds (IoU-matched);
 - `any_face_rate`: share of images in which at least one face is found;
+- `count_accuracy`: share of generations with exactly the requested number of detected faces
+  (MultiHuman-Testbench, NeurIPS 2025);
+- `detect_in_box`: share of requested boxes holding a detected face (its centre inside the box, its size
+  within a factor of the box's), reported per face-size slice by the evaluation;
 - `landmark_nme`: mean landmark error against the conditioning landmarks, over the inter-ocular distance;
 - `background_psnr_ssim`: PSNR and SSIM of an edited image against the original outside face masks;
 - `reconstruction_psnr`: mean PSNR of reconstructions (VAE round trips);
@@ -39,6 +43,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "id_top1_accuracy": True,
     "face_detection_rate": True,
     "any_face_rate": True,
+    "count_accuracy": True,
+    "detect_in_box": True,
     "landmark_nme": False,
     "background_psnr": True,
     "background_ssim": True,
@@ -161,6 +167,88 @@ def any_face_rate(faces_per_image: Sequence[int]) -> dict[str, float]:
     if counts.size == 0:
         raise MetricInputError("any_face_rate: no images")
     return {"any_face_rate": float((counts > 0).mean())}
+
+
+def count_accuracy(detected_counts: Sequence[int], requested_counts: Sequence[int]) -> dict[str, float]:
+    """Share of generations showing exactly as many faces as were asked for (MultiHuman-Testbench's count accuracy).
+
+    A generation with a missing face, or an extra one (a face drawn where no box asked for one, a duplicated
+    person), is wrong; the detector's count is the measurement.
+
+    Args:
+        detected_counts: per generation the number of faces the detector finds.
+        requested_counts: per generation the number of people asked for (layout boxes), each >= 1.
+
+    Returns:
+        `count_accuracy` in [0, 1], `mean_abs_count_error` (faces), `n_generations`.
+    """
+    detected = np.asarray(detected_counts, dtype=np.int64).reshape(-1)
+    requested = np.asarray(requested_counts, dtype=np.int64).reshape(-1)
+    if detected.shape != requested.shape or detected.size == 0:
+        raise MetricInputError(
+            f"count_accuracy: {detected.size} detected counts for {requested.size} requested counts (need >= 1)"
+        )
+    if (requested < 1).any() or (detected < 0).any():
+        raise MetricInputError("count_accuracy: requested counts must be >= 1 and detected counts >= 0")
+    return {
+        "count_accuracy": float((detected == requested).mean()),
+        "mean_abs_count_error": float(np.abs(detected - requested).mean()),
+        "n_generations": float(detected.size),
+    }
+
+
+def detect_in_box(
+    detected_boxes: np.ndarray, requested_boxes: np.ndarray, max_size_ratio: float = 2.0
+) -> dict[str, float]:
+    """Share of the requested boxes that hold a detected face: the face's centre lies inside the box and its side
+    (the longer one) is within `max_size_ratio` of the box's, each face counting for at most one box.
+
+    Where a face is, not how well its box overlaps: detectors draw boxes of their own convention (MediaPipe's
+    spans brows to chin, a layout's may include the forehead), which IoU punishes and this does not. Faces are
+    assigned to boxes to hold as many boxes as possible (Hungarian matching, nearer centres preferred).
+
+    Args:
+        detected_boxes: (F, 4) detected face boxes `x0, y0, x1, y1` (F may be 0).
+        requested_boxes: (E, 4) the layout's boxes, E >= 1.
+        max_size_ratio: a face of side s holds a box of side b when 1 / ratio <= s / b <= ratio.
+
+    Returns:
+        `detect_in_box` in [0, 1], `n_requested`, `n_in_box`.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    detected = np.asarray(detected_boxes, dtype=np.float64).reshape(-1, 4)
+    requested = np.asarray(requested_boxes, dtype=np.float64).reshape(-1, 4)
+    if len(requested) == 0:
+        raise MetricInputError("detect_in_box: needs at least one requested box")
+    if max_size_ratio < 1:
+        raise MetricInputError(f"detect_in_box: max_size_ratio must be >= 1, got {max_size_ratio}")
+    held = 0
+    if len(detected):
+        centres = (detected[:, :2] + detected[:, 2:]) / 2  # (F, 2)
+        inside = (
+            (centres[:, None, 0] >= requested[None, :, 0])
+            & (centres[:, None, 0] <= requested[None, :, 2])
+            & (centres[:, None, 1] >= requested[None, :, 1])
+            & (centres[:, None, 1] <= requested[None, :, 3])
+        )  # (F, E)
+        face_side = (detected[:, 2:] - detected[:, :2]).max(axis=1)
+        box_side = (requested[:, 2:] - requested[:, :2]).max(axis=1)
+        ratio = face_side[:, None] / np.maximum(box_side[None, :], 1e-9)
+        fits = inside & (ratio <= max_size_ratio) & (ratio >= 1.0 / max_size_ratio)
+        # Maximise the boxes held; among equal counts prefer centres nearer the boxes' centres (< 1 in total).
+        box_centres = (requested[:, :2] + requested[:, 2:]) / 2
+        distance = np.linalg.norm(centres[:, None] - box_centres[None], axis=2) / np.maximum(
+            box_side[None, :], 1e-9
+        )
+        score = fits * (1.0 - distance / (1.0 + distance) / (len(requested) + 1))
+        rows, cols = linear_sum_assignment(score, maximize=True)
+        held = int(fits[rows, cols].sum())
+    return {
+        "detect_in_box": held / len(requested),
+        "n_requested": float(len(requested)),
+        "n_in_box": float(held),
+    }
 
 
 def id_confusion_rate(

@@ -73,14 +73,16 @@ def _save_figure(figure, path: Path) -> None:
 
 
 def plot_slices(metrics: dict[str, Any], path: Path) -> None:
-    """Bar charts per slice: identity similarity and detection rate, before and after DIIR."""
+    """Bar charts per slice: identity similarity, detection rate, confusion, detection in box and count accuracy,
+    before and after DIIR."""
     from matplotlib.figure import Figure
 
     slices = metrics["slices"]
     names = list(slices)
-    figure = Figure(figsize=(10, 3.6))
-    for k, metric in enumerate(("id_similarity", "face_detection_rate", "id_confusion_rate")):
-        axis = figure.add_subplot(1, 3, k + 1)
+    shown = ("id_similarity", "face_detection_rate", "id_confusion_rate", "detect_in_box", "count_accuracy")
+    figure = Figure(figsize=(16, 3.6))
+    for k, metric in enumerate(shown):
+        axis = figure.add_subplot(1, len(shown), k + 1)
         x = np.arange(len(names))
         for offset, suffix, label in ((-0.2, "_no_diir", "before DIIR"), (0.2, "", "after DIIR")):
             values = [slices[n].get(f"{metric}{suffix}") for n in names]

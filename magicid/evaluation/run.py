@@ -27,7 +27,8 @@ from magicid.evaluation import metrics as M
 from magicid.evaluation.evalset import EvalItem, EvalSet, build_eval_set
 
 SLICE_COLUMNS = ("n_people", "face_size")
-SCORED = ("id_similarity", "id_confusion_rate", "id_top1_accuracy", "face_detection_rate", "landmark_nme")
+SCORED = ("id_similarity", "id_confusion_rate", "id_top1_accuracy", "face_detection_rate", "landmark_nme",
+          "count_accuracy", "detect_in_box")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ def score_image(
 
     Returns:
         `id_similarity`, `id_confusion_rate`, `id_top1_accuracy`, `face_detection_rate`, `landmark_nme`,
+        `count_accuracy` (1 when the image shows exactly as many faces as boxes, else 0), `detect_in_box`,
         `n_detected` (NaN where undefined: no face placed in a box was found).
     """
     faces = analyzer.analyze(np.ascontiguousarray(image))
@@ -78,6 +80,9 @@ def score_image(
         **M.id_similarity(embeddings, reference_embeddings),
         "face_detection_rate": M.face_detection_rate(detected, item.boxes, min_iou)["face_detection_rate"],
         "n_detected": float(len(faces)),
+        # 2025 multi-person benchmarks: exactly the requested number of faces; a face inside each requested box
+        "count_accuracy": M.count_accuracy([len(faces)], [len(item.boxes)])["count_accuracy"],
+        "detect_in_box": M.detect_in_box(detected, item.boxes)["detect_in_box"],
     }
     matches = M.match_boxes(detected, item.boxes, min_iou)  # per box: its detected face or None
     intended: list[int | None] = [None] * len(faces)
@@ -186,7 +191,8 @@ def generate_eval_images(
 
 
 def aggregate(items: pd.DataFrame) -> dict[str, Any]:
-    """Overall means (NaN-skipping) of the scored metrics after DIIR, before DIIR, and per slice."""
+    """Overall means (NaN-skipping) of the scored metrics after DIIR, before DIIR, and per slice (number of
+    people, face size: `slices["face_size=small"]["detect_in_box"]` is detection in box on the small slice)."""
 
     def means(frame: pd.DataFrame, suffix: str = "") -> dict[str, float]:
         return {

@@ -163,3 +163,43 @@ def box_from_mesh_extent(drawn_box) -> tuple[float, float, float, float]:
     width, height = (x1 - x0) / (high[0] - low[0]), (y1 - y0) / (high[1] - low[1])
     left, top = x0 - low[0] * width, y0 - low[1] * height
     return left, top, left + width, top + height
+
+
+# MediaPipe pose's face points 0-10 (nose; left eye inner, centre, outer; right eye inner, centre, outer; left
+# ear, right ear; mouth left, right; left = the subject's left) as face-mesh landmarks: the iris centres for the
+# eyes, the eye corners, the face-oval points level with the ears, the mouth corners.
+_POSE_FACE_FROM_MESH = (1, 362, 473, 263, 133, 468, 33, 454, 234, 291, 61)
+
+
+def head_skeleton(landmarks, kps5) -> np.ndarray:
+    """A pose skeleton of a face without a body: (33, 3) `x, y, visibility`, points 0-10 (the face) visible,
+    the body's points (11-32) not.
+
+    `render_skeleton_map` draws it as the face figure of a real pose (white and grey edges only, which is how
+    `boxes_from_skeleton_map` recognises a face). The points come from the 478-point mesh where there is one
+    (`_POSE_FACE_FROM_MESH`), else from the 5 keypoints: eye centres, nose and mouth corners as they are, eye
+    corners at a fifth of the eye distance either side of each eye centre, ears 0.65 eye distances out from
+    each eye along the eye line.
+
+    Args:
+        landmarks: (N, 2) px face landmarks.
+        kps5: (5, 2) px: image-left eye, image-right eye, nose, image-left and image-right mouth corners.
+    """
+    landmarks = np.asarray(landmarks, np.float64)
+    kps = np.asarray(kps5, np.float64).reshape(5, 2)
+    points = np.zeros((33, 3), np.float32)
+    if landmarks.shape == (478, 2):
+        face = landmarks[list(_POSE_FACE_FROM_MESH)]
+    else:
+        image_left, image_right = kps[0], kps[1]  # the subject's right and left eye
+        axis = image_right - image_left  # from the subject's right eye to the left
+        face = np.stack([
+            kps[2],
+            image_right - 0.2 * axis, image_right, image_right + 0.2 * axis,  # subject's left eye: in, centre, out
+            image_left + 0.2 * axis, image_left, image_left - 0.2 * axis,  # subject's right eye
+            image_right + 0.65 * axis, image_left - 0.65 * axis,  # left ear, right ear
+            kps[4], kps[3],  # mouth left (subject's), mouth right
+        ])  # fmt: skip
+    points[:11, :2] = face
+    points[:11, 2] = 1.0
+    return points

@@ -4,7 +4,8 @@ Point i is MediaPipe face mesh's (`refine_landmarks=True`) landmark i as (x, y),
 detection box (0, 0 = top-left corner, 1, 1 = bottom-right): the mean over the 8 faces the offline
 analyzer finds in the photos shipped in pip packages (scikit-image's astronaut, insightface's t1.jpg and
 Tom_Hanks_54745.png). `tests/imaging/test_mesh_template.py` recomputes it from those photos and checks it.
-Drawn by `magicid.imaging.conditions.render_landmark_map` like any real 478-point mesh.
+Drawn by `magicid.imaging.conditions.render_landmark_map` like any real 478-point mesh. `MESH_MIRROR` and
+`KPS5_MIRROR` relabel points after a left-right flip (the composite world's flipped faces).
 """
 
 from __future__ import annotations
@@ -491,3 +492,28 @@ MESH_TEMPLATE_XY = (
     (0.6413, 0.3514),
 )
 # fmt: on
+
+
+# Mirror order of the 478-point mesh: after a left-right flip of an image, point i of the flipped face is point
+# MESH_MIRROR[i] of the original, moved (a mirrored left eye is a right eye). Derived from MediaPipe's canonical
+# face model (`face_geometry/data/canonical_face_model.obj`, exactly symmetric in x): its 28 midline vertices map
+# to themselves, and the k-th other vertex below 248 pairs with vertex 248 + k. The irises (468-472 right,
+# 473-477 left: centre, then the points at +x, -y, -x, +y) pair centre with centre and +x with -x.
+# tests/imaging/test_mesh_template.py checks it against face mesh run on the mirrored astronaut.
+MESH_MIDLINE = (0, 1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                94, 151, 152, 164, 168, 175, 195, 197, 199, 200)  # fmt: skip
+_IRIS_MIRROR = {468: 473, 469: 476, 470: 475, 471: 474, 472: 477}
+
+
+def _mesh_mirror() -> tuple[int, ...]:
+    order = list(range(478))
+    sided = [i for i in range(248) if i not in MESH_MIDLINE]  # 220 vertices on one side ...
+    for k, i in enumerate(sided):  # ... paired in order with 248..467 on the other
+        order[i], order[248 + k] = 248 + k, i
+    for a, b in _IRIS_MIRROR.items():
+        order[a], order[b] = b, a
+    return tuple(order)
+
+
+MESH_MIRROR = _mesh_mirror()
+KPS5_MIRROR = (1, 0, 2, 4, 3)  # kps5: image-left eye, image-right eye, nose, image-left/right mouth corner

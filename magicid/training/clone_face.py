@@ -120,16 +120,14 @@ def clone_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def paste_clones(canvas: np.ndarray, patch: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """A copy of `canvas` (H, W, C) uint8 with `patch` (S, S, C) uint8 resized into each box (bilinear)."""
-    if canvas.dtype != np.uint8 or patch.dtype != np.uint8:
-        raise ValueError(f"canvas and patch must be uint8, got {canvas.dtype} and {patch.dtype}")
-    if canvas.ndim != 3 or patch.ndim != 3 or canvas.shape[2] != patch.shape[2]:
-        raise ValueError(f"canvas {canvas.shape} and patch {patch.shape} must both be (H, W, C) with equal C")
-    out = canvas.copy()
-    source = Image.fromarray(patch.squeeze(-1) if patch.shape[2] == 1 else patch)
-    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.int64):
-        resized = np.asarray(source.resize((int(x1 - x0), int(y1 - y0)), Image.Resampling.BILINEAR))
-        out[y0:y1, x0:x1] = resized.reshape(y1 - y0, x1 - x0, -1)
+    """A copy of `canvas` (H, W, C) uint8 with `patch` (S, S, C) uint8 resized into each box, opaque
+    (`magicid.imaging.composite.paste`, the project's one compositor)."""
+    from magicid.imaging.composite import Placement, paste
+
+    out = np.array(canvas, copy=True)
+    size = (patch.shape[1], patch.shape[0])
+    for box in np.asarray(boxes, dtype=np.int64):
+        paste(out, patch, Placement(tuple(int(v) for v in box), size))
     return out
 
 

@@ -3,7 +3,8 @@
 Real versions come from `magicid build-data` (face detection on photographs, seconds per image). Training
 tests and `benchmarks/bench_train.py` only need the directory contract, so this writes it directly from a seed:
 smooth random backgrounds with one to three flat-coloured "faces" (ellipses), per-identity unit embeddings,
-skeleton/landmark maps drawn at the faces, zoomed crops (`magicid.imaging.crops.zoom_crop`).
+skeleton/landmark maps drawn at the faces, zoomed crops (`magicid.imaging.crops.zoom_crop`), and the composite
+world's ingredients (`world/`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from magicid.config import load_params
 from magicid.data.manifest import FACES_SCHEMA, IMAGES_SCHEMA, QUARANTINE_SCHEMA, write_table
+from magicid.data.world_ingredients import write_world
 from magicid.imaging.crops import zoom_crop
 
 N_LANDMARKS = 68  # any fixed N works for training; the offline backend writes 478
@@ -132,6 +135,10 @@ def write_synthetic_idzoom(
     write_table(image_rows, IMAGES_SCHEMA, root / "images.parquet")
     write_table(face_rows, FACES_SCHEMA, root / "faces.parquet")
     write_table([], QUARANTINE_SCHEMA, root / "quarantine.parquet")
+    # The composite world's ingredients, part of every version (`data/world_ingredients.py`): the faces'
+    # cut-outs and one small package background (68-point landmarks: draw scenes with data.world.flip_prob=0).
+    world_params = load_params(None, [f"data.crop_margin={crop_margin}", "data.world.backgrounds=[moon]"])
+    write_world(root, image_rows, face_rows, world_params)
     stats = {"n_images": len(image_rows), "n_faces": len(face_rows), "n_quarantined": 0}
     (root / "stats.json").write_text(json.dumps(stats, indent=2))
     return root

@@ -90,6 +90,38 @@ def test_box_iou_and_detection_rate():
     assert m.match_boxes(detected, expected, 0.5) == [1, 0, None]
 
 
+def test_count_accuracy_is_the_share_of_generations_with_the_requested_count():
+    out = m.count_accuracy([1, 2, 3, 0, 4], [1, 2, 2, 1, 4])
+    assert out == {"count_accuracy": pytest.approx(3 / 5), "mean_abs_count_error": pytest.approx(2 / 5),
+                   "n_generations": 5.0}  # fmt: skip
+    assert m.count_accuracy([2], [2])["count_accuracy"] == 1.0
+    with pytest.raises(m.MetricInputError):
+        m.count_accuracy([1, 2], [1])
+    with pytest.raises(m.MetricInputError):
+        m.count_accuracy([1], [0])
+
+
+def test_detect_in_box_needs_the_face_centre_inside_at_a_similar_size():
+    requested = np.array([[0, 0, 20, 20], [40, 0, 60, 20], [0, 40, 20, 60]], np.float64)
+    detected = np.array([
+        [4, 6, 22, 24],  # centre (13, 15) in box 0, side 18 vs 20: held
+        [44, 2, 47, 5],  # centre in box 1 but a tenth of its size: not held
+        [-30, 20, 50, 100],  # centre (10, 60) on box 2's edge, but 4x its size: not held
+    ], np.float64)  # fmt: skip
+    out = m.detect_in_box(detected, requested)
+    assert out == {"detect_in_box": pytest.approx(1 / 3), "n_requested": 3.0, "n_in_box": 1.0}
+    assert m.detect_in_box(detected, requested, max_size_ratio=8.0)["n_in_box"] == 3.0
+    # One face holds one box, even when its centre lies in two overlapping ones; the assignment holds as many
+    # boxes as it can.
+    overlapping = np.array([[0, 0, 30, 30], [10, 10, 40, 40]], np.float64)
+    assert m.detect_in_box(np.array([[12, 12, 32, 32]]), overlapping)["n_in_box"] == 1.0
+    two = np.array([[12, 12, 32, 32], [0, 0, 16, 16]], np.float64)  # the second fits only box 0
+    assert m.detect_in_box(two, overlapping)["n_in_box"] == 2.0
+    assert m.detect_in_box(np.zeros((0, 4)), requested)["detect_in_box"] == 0.0
+    with pytest.raises(m.MetricInputError):
+        m.detect_in_box(detected, np.zeros((0, 4)))
+
+
 def test_any_face_rate():
     assert m.any_face_rate([0, 2, 1, 0]) == {"any_face_rate": 0.5}
 

@@ -58,6 +58,12 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
     assert set(metrics["slices"]) == {"n_people=1", "n_people=2", "face_size=large", "face_size=medium",
                                       "face_size=small"}  # fmt: skip
     assert any("offline" in n or "backend" in n for n in metrics["notes"])
+    # The 2025 multi-person figures, overall and per slice: the stub always finds exactly one face, so a
+    # one-person item has the requested count and a two-person item never does.
+    for name in ("count_accuracy", "detect_in_box"):
+        assert all(0 <= s[name] <= 1 for s in metrics["slices"].values()) and 0 <= metrics[name] <= 1
+    assert metrics["slices"]["n_people=1"]["count_accuracy"] == 1.0
+    assert metrics["slices"]["n_people=2"]["count_accuracy"] == 0.0
     # DIIR keeps every pixel outside its blend masks: the background is bit-identical.
     assert metrics["background_max_abs_diff"] == 0.0
     # The stub finds the one face it always finds: detection follows from the IoU of the centre box.
