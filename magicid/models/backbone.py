@@ -305,11 +305,19 @@ def load_sd_folder(path: str | Path, torch_dtype: torch.dtype = torch.float32) -
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error."""
+    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error.
+
+    Raises:
+        ConfigError: `cuda` (or `cuda:N`) asked for where torch sees no CUDA device.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackboneError("model.device=cuda but no CUDA device is visible; use model.device=cpu or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device={device} (or --device {device}) but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); "
+            "use model.device=cpu or auto"
+        )
     return torch.device(device)
 
 
