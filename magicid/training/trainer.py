@@ -491,7 +491,9 @@ def train(
     adapter.to(device=accelerator.device, dtype=torch.float32).train()
     unet_weights: list[nn.Parameter] = []
     if cfg.unet_lr is not None:
-        backbone.unet.to(dtype=torch.float32).train()
+        if backbone.unet.dtype != torch.float32:  # (diffusers warns on every .to(dtype), even a no-op one)
+            backbone.unet.to(dtype=torch.float32)
+        backbone.unet.train()
         # The UNet's own weights; the MGMICA processors on it are the adapter's (trained with the adapter's LR).
         unet_weights = [p for n, p in backbone.unet.named_parameters() if ".processor." not in n]
         for weight in unet_weights:
