@@ -42,6 +42,7 @@ def fit_params(tmp_path):
             "fit.unet_batch=2",
             "fit.warmup_steps=1",
             "fit.checkpoint_every=1",
+            "fit.log_every=1",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"tracking.artifact_root={tmp_path / 'mlartifacts'}",
             "tracking.experiment=magicid-fit-test",
@@ -197,7 +198,7 @@ def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
 ):
     from magicid.models.backbone import check_sd_folder, load_backbone
     from magicid.training.fit import REPORT_FILE, fit_backbone
-    from magicid.training.fit_data import load_fit_data
+    from magicid.training.fit_data import load_fit_data, to_signed
 
     params = fit_params()
     fit_backbone(params, fit_data, tmp_path / "fitted", progress=False, track=False)
@@ -214,7 +215,7 @@ def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
     assert loaded.vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
     data = load_fit_data(fit_data, params.fit)
     with torch.no_grad():
-        pictures = torch.cat([data.whole, data.crops])
+        pictures = to_signed(torch.cat([data.whole, data.crops]))
         latents = loaded.vae.encode(pictures).latent_dist.mean * loaded.vae.config.scaling_factor
     assert float(latents.std()) == pytest.approx(1.0, rel=1e-3)
     # The stock diffusers pipeline runs on it (what the SD 1.5 baseline path does).
@@ -325,7 +326,7 @@ def test_latent_bank_draws_augmented_variants_at_augment_prob():
         .view(variants, 1, 1, 1, 1)
         .expand(variants, pictures, 4, 2, 2)
     )
-    bank = LatentBank(mean.clone(), torch.zeros_like(mean), n_whole=2, captions=["w0", "w1", "crop"])
+    bank = LatentBank(mean.clone(), torch.zeros_like(mean), n_whole=2, caption_ids=torch.tensor([1, 2, 3]))
 
     def drawn(augment_prob: float) -> torch.Tensor:
         latents, _ = bank.sample(2000, 0.5, 1.0, torch.Generator().manual_seed(0), augment_prob)
