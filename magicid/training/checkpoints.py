@@ -284,7 +284,13 @@ def load_tensor_state(folder: str | Path) -> tuple[dict, dict] | None:
     problem = _safetensors_problem(tensors_path)
     if problem:
         raise CheckpointError(f"--resume: {folder}: {problem}; delete {folder} and fit without --resume")
-    return load_file(str(tensors_path)), meta
+    try:
+        return load_file(str(tensors_path)), meta
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+        raise CheckpointError(
+            f"--resume: {folder}: {tensors_path.name} is not a complete safetensors file ({str(error)[:120]}); "
+            f"delete {folder} and fit without --resume"
+        ) from None
 
 
 def optimizer_state(optimizer, prefix: str) -> tuple[dict, dict]:

@@ -543,7 +543,7 @@ class BackboneFitter:
         Raises:
             ConfigError: no checkpoint, or one made from other inputs. CheckpointError: a damaged one.
         """
-        from magicid.training.checkpoints import load_optimizer_state, load_tensor_state
+        from magicid.training.checkpoints import load_tensor_state
 
         loaded = load_tensor_state(self.state_dir)
         if loaded is None:
@@ -551,11 +551,32 @@ class BackboneFitter:
                 f"--resume: no checkpoint at {self.state_dir}; run {self.desc} without --resume first"
             )
         tensors, meta = loaded
+        if not isinstance(meta, dict):
+            from magicid.training.checkpoints import CheckpointError
+
+            raise CheckpointError(
+                f"--resume: {self.state_dir} is damaged or not a {self.desc} checkpoint (its state is a "
+                f"{type(meta).__name__}); delete it and run without --resume"
+            )
         if meta.get("key") != self.key:
             raise ConfigError(
                 f"--resume: {self.state_dir} was made from other inputs (dataset version or fit params changed); "
                 "delete it or run without --resume"
             )
+
+        try:
+            return self._load_state(tensors, meta)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+            from magicid.training.checkpoints import CheckpointError, first_line
+
+            raise CheckpointError(
+                f"--resume: {self.state_dir} is damaged or not a {self.desc} checkpoint "
+                f"({type(error).__name__}: {first_line(error)[:160]}); delete it and run without --resume"
+            ) from None
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
+        """Put a checkpoint's tensors and metadata into the models, optimizers and schedules; its run id."""
+        from magicid.training.checkpoints import load_optimizer_state
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
