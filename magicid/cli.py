@@ -25,7 +25,9 @@ app = typer.Typer(
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 DeviceOption = Annotated[
     str | None,
-    typer.Option("--device", help="cpu | cuda | auto: where the models, batches and random draws live (model.device)."),
+    typer.Option(
+        "--device", help="cpu | cuda | auto: where the models, batches and random draws live (model.device)."
+    ),
 ]
 # generate --ref/--boxes and restore need a trained adapter (model.adapter_path) unless this asks for an untrained one.
 UntrainedAdapterOption = Annotated[
@@ -340,7 +342,9 @@ def fit_world(
     typer.echo(f"folder_megabytes: {report['folder_megabytes']}")
     typer.echo(f"mlflow_run_id: {result.run_id}")
     typer.echo(f"fit_world_seconds: {report['fit_world_seconds']}")
-    typer.echo(f"use it with: --set model.backbone={result.out_dir} --set model.adapter_path={result.out_dir}/adapter")
+    typer.echo(
+        f"use it with: --set model.backbone={result.out_dir} --set model.adapter_path={result.out_dir}/adapter"
+    )
 
 
 @app.command("sample-data")

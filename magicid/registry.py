@@ -290,7 +290,9 @@ def champion_adapter(params: Params, into: str | Path) -> tuple[Path, str]:
     )
     artifacts = yaml.safe_load(Path(mlmodel).read_text())["flavors"]["python_function"].get("artifacts") or {}
     if "adapter" not in artifacts:
-        raise RegistryError(f"{uri}: the logged model has no adapter artifact; register an adapter with `magicid register`")
+        raise RegistryError(
+            f"{uri}: the logged model has no adapter artifact; register an adapter with `magicid register`"
+        )
     local = download_artifacts(
         artifact_uri=f"{uri}/{artifacts['adapter']['path']}",
         dst_path=str(into / "model"),

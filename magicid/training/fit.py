@@ -336,7 +336,11 @@ def unet_loss(
     scheduler = backbone.scheduler
     noise = training_noise(latents.shape, offset_noise, generator)
     timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=generator.device
+        0,
+        scheduler.config.num_train_timesteps,
+        (latents.shape[0],),
+        generator=generator,
+        device=generator.device,
     )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     velocity = scheduler.config.prediction_type == "v_prediction"
@@ -462,7 +466,13 @@ class BackboneFitter:
         progress: bool = True,
         desc: str = "fit-backbone",
     ) -> None:
-        self.params, self.fit, self.key, self.state_dir, self.tracker = params, fit, key, Path(state_dir), tracker
+        self.params, self.fit, self.key, self.state_dir, self.tracker = (
+            params,
+            fit,
+            key,
+            Path(state_dir),
+            tracker,
+        )
         self.progress, self.desc = progress, desc
         self.device = resolve_device(params.model.device)
         self.dtype = resolve_dtype(params.model.dtype, self.device)
@@ -557,7 +567,9 @@ class BackboneFitter:
         self.unet_sched.load_state_dict(meta["unet_sched"])
         if self.ema is not None:
             shadow = part("ema.")
-            self.ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+            self.ema.load_state_dict(
+                {**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]}
+            )
             self.ema.to(self.device)
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
@@ -662,7 +674,9 @@ class BackboneFitter:
             if stop:
                 return False
         vae.eval().requires_grad_(False)
-        self._bank = encode_latent_bank(vae, self.data, fit, self.params.seed, autocast_dtype=self.autocast_dtype)
+        self._bank = encode_latent_bank(
+            vae, self.data, fit, self.params.seed, autocast_dtype=self.autocast_dtype
+        )
         self.data = None  # the pixels are not needed any more (the pool of a world fit is hundreds of MB)
         self.scaling_factor = fit_scaling_factor(self._bank)
         vae.register_to_config(scaling_factor=self.scaling_factor)
@@ -674,7 +688,9 @@ class BackboneFitter:
     def _unet_phase(self, stop_after: int | None) -> bool:
         fit, device, unet = self.fit, self.device, self.backbone.unet
         self.backbone.vae.eval().requires_grad_(False)
-        if self._bank is None:  # resumed in the UNet phase: the same bank again (seeded, from the same VAE weights)
+        if (
+            self._bank is None
+        ):  # resumed in the UNet phase: the same bank again (seeded, from the same VAE weights)
             self._bank = encode_latent_bank(
                 self.backbone.vae, self.data, fit, self.params.seed, autocast_dtype=self.autocast_dtype
             )
@@ -780,7 +796,9 @@ def fit_backbone(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     fit = fit_settings(params, quality)
-    resolve_dtype(params.model.dtype, resolve_device(params.model.device))  # a bad device fails before the data loads
+    resolve_dtype(
+        params.model.dtype, resolve_device(params.model.device)
+    )  # a bad device fails before the data loads
     data = load_fit_data(data_dir, fit)
     key = fit_key(params, fit, data.version)
     counts = {
@@ -790,10 +808,14 @@ def fit_backbone(
     }
     version, identities = data.version, sorted({i for i in data.crop_identities if i})
     tracker = RunTracker(params, enabled=track)
-    fitter = BackboneFitter(params, fit, data, key["key"], checkpoint_dir(out_dir), tracker, progress=progress)
+    fitter = BackboneFitter(
+        params, fit, data, key["key"], checkpoint_dir(out_dir), tracker, progress=progress
+    )
     del data  # the fitter holds the pictures until its latent bank is built
     run_id = fitter.restore() if resume else None
-    if tracker.start(run_id, run_name=f"fit-backbone-{Path(data_dir).name}", source_name="magicid fit-backbone"):
+    if tracker.start(
+        run_id, run_name=f"fit-backbone-{Path(data_dir).name}", source_name="magicid fit-backbone"
+    ):
         tracker.log_params(
             {
                 "data_dir": str(data_dir),

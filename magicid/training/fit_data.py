@@ -49,7 +49,9 @@ class FitData:
         for name in ("whole", "crops"):
             value = getattr(self, name)
             if value.dtype != torch.uint8 or value.ndim != 4 or value.shape[1] != 3:
-                raise ValueError(f"FitData.{name}: expected uint8 (n, 3, R, R), got {value.dtype} {tuple(value.shape)}")
+                raise ValueError(
+                    f"FitData.{name}: expected uint8 (n, 3, R, R), got {value.dtype} {tuple(value.shape)}"
+                )
         if len(self.whole_captions) != self.whole.shape[0]:
             raise ValueError("FitData: one caption per whole image")
 

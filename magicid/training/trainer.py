@@ -439,7 +439,9 @@ def train(
     if total_steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {total_steps}")
     if val_dataset is not None and dataset is None:
-        raise ConfigError("train(): val_dataset goes with dataset (the IDZoom version's val split is used otherwise)")
+        raise ConfigError(
+            "train(): val_dataset goes with dataset (the IDZoom version's val split is used otherwise)"
+        )
     out_dir = Path(cfg.out_dir)
     data_dir = Path(data_dir)
     # The newest checkpoint, checked (a damaged one is an error naming it, never skipped for an older one).
@@ -525,7 +527,9 @@ def train(
     # The val samples (clean, no Clone Face): their loss every `train.eval_every` steps.
     val_loader = None
     if cfg.eval_every > 0 and val_dataset is not None:
-        val_loader = DataLoader(val_dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_idzoom)
+        val_loader = DataLoader(
+            val_dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_idzoom
+        )
     elif cfg.eval_every > 0:
         accelerator.print(
             f"warning: {data_dir} has no val split: no validation loss (train.eval_every={cfg.eval_every}); "

@@ -60,7 +60,15 @@ STATE_FILE = "world_state.json"
 _KEY_EXCLUDED_SECTIONS = ("tracking", "storage", "review", "orchestration", "eval", "promotion", "diir")
 # model.* settings of inference only, and where things are written.
 _KEY_EXCLUDED_FIELDS = {
-    "model": ("backbone", "adapter_path", "untrained_adapter", "num_inference_steps", "guidance_scale", "device", "dtype"),
+    "model": (
+        "backbone",
+        "adapter_path",
+        "untrained_adapter",
+        "num_inference_steps",
+        "guidance_scale",
+        "device",
+        "dtype",
+    ),
     "train": ("out_dir", "init_from", "log_checkpoints", "keep_checkpoints", "loader_workers"),
     "fit": ("out_dir",),
     "fit_world": ("out_dir", "checkpoint_every", "log_every"),
@@ -231,7 +239,11 @@ def folder_megabytes(folder: Path) -> float:
 def _git_commit() -> str | None:
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -354,9 +366,18 @@ def fit_world(
         # 1. The backbone on a pool of world scenes.
         fit = backbone_settings(params)
         if state["phase"] == "backbone":
-            data, scene_seconds = world_fit_data(world, world_cfg.pool_images, fit.resolution, version, origin)
+            data, scene_seconds = world_fit_data(
+                world, world_cfg.pool_images, fit.resolution, version, origin
+            )
             fitter = BackboneFitter(
-                params, fit, data, key["key"], state_dir / "backbone_state", tracker, progress, "fit-world backbone"
+                params,
+                fit,
+                data,
+                key["key"],
+                state_dir / "backbone_state",
+                tracker,
+                progress,
+                "fit-world backbone",
             )
             del data
             if (state_dir / "backbone_state").is_dir() and resume:
@@ -425,7 +446,9 @@ def fit_world(
                 shutil.rmtree(tmp / "unet")
                 shutil.copytree(result.unet_dir, tmp / "unet")
             shutil.copytree(result.adapter_dir, tmp / ADAPTER_DIR)
-            atomic_write_text(tmp / PARAMS_FILE, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+            atomic_write_text(
+                tmp / PARAMS_FILE, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+            )
             atomic_write_text(tmp / KEY_FILE, json.dumps(key, indent=2, sort_keys=True) + "\n")
             report["folder_megabytes"] = round(folder_megabytes(tmp), 3)
             if report["folder_megabytes"] > world_cfg.max_megabytes:
@@ -449,7 +472,9 @@ def fit_world(
     return WorldFitResult(out_dir, True, False, time.perf_counter() - start, report, tracker.run_id)
 
 
-def _adapter_phase(phase2: Params, data_dir: Path, world, dataset_factory, steps: int, state_dir, tracker, progress):
+def _adapter_phase(
+    phase2: Params, data_dir: Path, world, dataset_factory, steps: int, state_dir, tracker, progress
+):
     """Phase 2 through `trainer.train`: world samples (Clone Face at `train.clone_face.prob`), held-out world scenes
     (another seed, no Clone Face) for the validation loss, the run nested under the fit's."""
     from magicid.models.backbone import load_backbone

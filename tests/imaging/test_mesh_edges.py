@@ -22,7 +22,9 @@ def test_edge_lists_equal_mediapipes():
     for part in PARTS:
         assert set(getattr(mesh_edges, f"FACEMESH_{part}")) == set(getattr(fmc, f"FACEMESH_{part}")), part
     assert set(mesh_edges.POSE_CONNECTIONS) == set(POSE_CONNECTIONS)
-    assert all(0 <= i < 478 for part in PARTS for edge in getattr(mesh_edges, f"FACEMESH_{part}") for i in edge)
+    assert all(
+        0 <= i < 478 for part in PARTS for edge in getattr(mesh_edges, f"FACEMESH_{part}") for i in edge
+    )
 
 
 def test_landmark_and_skeleton_maps_draw_without_mediapipe():

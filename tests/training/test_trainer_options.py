@@ -59,7 +59,9 @@ def test_init_from_champion_starts_from_the_champions_adapter(idzoom_dir, tiny_t
         progress=False,
         track=False,
     )
-    fresh = train(tiny_train_params(*base, "train.steps=1", out="fresh"), idzoom_dir, progress=False, track=False)
+    fresh = train(
+        tiny_train_params(*base, "train.steps=1", out="fresh"), idzoom_dir, progress=False, track=False
+    )
     assert from_champion.losses[1] == from_folder.losses[1] != fresh.losses[1]
     run = client.get_run(from_champion.run_id)
     assert run.data.params["init_from_resolved"] == label and run.data.params["train.init_from"] == "champion"
@@ -79,7 +81,9 @@ def test_init_from_a_missing_folder_or_other_sizes_is_a_clear_error(idzoom_dir, 
     from magicid.models.tiny import build_tiny_backbone
 
     with pytest.raises(ConfigError, match="train.init_from.*no such folder"):
-        train(tiny_train_params(f"train.init_from={tmp_path / 'nope'}"), idzoom_dir, progress=False, track=False)
+        train(
+            tiny_train_params(f"train.init_from={tmp_path / 'nope'}"), idzoom_dir, progress=False, track=False
+        )
     small = tiny_train_params("model.n_id_tokens=2")
     MagicIDAdapter.create(build_tiny_backbone(), small).save(tmp_path / "small")
     backbone = build_tiny_backbone()
@@ -94,7 +98,13 @@ def test_the_unet_trains_with_the_adapter_only_when_asked(idzoom_dir, tiny_train
     common = ("train.steps=2", "train.checkpoint_every=2", "train.eval_every=0", "train.lr=1e-3")
     frozen_backbone = build_tiny_backbone()
     before = {k: v.clone() for k, v in frozen_backbone.unet.state_dict().items()}
-    frozen = train(tiny_train_params(*common, out="frozen"), idzoom_dir, backbone=frozen_backbone, progress=False, track=False)
+    frozen = train(
+        tiny_train_params(*common, out="frozen"),
+        idzoom_dir,
+        backbone=frozen_backbone,
+        progress=False,
+        track=False,
+    )
     assert frozen.unet_dir is None
     assert all(torch.equal(before[k], v) for k, v in frozen_backbone.unet.state_dict().items() if k in before)
 

@@ -31,7 +31,9 @@ WEIGHTS = (
 def world_data(tmp_path_factory) -> Path:
     from magicid.training.synthetic import write_synthetic_idzoom
 
-    return write_synthetic_idzoom(tmp_path_factory.mktemp("worlddata") / "v1", n_images=3, crop_size=64, seed=0)
+    return write_synthetic_idzoom(
+        tmp_path_factory.mktemp("worlddata") / "v1", n_images=3, crop_size=64, seed=0
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -126,9 +128,7 @@ def test_the_folder_loads_as_backbone_and_adapter_and_the_unet_trained_with_the_
 
     result, params = fitted_world
     folder = result.out_dir
-    model = params.model.model_copy(
-        update={"backbone": str(folder), "adapter_path": str(folder / "adapter")}
-    )
+    model = params.model.model_copy(update={"backbone": str(folder), "adapter_path": str(folder / "adapter")})
     loaded = params.model_copy(update={"model": model})
     backbone = load_backbone(loaded)
     adapter = load_adapter(loaded, backbone)
@@ -203,7 +203,10 @@ def test_weights_over_the_size_limit_stop_before_the_fit(world_params, world_dat
 @pytest.mark.parametrize(
     ("damage", "name"),
     [
-        (lambda p: p.write_bytes(p.read_bytes()[:-100]), "unet/diffusion_pytorch_model.safetensors"),  # truncated
+        (
+            lambda p: p.write_bytes(p.read_bytes()[:-100]),
+            "unet/diffusion_pytorch_model.safetensors",
+        ),  # truncated
         (lambda p: p.write_text(p.read_text().replace("4", "5", 1)), "vae/config.json"),  # changed
         (lambda p: p.unlink(), "tokenizer/tokenizer_config.json"),  # missing
     ],
@@ -232,7 +235,9 @@ def test_a_damaged_adapter_file_is_an_error_naming_it_through_the_cli(fitted_wor
     sets = [f"model.backbone={folder}", f"model.adapter_path={folder / 'adapter'}", "model.resolution=64"]
     args = ["--params", str(repo_root / "params.yaml")] + [a for s in sets for a in ("--set", s)]
     out = tmp_path / "x.png"
-    result = CliRunner().invoke(app, [*args, "generate", "-p", "a photo of a person", "--boxes", "4,4,30,30", "-o", str(out)])
+    result = CliRunner().invoke(
+        app, [*args, "generate", "-p", "a photo of a person", "--boxes", "4,4,30,30", "-o", str(out)]
+    )
     assert result.exit_code == 2, result.output
     assert not out.exists()
     assert "adapter.safetensors" in result.output and "changed or truncated" in result.output

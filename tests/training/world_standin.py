@@ -60,7 +60,9 @@ class StandinWorld:
             with Image.open(root / row.crop_path) as crop:
                 pixels = np.asarray(crop.convert("RGB"))
             embedding = np.asarray(row.embedding, np.float32)
-            self._faces.append((self.identities.index(str(row.identity)), embedding / np.linalg.norm(embedding), pixels))
+            self._faces.append(
+                (self.identities.index(str(row.identity)), embedding / np.linalg.norm(embedding), pixels)
+            )
 
     def sample(self, index: int) -> WorldSample:
         rng = np.random.default_rng([self.seed, index])
@@ -77,13 +79,17 @@ class StandinWorld:
         for x0, y0, x1, y1 in squares:
             pick = self._faces[int(rng.integers(len(self._faces)))]
             side = int(x1 - x0)
-            image[y0:y1, x0:x1] = np.asarray(Image.fromarray(pick[2]).resize((side, side), Image.Resampling.BILINEAR))
+            image[y0:y1, x0:x1] = np.asarray(
+                Image.fromarray(pick[2]).resize((side, side), Image.Resampling.BILINEAR)
+            )
             inset = side * self.margin / grow
             box = np.array([x0 + inset, y0 + inset, x1 - inset, y1 - inset], np.float32)
             boxes.append(box)
             picks.append(pick)
             landmarks.append(box[:2] + template * (box[2:] - box[:2]))
-            crops.append(np.asarray(Image.fromarray(pick[2]).resize((self.crop_size,) * 2, Image.Resampling.BILINEAR)))
+            crops.append(
+                np.asarray(Image.fromarray(pick[2]).resize((self.crop_size,) * 2, Image.Resampling.BILINEAR))
+            )
         landmarks_array = np.stack(landmarks).astype(np.float32)
         return WorldSample(
             image=image,
