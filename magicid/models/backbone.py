@@ -207,9 +207,8 @@ class Backbone:
 
         def write(folder: Path) -> None:
             pipe = self.stable_diffusion_xl_pipeline() if self.is_sdxl else self.stable_diffusion_pipeline()
-            with stock_attention(
-                self.unet
-            ):  # an attached adapter's ID projections are the adapter's, not the UNet's
+            # An attached adapter's ID projections (MGMICA processors) are the adapter's weights, not the UNet's.
+            with stock_attention(self.unet):
                 pipe.save_pretrained(str(folder), safe_serialization=True)
             write_vocab_files(self.tokenizer, folder / "tokenizer")
             if self.is_sdxl:
