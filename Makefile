@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser demo test test-fast bench bench-quick repro lint format clean
+.PHONY: install browser demo test test-fast bench bench-quick repro offline-world lint format clean
 
 # Installs the package with the whole pinned stack (requirements/constraints.txt: a set seen to install
 # together here). Re-runs only when the pins change.
@@ -46,6 +46,14 @@ bench-quick: install
 # evaluate); stage commands call the venv's `magicid`.
 repro: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+# The offline world from scratch (issue 23): the data stages of dvc.yaml (sample set -> IDZoom version -> validation),
+# then `magicid fit-world --refit` into fit_world.out_dir (models/offline_world: backbone + adapter + report +
+# checksums). About 45 minutes on 2 CPU cores (README "Fitting the offline world"); `--set model.device=cuda` on a GPU.
+# Interrupted: `magicid fit-world --resume` continues it.
+offline-world: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro validate
+	$(VENV)/bin/magicid fit-world --data data/idzoom --refit
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -130,6 +130,12 @@ app = _App(
 
 # The long-running commands (train, build-data, restore) share one progress switch.
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="cpu | cuda | auto: where the models, batches and random draws live (model.device)."
+    ),
+]
 # generate --ref/--boxes and restore need a trained adapter (model.adapter_path) unless this asks for an untrained one.
 UntrainedAdapterOption = Annotated[
     bool,
@@ -533,12 +539,13 @@ def fit_backbone(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the checkpoint beside --out (<out>.checkpoint/).")
     ] = False,
+    device: DeviceOption = None,
     progress: ProgressOption = True,
 ) -> None:
     """Fit the tiny backbone (VAE, then UNet) on an IDZoom version; writes a diffusers SD folder, tracked in MLflow."""
     from magicid.locks import output_lock
 
-    params = _params(ctx)
+    params = _with_device(ctx, device)
     out_dir = out if out is not None else Path(params.fit.out_dir)
     try:
         # The lock first (fit_backbone takes it too): a second run into the folder stops before the heavy imports.
@@ -560,6 +567,70 @@ def fit_backbone(
     typer.echo(f"scaling_factor: {result.scaling_factor:.6f}")
     typer.echo(f"mlflow_run_id: {result.run_id}")
     typer.echo(f"use it with: --set model.backbone={result.out_dir}")
+
+
+def _with_device(ctx: typer.Context, device: str | None) -> Params:
+    """The params, with `--device` applied as `model.device` (validated like any override)."""
+    if device is None:
+        return _params(ctx)
+    return load_params(ctx.obj["params_path"], [*ctx.obj["overrides"], f"model.device={device}"])
+
+
+@app.command("fit-world")
+def fit_world(
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="IDZoom version whose faces the world composes (default: data.out_dir)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="World folder to write (default: fit_world.out_dir).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the fit checkpointed beside --out (<out>.checkpoint/).")
+    ] = False,
+    refit: Annotated[
+        bool, typer.Option("--refit", help="Fit from scratch, replacing the folder and any checkpoint.")
+    ] = False,
+    device: DeviceOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Fit the offline world: the tiny backbone, then the adapter (and the UNet with it) on composite scenes of an
+    IDZoom version; writes one checksummed folder (backbone + adapter + report), tracked in MLflow."""
+    from magicid.training.world_fit import fit_world as run_fit_world
+
+    try:
+        params = _with_device(ctx, device)
+        result = run_fit_world(
+            params,
+            data if data is not None else Path(params.data.out_dir),
+            out,
+            resume=resume,
+            refit=refit,
+            progress=progress,
+        )
+    except MagicIDError as error:
+        raise _fail(error) from error
+    typer.echo(f"world: {result.out_dir}")
+    if result.reused:
+        typer.echo("up to date: fitted from the same dataset version and params (--refit fits again)")
+    if not result.finished:
+        typer.echo(f"stopped: continue with fit-world --resume ({result.seconds:.1f} s this call)")
+        return
+    report = result.report
+    for phase in ("vae", "unet"):
+        timing = report["backbone"]["timings"].get(phase)
+        if timing:
+            typer.echo(f"{phase}_steps_per_s: {timing['steps_per_s']}")
+    typer.echo(f"adapter_steps_per_s: {report['adapter']['steps_per_s']}")
+    typer.echo(f"adapter_step_overhead_ms: {report['adapter']['step_overhead_ms']}")
+    typer.echo(f"fit_step_overhead_ms: {report['fit_step_overhead_ms']}")
+    typer.echo(f"folder_megabytes: {report['folder_megabytes']}")
+    typer.echo(f"mlflow_run_id: {result.run_id}")
+    typer.echo(f"fit_world_seconds: {report['fit_world_seconds']}")
+    typer.echo(
+        f"use it with: --set model.backbone={result.out_dir} --set model.adapter_path={result.out_dir}/adapter"
+    )
 
 
 @app.command("sample-data")

@@ -314,6 +314,19 @@ class TrainParams(_Section):
     condition_dropout: ConditionDropoutParams = ConditionDropoutParams()
     mmf: MMFParams = MMFParams()
     clone_face: CloneFaceParams = CloneFaceParams()
+    # Where the adapter starts: null (freshly initialised), `champion` (the registry's current champion of
+    # promotion.model_name: fine-tuning, as users start from pretrained weights) or an adapter folder.
+    init_from: str | None = None
+    # The backbone's UNet trains jointly with the adapter at this LR (null: the backbone stays frozen).
+    unet_lr: float | None = Field(None, gt=0)
+    loader_workers: int = Field(0, ge=0)
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be null, 'champion' or an adapter folder, got an empty string")
+        return value
 
 
 class FitQualityParams(_Section):
@@ -353,6 +366,7 @@ class FitParams(_Section):
     translate_jitter: float = Field(0.05, ge=0, lt=1)
     color_jitter: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
     quality: FitQualityParams = FitQualityParams()
 
     @field_validator("resolution", "vae_resolution")
@@ -386,6 +400,27 @@ class FitParams(_Section):
         if not value:
             raise ValueError("needs at least one split")
         return value
+
+
+class FitWorldParams(_Section):
+    """`magicid fit-world` (`training/world_fit.py`): the tiny backbone and the adapter fitted on the composite
+    world. Phase 1 (backbone) takes its other settings from `fit:`, phase 2 (adapter) from `train:`."""
+
+    out_dir: str = "models/offline_world"
+    pool_images: int = Field(640, ge=1)
+    vae_steps: int = Field(600, ge=1)
+    unet_steps: int = Field(2400, ge=1)
+    unet_batch: int = Field(8, ge=1)
+    adapter_steps: int = Field(2500, ge=1)
+    adapter_batch: int = Field(4, ge=1)
+    adapter_lr: float = Field(2e-4, gt=0)
+    unet_lr: float | None = Field(5e-5, gt=0)
+    epoch_samples: int = Field(2000, ge=1)
+    val_samples: int = Field(8, ge=0)
+    eval_every: int = Field(500, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_megabytes: float = Field(25.0, gt=0)
 
 
 class DIIRParams(_Section):
@@ -554,6 +589,7 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     fit: FitParams = FitParams()
+    fit_world: FitWorldParams = FitWorldParams()
     diir: DIIRParams = DIIRParams()
     eval: EvalParams = EvalParams()
     promotion: PromotionParams = PromotionParams()

@@ -328,6 +328,45 @@ def resolve_version(params: Params, model_uri: str):
             ) from exc
 
 
+def champion_adapter(params: Params, into: str | Path) -> tuple[Path, str]:
+    """Download the adapter of the current `champion` version of `promotion.model_name` into `into` (only the
+    adapter: not the rest of the logged model, whose backbone artifact can be gigabytes).
+
+    Returns:
+        (the local adapter folder, `models:/NAME/VERSION` of the champion).
+
+    Raises:
+        RegistryError: no champion, or a logged model without an adapter artifact.
+    """
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    client = _client(params)
+    name = params.promotion.model_name
+    champion = _alias_version(client, name, CHAMPION)
+    if champion is None:
+        raise RegistryError(
+            f"train.init_from=champion: model {name!r} has no version with alias {CHAMPION!r} in "
+            f"{params.tracking.uri}; promote one (`magicid promote`) or set train.init_from=null"
+        )
+    uri = f"models:/{name}/{champion.version}"
+    into = Path(into)
+    mlmodel = download_artifacts(
+        artifact_uri=f"{uri}/MLmodel", dst_path=str(into / "mlmodel"), tracking_uri=params.tracking.uri
+    )
+    artifacts = yaml.safe_load(Path(mlmodel).read_text())["flavors"]["python_function"].get("artifacts") or {}
+    if "adapter" not in artifacts:
+        raise RegistryError(
+            f"{uri}: the logged model has no adapter artifact; register an adapter with `magicid register`"
+        )
+    local = download_artifacts(
+        artifact_uri=f"{uri}/{artifacts['adapter']['path']}",
+        dst_path=str(into / "model"),
+        tracking_uri=params.tracking.uri,
+    )
+    return Path(local), uri
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. Evaluation tables attached to versions
 # ---------------------------------------------------------------------------------------------------------

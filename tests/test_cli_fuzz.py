@@ -138,12 +138,16 @@ def files(tmp_path_factory) -> dict[str, str]:
     from magicid.training.synthetic import write_synthetic_idzoom
 
     write_synthetic_idzoom(root / "dataset", n_images=2, crop_size=64, seed=0)
+    # Fit checkpoints are safetensors + JSON (state.json names its tensor file).
     for name, payload in (("fit_garbage", b"garbage" * 10), ("fit_empty", b"")):
         (root / f"{name}.checkpoint").mkdir()
-        (root / f"{name}.checkpoint" / "checkpoint.pt").write_bytes(payload)
+        (root / f"{name}.checkpoint" / "state.json").write_bytes(payload)
     (root / "fit_list.checkpoint").mkdir()
-    # A torch file that is not a fit checkpoint.
-    torch.save([1, 2, 3], root / "fit_list.checkpoint" / "checkpoint.pt")
+    # A state that names a torch pickle where the safetensors file goes.
+    (root / "fit_list.checkpoint" / "state.json").write_text(
+        '{"key": "k", "tensors": "tensors-1.safetensors"}'
+    )
+    torch.save([1, 2, 3], root / "fit_list.checkpoint" / "tensors-1.safetensors")
     for name in ("train_garbage", "train_fifo"):
         checkpoint = root / name / "checkpoints" / "checkpoint_1"
         checkpoint.mkdir(parents=True)

@@ -28,18 +28,18 @@ _PART_COLOURS = {
 
 @functools.cache
 def _mesh_parts() -> list[tuple[tuple[int, int, int], np.ndarray]]:
-    from mediapipe.python.solutions import face_mesh_connections as fmc
+    from magicid.imaging import mesh_edges  # mediapipe's edge lists, copied: no mediapipe import to draw
 
     parts = []
     for name, colour in _PART_COLOURS.items():
-        edges = np.array(sorted(getattr(fmc, f"FACEMESH_{name.upper()}")), dtype=np.int64)
+        edges = np.array(sorted(getattr(mesh_edges, f"FACEMESH_{name.upper()}")), dtype=np.int64)
         parts.append((colour, edges))
     return parts
 
 
 @functools.cache
 def _pose_edges() -> list[tuple[tuple[int, int, int], int, int]]:
-    from mediapipe.python.solutions.pose_connections import POSE_CONNECTIONS
+    from magicid.imaging.mesh_edges import POSE_CONNECTIONS
 
     edges = []
     for a, b in sorted(POSE_CONNECTIONS):

@@ -39,6 +39,8 @@ from magicid.utils import atomic_write, atomic_write_text
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
+# The sizes an adapter is built with (`model.*`), saved in its config.
+SIZE_KEYS = ("n_id_tokens", "id_embed_dim", "id_image_encoder", "id_scale")
 
 
 def unet_fingerprint(unet: nn.Module) -> dict[str, Any]:
@@ -194,18 +196,12 @@ class MagicIDAdapter(nn.Module):
         atomic_write_text(directory / CONFIG_NAME, json.dumps(self.config, indent=2, sort_keys=True) + "\n")
         return directory
 
-    @classmethod
-    def load(cls, directory: str | Path, backbone: Backbone, params: Params) -> MagicIDAdapter:
-        """Load an adapter saved by `save` onto `backbone` (installs MGMICA on its UNet).
+    @staticmethod
+    def _read_saved(directory: Path, backbone: Backbone) -> tuple[dict, Path]:
+        """The saved config and weights file of `directory`, checked: files present, checksums (where the folder
+        ships with them), valid JSON, built for this backbone's UNet."""
+        from magicid.models.checksums import verify_model_folder
 
-        Sizes (`n_id_tokens`, `id_embed_dim`, `id_image_encoder`, `id_scale`) come from the saved config; the
-        rest of `params` (seed) is used to build the structure before the weights are loaded.
-
-        Raises:
-            BackboneError: missing files, a UNet that differs from the one the adapter was trained for, or
-                missing/unexpected weights (named).
-        """
-        directory = Path(directory).expanduser()
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.is_file():
@@ -213,6 +209,7 @@ class MagicIDAdapter(nn.Module):
                     f"model.adapter_path={str(directory)!r}: {path.name} not found; point it at a folder written "
                     "by MagicIDAdapter.save (or `magicid train`), or set model.adapter_path=null"
                 )
+        verify_model_folder(directory)  # the offline world's adapter: against the world's checksums.sha256
         try:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
@@ -223,23 +220,56 @@ class MagicIDAdapter(nn.Module):
                 f"{config_path}: adapter was built for a UNet {config.get('unet')}, the backbone "
                 f"{backbone.source!r} has {expected}; load it with the backbone it was trained on"
             )
-        model = params.model.model_copy(
-            update={
-                "n_id_tokens": config["n_id_tokens"],
-                "id_embed_dim": config["id_embed_dim"],
-                "id_image_encoder": config["id_image_encoder"],
-                "id_scale": config["id_scale"],
-            }
-        )
-        adapter = cls.create(backbone, params.model_copy(update={"model": model}))
+        return config, weights_path
+
+    def _load_saved_state(self, weights_path: Path) -> None:
         state = load_file(str(weights_path))
-        missing, unexpected = adapter.load_state_dict(state, strict=False)
-        if isinstance(adapter.id_encoder.image_encoder, CLIPImageEncoder):
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if isinstance(self.id_encoder.image_encoder, CLIPImageEncoder):
             missing = [k for k in missing if not k.startswith("id_encoder.image_encoder.model.")]
         if missing or unexpected:
             raise BackboneError(
                 f"{weights_path}: weights do not match the adapter; missing {missing[:5]}"
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
+
+    @classmethod
+    def load(cls, directory: str | Path, backbone: Backbone, params: Params) -> MagicIDAdapter:
+        """Load an adapter saved by `save` onto `backbone` (installs MGMICA on its UNet).
+
+        Sizes (`n_id_tokens`, `id_embed_dim`, `id_image_encoder`, `id_scale`) come from the saved config; the
+        rest of `params` (seed) is used to build the structure before the weights are loaded.
+
+        Raises:
+            BackboneError: missing files, a UNet that differs from the one the adapter was trained for, or
+                missing/unexpected weights (named); ChecksumError (a BackboneError): a file that differs from
+                the checksums of the folder it ships in.
+        """
+        directory = Path(directory).expanduser()
+        config, weights_path = cls._read_saved(directory, backbone)
+        model = params.model.model_copy(update={key: config[key] for key in SIZE_KEYS})
+        adapter = cls.create(backbone, params.model_copy(update={"model": model}))
+        adapter._load_saved_state(weights_path)
         assert set(mgmica_processors(backbone.unet)) and len(adapter.id_projections) == len(config["layers"])
         return adapter
+
+    def load_weights(self, directory: str | Path, backbone: Backbone) -> None:
+        """Load the weights an adapter of the same sizes saved in `directory` into this one (the starting point of
+        a fine-tune: `train.init_from`).
+
+        Raises:
+            BackboneError: as `load`, and when the saved sizes differ from this adapter's (each named with the
+                `model.` setting that would match).
+        """
+        directory = Path(directory).expanduser()
+        config, weights_path = self._read_saved(directory, backbone)
+        differing = [key for key in SIZE_KEYS if config.get(key) != self.config[key]]
+        if differing:
+            raise BackboneError(
+                f"{directory}: the saved adapter has "
+                + ", ".join(f"{key}={config.get(key)!r}" for key in differing)
+                + ", the adapter to train has "
+                + ", ".join(f"model.{key}={self.config[key]!r}" for key in differing)
+                + "; set those model.* values to the saved ones to start from it"
+            )
+        self._load_saved_state(weights_path)

@@ -12,8 +12,10 @@ Nothing downloads: real weights load with `local_files_only=True` from a folder 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,12 +207,34 @@ class Backbone:
 
         def write(folder: Path) -> None:
             pipe = self.stable_diffusion_xl_pipeline() if self.is_sdxl else self.stable_diffusion_pipeline()
-            pipe.save_pretrained(str(folder), safe_serialization=True)
+            # An attached adapter's ID projections (MGMICA processors) are the adapter's weights, not the UNet's.
+            with stock_attention(self.unet):
+                pipe.save_pretrained(str(folder), safe_serialization=True)
             write_vocab_files(self.tokenizer, folder / "tokenizer")
             if self.is_sdxl:
                 write_vocab_files(self.tokenizer_2, folder / "tokenizer_2")
 
         return atomic_write_dir(path, write)
+
+
+@contextlib.contextmanager
+def stock_attention(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`unet` with stock attention processors for the duration, its own put back afterwards.
+
+    Processors that are modules (MGMICA's, holding an adapter's ID projections) are submodules of the UNet, so its
+    `state_dict` and `save_pretrained` would carry the adapter's weights; inside this block they do not.
+    """
+    processors = unet.attn_processors
+    if not any(isinstance(p, torch.nn.Module) for p in processors.values()):
+        yield unet
+        return
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(processors)
 
 
 def _missing(path: Path, required: dict[str, list[str]]) -> list[str]:
@@ -273,11 +297,18 @@ def check_sdxl_vae_dtype(path: Path, torch_dtype: torch.dtype) -> None:
 def load_sd_folder(path: str | Path, torch_dtype: torch.dtype = torch.float32) -> Backbone:
     """Load a diffusers SD 1.x or SDXL folder from local disk only (`local_files_only=True`).
 
+    A folder holding `checksums.sha256` (the shipped offline world) is checked file by file first
+    (`magicid.models.checksums`).
+
     Raises:
-        BackboneError: missing/incomplete folder; ConfigError: float16 with SDXL's original VAE.
+        BackboneError: missing/incomplete folder; ChecksumError (a BackboneError): a file that differs from the
+            folder's checksums; ConfigError: float16 with SDXL's original VAE.
     """
+    from magicid.models.checksums import verify_model_folder
+
     path = Path(path).expanduser()
     is_sdxl = check_sd_folder(path)
+    verify_model_folder(path)
     if is_sdxl:
         check_sdxl_vae_dtype(path, torch_dtype)
     common = dict(local_files_only=True, torch_dtype=torch_dtype)
@@ -305,11 +336,19 @@ def load_sd_folder(path: str | Path, torch_dtype: torch.dtype = torch.float32) -
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error."""
+    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error.
+
+    Raises:
+        ConfigError: `cuda` (or `cuda:N`) asked for where torch sees no CUDA device.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackboneError("model.device=cuda but no CUDA device is visible; use model.device=cpu or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device={device} (or --device {device}) but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); "
+            "use model.device=cpu or auto"
+        )
     return torch.device(device)
 
 

@@ -224,3 +224,104 @@ def load_checkpoint_state(accelerator, folder: str | Path) -> None:
         raise CheckpointError(
             f"--resume: checkpoint {folder} cannot be loaded ({first_line(error)}); {way_out}"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor state as safetensors + JSON (the fitters' checkpoints): no pickles, nothing executes on load.
+# ---------------------------------------------------------------------------------------------------------
+
+STATE_META = "state.json"
+
+
+def save_tensor_state(folder: str | Path, tag: str, tensors: dict, meta: dict) -> Path:
+    """Write `tensors` (name -> tensor) to `<folder>/tensors-<tag>.safetensors`, then `state.json` (`meta` plus the
+    tensor file's name) naming it, both atomically; older tensor files are removed afterwards.
+
+    `state.json` is written last and names its tensor file, so a crash at any point leaves the previous complete
+    state (or none): a reader never pairs new metadata with old tensors.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from magicid.utils import atomic_write, atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"tensors-{tag}.safetensors"
+    cpu = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+    assert all(isinstance(v, torch.Tensor) for v in cpu.values())
+    atomic_write(folder / name, lambda tmp: save_file(cpu, str(tmp)))
+    atomic_write_text(folder / STATE_META, json.dumps({**meta, "tensors": name}, indent=1, sort_keys=True))
+    for stale in folder.glob("tensors-*.safetensors"):
+        if stale.name != name:
+            stale.unlink(missing_ok=True)
+    return folder / STATE_META
+
+
+def load_tensor_state(folder: str | Path) -> tuple[dict, dict] | None:
+    """The (tensors, meta) `save_tensor_state` wrote in `folder`, or None when it holds no state.
+
+    Raises:
+        CheckpointError: `state.json` is not valid JSON or its tensor file is missing or damaged (named).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path = folder / STATE_META
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors_path = folder / str(meta["tensors"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"--resume: {meta_path} is damaged ({error}); delete {folder} and fit without --resume"
+        ) from error
+    if not tensors_path.is_file():
+        raise CheckpointError(
+            f"--resume: {tensors_path} (named by {meta_path}) is missing; delete {folder} and fit without --resume"
+        )
+    problem = _safetensors_problem(tensors_path)
+    if problem:
+        raise CheckpointError(f"--resume: {folder}: {problem}; delete {folder} and fit without --resume")
+    try:
+        return load_file(str(tensors_path)), meta
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+        raise CheckpointError(
+            f"--resume: {folder}: {tensors_path.name} is not a complete safetensors file ({str(error)[:120]}); "
+            f"delete {folder} and fit without --resume"
+        ) from None
+
+
+def optimizer_state(optimizer, prefix: str) -> tuple[dict, dict]:
+    """An optimizer's state dict split into tensors (`<prefix>.<param id>.<name>`) and JSON metadata."""
+    import torch
+
+    state = optimizer.state_dict()
+    tensors, entries = {}, {}
+    for param_id, values in state["state"].items():
+        entry = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{param_id}.{name}"] = value
+                entry[name] = None  # a tensor, stored under its key
+            else:
+                entry[name] = value
+        entries[str(param_id)] = entry
+    return tensors, {"state": entries, "param_groups": state["param_groups"]}
+
+
+def load_optimizer_state(optimizer, tensors: dict, meta: dict, prefix: str) -> None:
+    """Put back what `optimizer_state` split (JSON turns tuples into lists: `betas` is made a tuple again)."""
+    state = {
+        int(param_id): {
+            name: tensors[f"{prefix}.{param_id}.{name}"] if value is None else value
+            for name, value in entry.items()
+        }
+        for param_id, entry in meta["state"].items()
+    }
+    groups = [
+        {key: tuple(value) if key == "betas" else value for key, value in group.items()}
+        for group in meta["param_groups"]
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,6 +1,11 @@
-"""The fitted backbone's training data: an IDZoom version's images and zoomed face crops in memory.
+"""The fitted backbone's training data: pictures (whole images and zoomed face crops) in memory.
 
 Kept apart from `training/fit.py` (the fitting itself), as the adapter's dataset is kept apart from its trainer.
+Two sources fill it: an IDZoom version (`load_fit_data`, `magicid fit-backbone`) and a pool of composite-world
+scenes (`magicid.training.world_fit.world_fit_data`, `magicid fit-world`).
+
+Pictures are held as uint8 (a quarter of float32's memory: a pool of 640 world scenes plus their face crops at
+256 px is ~250 MB) and converted to [-1, 1] floats only for the batch a step draws, on the fit's device.
 """
 
 from __future__ import annotations
@@ -15,17 +20,22 @@ from magicid.config import FitParams
 from magicid.data.manifest import read_manifest
 from magicid.errors import DataError
 
+# Captions of the fitting samples. Whole images use the adapter trainer's (`dataset.caption_for`) or the world's
+# own; a zoomed face crop is a close-up. Every word is in the tiny tokenizer's corpus.
+FACE_CROP_CAPTION = "a close up photo of a face"
+NULL_CAPTION = ""  # caption 0 of every caption table: the empty prompt of text dropout and CFG
+
 
 @dataclasses.dataclass
 class FitData:
-    """The dataset's pictures in memory, float32 in [-1, 1].
+    """The fit's pictures, uint8.
 
     Attributes:
-        whole: (N, 3, R, R) whole images letterboxed to `fit.resolution` (black outside the image).
-        whole_captions: N captions (`caption_for(n_faces)`).
-        crops: (M, 3, R, R) zoomed face crops resized to `fit.resolution`.
+        whole: (N, 3, R, R) uint8 whole images (IDZoom: letterboxed to `fit.resolution`, black outside the image).
+        whole_captions: N captions.
+        crops: (M, 3, R, R) uint8 zoomed face crops resized to `fit.resolution`.
         crop_identities: M identity labels (None where unknown).
-        version: the dataset version (`trainer.dataset_version`).
+        version: the dataset version (`trainer.dataset_version`); origin: where it came from.
     """
 
     whole: torch.Tensor
@@ -35,10 +45,50 @@ class FitData:
     version: str
     origin: str
 
+    def __post_init__(self) -> None:
+        for name in ("whole", "crops"):
+            value = getattr(self, name)
+            if value.dtype != torch.uint8 or value.ndim != 4 or value.shape[1] != 3:
+                raise ValueError(
+                    f"FitData.{name}: expected uint8 (n, 3, R, R), got {value.dtype} {tuple(value.shape)}"
+                )
+        if len(self.whole_captions) != self.whole.shape[0]:
+            raise ValueError("FitData: one caption per whole image")
 
-def _to_signed(array: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1).div(127.5).sub(1.0)
+    @property
+    def n_pictures(self) -> int:
+        return self.whole.shape[0] + self.crops.shape[0]
+
+    def captions(self) -> tuple[list[str], torch.Tensor]:
+        """The caption table and each picture's caption index into it.
+
+        Returns:
+            (table, ids): `table[0]` is the empty prompt (`NULL_CAPTION`), then the distinct captions in first-seen
+            order; `ids` (N + M,) long: picture i (whole images first, then crops) has caption `table[ids[i]]`.
+        """
+        table = [NULL_CAPTION]
+        index = {NULL_CAPTION: 0}
+        ids = []
+        for caption in [*self.whole_captions, *[FACE_CROP_CAPTION] * self.crops.shape[0]]:
+            if caption not in index:
+                index[caption] = len(table)
+                table.append(caption)
+            ids.append(index[caption])
+        return table, torch.tensor(ids, dtype=torch.long)
+
+    def to(self, device: torch.device | str) -> FitData:
+        """The same data with its pictures on `device` (the captions stay Python strings)."""
+        return dataclasses.replace(self, whole=self.whole.to(device), crops=self.crops.to(device))
+
+
+def to_signed(pictures: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [-1, 1], on the pictures' device."""
+    return pictures.float().div_(127.5).sub_(1.0)
+
+
+def _chw(array: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> uint8 (3, H, W)."""
+    return torch.from_numpy(np.array(array, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # a writable copy
 
 
 def load_fit_data(data_dir: str | Path, fit: FitParams) -> FitData:
@@ -75,13 +125,12 @@ def load_fit_data(data_dir: str | Path, fit: FitParams) -> FitData:
     whole, captions = [], []
     for row in images.itertuples():
         array = read(row.path)
-        whole.append(_to_signed(Letterbox.fit(array.shape[1], array.shape[0], size).image(array)))
+        whole.append(_chw(Letterbox.fit(array.shape[1], array.shape[0], size).image(array)))
         captions.append(caption_for(int(row.n_faces)))
     crops, identities = [], []
     for row in faces.itertuples():
         array = read(row.crop_path)
-        resized = np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BICUBIC))
-        crops.append(_to_signed(resized))
+        crops.append(_chw(np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BICUBIC))))
         identity = row.identity
         identities.append(None if identity is None or identity != identity else str(identity))
     if not crops:

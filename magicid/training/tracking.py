@@ -45,9 +45,16 @@ class RunTracker:
         self._pending: list[Any] = []
         self._client = None
 
-    def start(self, run_id: str | None, run_name: str, source_name: str = "magicid train") -> bool:
+    def start(
+        self,
+        run_id: str | None,
+        run_name: str,
+        source_name: str = "magicid train",
+        tags: dict[str, str] | None = None,
+    ) -> bool:
         """Open `run_id` (a resumed run) or a new run named `run_name`, tagged with the command that made it
-        (`source_name`); True when a new run was created (params to log)."""
+        (`source_name`) and `tags` (e.g. `mlflow.parentRunId`, to nest it under another run); True when a new run
+        was created (params to log)."""
         if not self.enabled:
             return False
         from magicid.registry import experiment_id as tracking_experiment
@@ -64,7 +71,7 @@ class RunTracker:
                 run_id = None
         if run_id is None:
             run = client.create_run(
-                experiment_id, run_name=run_name, tags={"mlflow.source.name": source_name}
+                experiment_id, run_name=run_name, tags={"mlflow.source.name": source_name, **(tags or {})}
             )
             run_id = run.info.run_id
             self.run_id = run_id

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from magicid.config import ConditionDropoutParams, Params
 from magicid.errors import ConfigError, DataError
@@ -81,6 +82,9 @@ class TrainResult:
         steps_per_s: optimizer steps per second of this call (excluding set-up).
         step_times: `time.perf_counter()` when each step of this call finished (benchmarks skip warm-up steps).
         val_losses: validation loss per evaluated step (empty when `train.eval_every` is 0 or no val split).
+        unet_dir: the trained UNet (diffusers folder) when `train.unet_lr` trained it, else None.
+        step_overhead_ms: median host time of a step outside forward/backward/optimizer (waiting for the batch,
+            the step's generator and conditions, reading the loss, logging), checkpoints and validation excluded.
     """
 
     run_id: str | None
@@ -93,20 +97,27 @@ class TrainResult:
     steps_per_s: float
     step_times: dict[int, float] = dataclasses.field(default_factory=dict)
     val_losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    unet_dir: Path | None = None
+    step_overhead_ms: float = float("nan")
 
 
 class MagicIDTrainingModule(nn.Module):
-    """The trainable adapter around the frozen UNet; `forward` predicts the noise (or velocity).
+    """The trainable adapter around the UNet; `forward` predicts the noise (or velocity).
 
-    Only the adapter is a registered submodule: its state dict (what checkpoints hold) and what DDP wraps are
-    the trainable weights. The UNet (which owns the MGMICA processors, i.e. the adapter's ID projections)
-    is held as a plain attribute.
+    Only the trainable weights are registered: the adapter and, when the UNet trains too (`train.unet_lr`), its own
+    weights as `unet_weights` (a `ParameterList` of the same tensors, without the MGMICA processors, which are the
+    adapter's): so the state dict (what checkpoints hold) and what DDP wraps are the trainable weights, each once.
+    The UNet (which runs the MGMICA processors, i.e. the adapter's ID projections) is held as a plain attribute.
     """
 
-    def __init__(self, adapter: nn.Module, unet: nn.Module) -> None:
+    def __init__(
+        self, adapter: nn.Module, unet: nn.Module, unet_weights: list[nn.Parameter] | None = None
+    ) -> None:
         super().__init__()
         self.adapter = adapter
-        object.__setattr__(self, "unet", unet)  # not a submodule: frozen, not checkpointed
+        object.__setattr__(self, "unet", unet)  # not a submodule: its trainable weights are `unet_weights`
+        if unet_weights:
+            self.unet_weights = nn.ParameterList(unet_weights)
 
     def forward(
         self,
@@ -165,10 +176,13 @@ class TextEncoderCache:
         return torch.stack([self._cache[c] for c in captions])  # (B, 77, C)
 
 
-def step_generator(seed: int, step: int, micro: int, process: int = 0) -> torch.Generator:
-    """The CPU generator of every random draw of (optimizer step, micro-batch, process): a pure function."""
+def step_generator(
+    seed: int, step: int, micro: int, process: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """The generator of every random draw of (optimizer step, micro-batch, process), on `device` (the training
+    device: the draws are made where they are used): a pure function of its arguments."""
     state = np.random.SeedSequence([seed, step, micro, process]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def draw_condition_dropout(
@@ -182,7 +196,7 @@ def draw_condition_dropout(
     Returns:
         (drop_text, drop_identity): (B,) bool each.
     """
-    u = torch.rand(batch_size, generator=generator)
+    u = torch.rand(batch_size, generator=generator, device=generator.device)
     text_only = u < dropout.text
     identity_only = (u >= dropout.text) & (u < dropout.text + dropout.identity)
     both = (u >= dropout.text + dropout.identity) & (u < dropout.text + dropout.identity + dropout.both)
@@ -236,7 +250,7 @@ def diffusion_loss(
         batch: a `collate_idzoom` batch on the training device.
         condition: (B, 6, H, W) ControlNet input for the step's MMF mode.
         text: (B, 77, C) text-encoder states.
-        generator: CPU generator for the latent sample, noise and timesteps.
+        generator: the generator of the latent sample, noise and timesteps (drawn on its device).
         face_loss_weight: `train.face_loss_weight`.
         dropout: `train.condition_dropout` (None: no dropout, e.g. the validation loss); needs `null_text`
             (1, 77, C), the empty prompt's embeddings. Drawn from `generator` after the noise and timesteps.
@@ -246,14 +260,18 @@ def diffusion_loss(
     with torch.no_grad():
         pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
         posterior = vae.encode(pixels).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(
+        eps = torch.randn(posterior.mean.shape, generator=generator, device=generator.device).to(
             device=device, dtype=posterior.mean.dtype
         )
         latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
     latents = latents.float()
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
     timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        0,
+        scheduler.config.num_train_timesteps,
+        (latents.shape[0],),
+        generator=generator,
+        device=generator.device,
     )
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -281,43 +299,57 @@ def diffusion_loss(
     return weighted_diffusion_loss(prediction, target, weight)
 
 
+def dvc_repo_root(path: str | Path) -> Path | None:
+    """The DVC repository holding `path` (the nearest folder upwards with a `.dvc` directory, not crossing a mount
+    point, as DVC's `Repo.find_root` looks), found without importing DVC; None outside one."""
+    path = Path(path).resolve()
+    for folder in [path, *path.parents]:
+        if (folder / ".dvc").is_dir():
+            return folder
+        if os.path.ismount(folder):
+            break
+    return None
+
+
 def dataset_version(root: str | Path) -> tuple[str, str]:
     """The version id of an IDZoom directory and where it came from.
 
     Inside a DVC repository, the hash DVC records for the directory (a stage output in dvc.lock or a
     `<dir>.dvc` file), as DVC's own file system reports it (`dvc.api.DVCFileSystem`); else (no DVC repository,
-    or the directory is not tracked) the SHA-256 of `images.parquet` + `faces.parquet` (first 32 hex digits).
+    the directory not tracked, or DVC not installed: a GPU machine with the model stack only) the SHA-256 of
+    `images.parquet` + `faces.parquet` (first 32 hex digits). DVC is imported only inside a DVC repository.
 
     Returns:
-        (version, origin) with origin `dvc` or `manifest-sha256`.
+        (version, origin) with origin `dvc`, `manifest-sha256`, or `manifest-sha256 (dvc not installed)` (inside a
+        DVC repository without DVC: say so where the version is logged).
     """
-    from magicid.dvc_logging import import_dvc
-
-    import_dvc()  # DVC's log handlers follow the current sys.stdout/sys.stderr (see magicid/dvc_logging.py)
-    from dvc.exceptions import NotDvcRepoError
-    from dvc.repo import Repo
-
     root = Path(root).resolve()
-    try:
-        repo_root = Path(Repo.find_root(str(root)))
-    except NotDvcRepoError:
-        repo_root = None
+    repo_root = dvc_repo_root(root)
+    origin = "manifest-sha256"
     if repo_root is not None:
-        from dvc.api import DVCFileSystem
+        import importlib.util
 
-        fs = DVCFileSystem(str(repo_root))
-        try:
-            info = fs.info(root.relative_to(repo_root).as_posix())
-        except FileNotFoundError:
-            info = {}
-        entry = (info.get("dvc_info") or {}).get("entry")
-        hash_info = getattr(entry, "hash_info", None)
-        if hash_info is not None and hash_info.value:
-            return str(hash_info.value).removesuffix(".dir"), "dvc"
+        if importlib.util.find_spec("dvc") is None:
+            origin = "manifest-sha256 (dvc not installed)"
+        else:
+            from magicid.dvc_logging import import_dvc
+
+            import_dvc()  # DVC's log handlers follow the current sys.stdout/sys.stderr (see magicid/dvc_logging.py)
+            from dvc.api import DVCFileSystem
+
+            fs = DVCFileSystem(str(repo_root))
+            try:
+                info = fs.info(root.relative_to(repo_root).as_posix())
+            except FileNotFoundError:
+                info = {}
+            entry = (info.get("dvc_info") or {}).get("entry")
+            hash_info = getattr(entry, "hash_info", None)
+            if hash_info is not None and hash_info.value:
+                return str(hash_info.value).removesuffix(".dir"), "dvc"
     digest = hashlib.sha256()
     for name in ("images.parquet", "faces.parquet"):
         digest.update((root / name).read_bytes())
-    return digest.hexdigest()[:32], "manifest-sha256"
+    return digest.hexdigest()[:32], origin
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -359,30 +391,52 @@ def train(
     backbone: Backbone | None = None,
     progress: bool = True,
     track: bool = True,
+    dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
+    run_tags: dict[str, str] | None = None,
+    source_name: str = "magicid train",
 ) -> TrainResult:
-    """Train the MagicID adapter on an IDZoom dataset version.
+    """Train the MagicID adapter on an IDZoom dataset version (or on the samples of `dataset`).
 
     Args:
         params: typed parameters (`train`, `model`, `tracking`, `seed`, `data.crop_size`).
-        data_dir: the IDZoom dataset version directory (DESIGN §2).
+        data_dir: the IDZoom dataset version directory (DESIGN §2): the training samples unless `dataset` is
+            given, and always the logged dataset version.
         steps: optimizer steps to reach (default `train.steps`); with `resume`, the total including those done.
             The LR schedule spans `max(train.steps, steps)`, so a run stopped early resumes on the same schedule.
         resume: continue from the newest checkpoint under `train.out_dir/checkpoints` (error if none).
         backbone: a freshly loaded backbone to train on (default `load_backbone(params)`); MGMICA is installed on
-            its UNet, so do not share it with another model.
+            its UNet, so do not share it with another model. With `train.unet_lr` its UNet is trained in place.
         progress: show a tqdm progress bar.
         track: log to MLflow (`tracking.uri`, `tracking.experiment`).
+        dataset: the training samples instead of the IDZoom version's train split: any map-style dataset whose
+            items are `IDZoomDataset.__getitem__`'s dicts and that has `set_epoch` (fit-world: the composite
+            world's `WorldDataset`). Its order is `EpochShuffleSampler`'s, as for IDZoom.
+        val_dataset: with `dataset`, the validation samples (None: no validation loss).
+        run_tags: extra tags of a new MLflow run (fit-world: `mlflow.parentRunId`, so the run nests under it).
+        source_name: the `mlflow.source.name` tag of a new run.
+
+    Where the adapter starts (`train.init_from`): null, freshly initialised; `champion`, the weights of the
+    registry's current champion (`magicid.registry.champion_adapter`); a folder, the adapter saved there. Its sizes
+    must be `model`'s (an error says which differ). A resumed run takes its weights from the checkpoint instead.
+
+    The backbone's UNet trains jointly with the adapter when `train.unet_lr` is set (its own LR, kept in float32;
+    the final UNet is written to `train.out_dir/unet` as a diffusers folder without the adapter's MGMICA
+    weights); by default it stays frozen.
 
     Returns:
         `TrainResult`.
 
     Raises:
-        DataError: a bad dataset row; ConfigError: impossible settings (e.g. `--resume` without a checkpoint).
+        DataError: a bad dataset row; ConfigError: impossible settings (e.g. `--resume` without a checkpoint, an
+        `init_from` adapter of other sizes); RegistryError: `init_from: champion` without a champion.
         OutputLocked: another process is writing `train.out_dir` (the lock is held for the whole run, by the main
             process only under `accelerate launch`: the other ranks are part of this run).
     """
     with output_lock(params.train.out_dir, "magicid train", main_process_only=True):
-        return _train_locked(params, data_dir, steps, resume, backbone, progress, track)
+        return _train_locked(
+            params, data_dir, steps, resume, backbone, progress, track, dataset, val_dataset, run_tags, source_name
+        )  # fmt: skip
 
 
 def _train_locked(
@@ -393,6 +447,10 @@ def _train_locked(
     backbone: Backbone | None,
     progress: bool,
     track: bool,
+    dataset: Dataset | None,
+    val_dataset: Dataset | None,
+    run_tags: dict[str, str] | None,
+    source_name: str,
 ) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
@@ -402,6 +460,10 @@ def _train_locked(
     total_steps = int(steps or cfg.steps)
     if total_steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {total_steps}")
+    if val_dataset is not None and dataset is None:
+        raise ConfigError(
+            "train(): val_dataset goes with dataset (the IDZoom version's val split is used otherwise)"
+        )
     out_dir = Path(cfg.out_dir)
     data_dir = Path(data_dir)
     # The newest checkpoint, checked (a damaged one is an error naming it, never skipped for an older one).
@@ -439,7 +501,7 @@ def _train_locked(
         )
     set_seed(params.seed)
 
-    # 2. Models: frozen backbone in the compute dtype, trainable adapter in float32.
+    # 2. Models: frozen backbone in the compute dtype, trainable adapter in float32 (and the UNet, when it trains).
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     backbone = backbone or load_backbone(params)
     backbone.require_sd1("training (magicid train)")
@@ -447,28 +509,59 @@ def _train_locked(
     for frozen in (backbone.unet, backbone.vae, backbone.text_encoder):
         frozen.requires_grad_(False).eval()
     adapter = MagicIDAdapter.create(backbone, params)
+    init_label = None
+    if cfg.init_from is not None and not checkpoints:
+        init_label = _init_adapter_weights(adapter, params, backbone)
     adapter.to(device=accelerator.device, dtype=torch.float32).train()
-    module = MagicIDTrainingModule(adapter, backbone.unet)
-    trainable = [p for p in adapter.parameters() if p.requires_grad]
+    unet_weights: list[nn.Parameter] = []
+    if cfg.unet_lr is not None:
+        if backbone.unet.dtype != torch.float32:  # (diffusers warns on every .to(dtype), even a no-op one)
+            backbone.unet.to(dtype=torch.float32)
+        backbone.unet.train()
+        # The UNet's own weights; the MGMICA processors on it are the adapter's (trained with the adapter's LR).
+        unet_weights = [p for n, p in backbone.unet.named_parameters() if ".processor." not in n]
+        for weight in unet_weights:
+            weight.requires_grad_(True)
+    module = MagicIDTrainingModule(adapter, backbone.unet, unet_weights or None)
+    adapter_weights = [p for p in adapter.parameters() if p.requires_grad]
+    trainable = adapter_weights + unet_weights
 
     # 3. Data: a deterministic order (seed, epoch) that resume can replay.
-    dataset = IDZoomDataset(data_dir, params, split="train")
+    if dataset is None:
+        dataset = IDZoomDataset(data_dir, params, split="train")
+        images_df = dataset.images_df
+        has_val = "split" in images_df and bool((images_df["split"] == "val").any())
+        if cfg.eval_every > 0 and has_val:
+            val_dataset = IDZoomDataset(data_dir, params, split="val", clone_prob=0.0)
+    else:
+        from magicid.data.manifest import read_manifest
+
+        images_df = read_manifest(data_dir, arrays=False)[0]
     sampler = EpochShuffleSampler(len(dataset), params.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_idzoom)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate_idzoom,
+        num_workers=cfg.loader_workers,  # workers start each epoch after set_epoch, so they see its epoch
+    )
     version, origin = dataset_version(data_dir)
-    # The val split (clean samples, no Clone Face): its loss every `train.eval_every` steps.
-    has_val = "split" in dataset.images_df and bool((dataset.images_df["split"] == "val").any())
+    # The val samples (clean, no Clone Face): their loss every `train.eval_every` steps.
     val_loader = None
-    if cfg.eval_every > 0 and has_val:
-        val_set = IDZoomDataset(data_dir, params, split="val", clone_prob=0.0)
-        val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_idzoom)
+    if cfg.eval_every > 0 and val_dataset is not None:
+        val_loader = DataLoader(
+            val_dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_idzoom
+        )
     elif cfg.eval_every > 0:
         accelerator.print(
             f"warning: {data_dir} has no val split: no validation loss (train.eval_every={cfg.eval_every}); "
             "build the dataset with data.split.val > 0 or set train.eval_every=0"
         )
 
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": adapter_weights, "lr": cfg.lr}]
+    if unet_weights:
+        groups.append({"params": unet_weights, "lr": cfg.unet_lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # The LR schedule spans the configured run (`train.steps`), not this call's `--steps`: stopping early and
     # resuming later must follow the same schedule as one uninterrupted run.
     horizon = max(cfg.steps, total_steps)
@@ -496,7 +589,7 @@ def _train_locked(
             )
 
     tracker = RunTracker(params, enabled=track and accelerator.is_main_process)
-    new_run = tracker.start(run_id, run_name=f"train-{data_dir.name}")
+    new_run = tracker.start(run_id, run_name=f"train-{data_dir.name}", source_name=source_name, tags=run_tags)
     if new_run:
         tracker.log_params(
             {
@@ -507,9 +600,11 @@ def _train_locked(
                 "backbone_source": backbone.source,
                 "effective_mixed_precision": mixed_precision,
                 "num_processes": accelerator.num_processes,
+                "init_from_resolved": init_label or "none",
+                "train_samples": type(dataset).__name__,
             }
         )
-        tracker.log_dataset(dataset.images_df, data_dir, version, origin)
+        tracker.log_dataset(images_df, data_dir, version, origin)
         if cfg.eval_every > 0 and val_loader is None:
             tracker.tag("val_loss", f"none: {data_dir.name} has no val split")
 
@@ -523,11 +618,13 @@ def _train_locked(
     losses: dict[int, float] = {}
     modes: dict[int, str] = {}
     step_times: dict[int, float] = {}
+    overheads: list[float] = []
     bar = tqdm(
         total=total_steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process)
     )
     running, micro_in_step = torch.zeros((), device=accelerator.device), 0
     start_time, start_step = time.perf_counter(), step
+    checkpointed_at = None
     status = "FAILED"
     try:
         while step < total_steps:
@@ -535,10 +632,14 @@ def _train_locked(
             dataset.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             skip = 0
+            last, overhead = time.perf_counter(), 0.0
             for batch in batches:
                 mode = schedule.mode_at(step)
-                generator = step_generator(params.seed, step, micro_in_step, accelerator.process_index)
+                generator = step_generator(
+                    params.seed, step, micro_in_step, accelerator.process_index, accelerator.device
+                )
                 condition = schedule.condition_at(step, batch["skeleton"], batch["landmark"])
+                compute_start = time.perf_counter()
                 with accelerator.accumulate(module):
                     loss = diffusion_loss(
                         module,
@@ -557,9 +658,13 @@ def _train_locked(
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                compute_end = time.perf_counter()
                 running += loss.detach() / cfg.grad_accum
                 micro_in_step += 1
+                overhead += compute_start - last
                 if not accelerator.sync_gradients:
+                    last = time.perf_counter()
+                    overhead += last - compute_end
                     continue
                 step += 1
                 step_loss = accelerator.reduce(running, reduction="mean").item()
@@ -581,6 +686,7 @@ def _train_locked(
                         },
                         step,
                     )
+                overheads.append(overhead + time.perf_counter() - compute_end)
                 if val_loader is not None and (step % cfg.eval_every == 0 or step == total_steps):
                     val_losses[step] = validation_loss(
                         module,
@@ -594,18 +700,35 @@ def _train_locked(
                     tracker.metrics({"val_loss": val_losses[step]}, step)
                 if step % _METRICS_FLUSH_EVERY == 0:
                     tracker.flush()
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                # A checkpoint on `train.checkpoint_every`'s schedule, and at the end of a call that stops before
+                # the configured run's end (`--steps` < train.steps: it is meant to be resumed); a finished run
+                # gets no extra one (its adapter is the result).
+                if step % cfg.checkpoint_every == 0 or (step == total_steps and total_steps < horizon):
                     extra = {"dataset_version": version, "lr_horizon": horizon}
                     _save_checkpoint(accelerator, module, out_dir, step, tracker, extra, params)
+                    checkpointed_at = step
+                last, overhead = time.perf_counter(), 0.0
                 if step >= total_steps:
                     break
             epoch += 1
         elapsed = time.perf_counter() - start_time
-        # 5. The final adapter: what inference and the registry load.
+        # 5. The final adapter (what inference and the registry load), each file written once: hard links to the
+        #    final checkpoint's adapter when the last step was checkpointed, else saved here.
         adapter_dir = out_dir / "adapter"
+        unet_dir = out_dir / "unet" if unet_weights else None
         if accelerator.is_main_process:
-            atomic_write_dir(adapter_dir, lambda tmp: accelerator.unwrap_model(module).adapter.save(tmp))
+            final_checkpoint = (
+                out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}" / "adapter"
+                if checkpointed_at == step
+                else None
+            )
+            if final_checkpoint is not None and final_checkpoint.is_dir():
+                atomic_write_dir(adapter_dir, lambda tmp: _link_files(final_checkpoint, tmp))
+            else:
+                atomic_write_dir(adapter_dir, lambda tmp: accelerator.unwrap_model(module).adapter.save(tmp))
             tracker.artifacts(adapter_dir, "adapter")
+            if unet_dir is not None:
+                atomic_write_dir(unet_dir, lambda tmp: save_unet(backbone.unet, tmp))
         accelerator.wait_for_everyone()
         status = "FINISHED"
     finally:
@@ -623,7 +746,56 @@ def _train_locked(
         steps_per_s=(step - start_step) / elapsed if elapsed > 0 else float("nan"),
         step_times=step_times,
         val_losses=val_losses,
+        unet_dir=unet_dir,
+        step_overhead_ms=1000 * statistics.median(overheads) if overheads else float("nan"),
     )
+
+
+def save_unet(unet: nn.Module, folder: Path) -> None:
+    """Write `unet` as a diffusers model folder (`save_pretrained`, safetensors) without the MGMICA processors'
+    weights an attached adapter put on it (those are the adapter's)."""
+    from magicid.models.backbone import stock_attention
+
+    with stock_attention(unet):
+        unet.save_pretrained(str(folder), safe_serialization=True)
+
+
+def _link_files(source: Path, target: Path) -> None:
+    """Hard-link every file of `source` into `target` (one copy on disk); a copy where the file system cannot link."""
+    for path in source.iterdir():
+        if path.is_file():
+            try:
+                os.link(path, target / path.name)
+            except OSError:  # another device, or no hard links there: the same bytes, written once more
+                shutil.copy2(path, target / path.name)
+
+
+def _init_adapter_weights(adapter: MagicIDAdapter, params: Params, backbone: Backbone) -> str:
+    """Load `train.init_from`'s adapter weights into the freshly created `adapter`; returns what was loaded
+    (`models:/NAME/VERSION` for the champion, else the folder).
+
+    Raises:
+        ConfigError: a folder that is not an adapter. RegistryError: no champion. BackboneError: another UNet,
+            other sizes than `model`'s, or damaged files.
+    """
+    import tempfile
+
+    init_from = str(params.train.init_from)
+    if init_from == "champion":
+        from magicid.registry import champion_adapter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder, label = champion_adapter(params, tmp)
+            adapter.load_weights(folder, backbone)
+        return label
+    folder = Path(init_from).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"train.init_from={init_from!r}: not 'champion' and no such folder; give an adapter folder "
+            "(train.out_dir/adapter) or null"
+        )
+    adapter.load_weights(folder, backbone)
+    return str(folder)
 
 
 def _save_checkpoint(
@@ -666,7 +838,7 @@ def validation_loss(
     for index, batch in enumerate(loader):
         batch = send_to_device(batch, device)
         condition = make_condition(batch["skeleton"], batch["landmark"], "fused")
-        generator = step_generator(seed, VALIDATION_STREAM, index)
+        generator = step_generator(seed, VALIDATION_STREAM, index, device=device)
         loss = diffusion_loss(
             module, backbone, batch, condition, texts(batch["caption"]), generator, face_loss_weight
         )

@@ -201,3 +201,25 @@ def test_backbone_parts_must_agree_on_sdxl(tiny_backbone):
     with pytest.raises(BackboneError, match="text_time"):
         dataclasses.replace(tiny_backbone, text_encoder_2=sdxl.text_encoder_2, tokenizer_2=sdxl.tokenizer_2)
     tiny_backbone.require_sd1("anything")  # SD 1.x: no error
+
+
+def test_save_pretrained_leaves_an_attached_adapters_weights_out(tmp_path):
+    """MGMICA's processors are submodules of the UNet: its saved weights hold none of them, and they run again after."""
+    from safetensors.torch import load_file
+
+    from magicid.config import load_params
+    from magicid.models.adapter import MagicIDAdapter
+    from magicid.models.mgmica import mgmica_processors
+    from magicid.models.tiny import build_tiny_backbone
+
+    backbone = build_tiny_backbone()
+    stock_keys = set(backbone.unet.state_dict())
+    adapter = MagicIDAdapter.create(backbone, load_params(None))
+    assert (
+        set(backbone.unet.state_dict()) > stock_keys
+    )  # the processors' weights are in the UNet's state dict
+    backbone.save_pretrained(tmp_path / "saved")
+    saved = load_file(str(tmp_path / "saved" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(saved) == stock_keys
+    adapter.check(backbone.unet)  # the adapter's processors are back on the UNet
+    assert len(mgmica_processors(backbone.unet)) == len(adapter.id_projections)

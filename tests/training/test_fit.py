@@ -42,6 +42,7 @@ def fit_params(tmp_path):
             "fit.unet_batch=2",
             "fit.warmup_steps=1",
             "fit.checkpoint_every=1",
+            "fit.log_every=1",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"tracking.artifact_root={tmp_path / 'mlartifacts'}",
             "tracking.experiment=magicid-fit-test",
@@ -109,31 +110,39 @@ def test_resume_refuses_a_missing_or_foreign_checkpoint(fit_data, fit_params, tm
         )
 
 
-def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+def _crafted_state(state_dir, marker) -> None:
+    """A checkpoint folder whose tensor file is a pickle that would run code (`crafted_pickles`) and whose
+    `state.json` names it."""
     from crafted_pickles import save_crafted
 
-    from magicid.training.checkpoints import CheckpointError
-    from magicid.training.fit import load_fit_checkpoint
+    state_dir.mkdir(parents=True, exist_ok=True)
+    # Crafted under a .pt name (torch.load reads a .safetensors name as safetensors), then put in place.
+    save_crafted(state_dir / "crafted.pt", marker, key="k", phase="vae", step=1).rename(
+        state_dir / "tensors-x.safetensors"
+    )
+    (state_dir / "state.json").write_text(json.dumps({"key": "k", "phase": "vae", "step": 1,
+                                                      "tensors": "tensors-x.safetensors"}))  # fmt: skip
+
+
+def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+    """Fit checkpoints are safetensors + JSON: nothing in them is unpickled, so a pickle put in their place is
+    refused as a damaged tensor file, and the code it carries never runs."""
+    from magicid.training.checkpoints import CheckpointError, load_tensor_state
 
     marker = tmp_path / "ran"
-    checkpoint = save_crafted(tmp_path / "checkpoint.pt", marker, key="k", phase="vae", step=1)
-    with pytest.raises(CheckpointError, match=r"its pickle calls exec; refused: loading it could run code"):
-        load_fit_checkpoint(checkpoint)
+    _crafted_state(tmp_path / "state", marker)
+    with pytest.raises(CheckpointError, match=r"not a complete safetensors file"):
+        load_tensor_state(tmp_path / "state")
     assert not marker.exists()
 
 
 def test_resume_never_runs_code_from_a_crafted_checkpoint(fit_data, tmp_path, repo_root):
-    """`fit-backbone --resume` reads checkpoint.pt with weights_only=True: a pickle that calls a function is
-    refused with one line naming the file (exit 2), and the function never runs."""
-    from crafted_pickles import save_crafted
-
+    """`fit-backbone --resume` on a crafted checkpoint: one line naming the folder (exit 2); the code never runs."""
     from magicid.cli import app
-    from magicid.training.fit import CHECKPOINT_FILE
 
     marker = tmp_path / "ran"
-    checkpoint = tmp_path / "out.checkpoint" / CHECKPOINT_FILE
-    checkpoint.parent.mkdir()
-    save_crafted(checkpoint, marker, key="k", phase="vae", step=1)
+    state_dir = tmp_path / "out.checkpoint"
+    _crafted_state(state_dir, marker)
     result = CliRunner().invoke(
         app,
         ["--params", str(repo_root / "params.yaml"), "fit-backbone", "--data", str(fit_data),
@@ -141,54 +150,56 @@ def test_resume_never_runs_code_from_a_crafted_checkpoint(fit_data, tmp_path, re
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(checkpoint) in errors[0] and "could run code" in errors[0], result.output
+    assert len(errors) == 1 and str(state_dir) in errors[0] and "without --resume" in errors[0], result.output
     assert "Traceback" not in result.output
     assert not marker.exists()
 
 
-def _damage_checkpoint(path, how: str) -> None:
-    if how == "garbage":
-        path.write_bytes(b"\x00garbage, not a torch file\x00" * 10)
-    elif how == "torn":
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
+def _damage_checkpoint(state_dir, how: str) -> None:
+    meta_path = state_dir / "state.json"
+    meta = json.loads(meta_path.read_text())
+    tensors = state_dir / meta["tensors"]
+    if how == "garbage state":
+        meta_path.write_bytes(b"\x00garbage, not JSON\x00" * 10)
+    elif how == "torn tensors":
+        data = tensors.read_bytes()
+        tensors.write_bytes(data[: len(data) // 2])
     elif how == "a list":
-        torch.save([1, 2, 3], path)
+        meta_path.write_text("[1, 2, 3]")
     elif how == "no optimizer state":
-        state = torch.load(path, weights_only=True)
-        del state["vae_opt"]
-        torch.save(state, path)
+        del meta["vae_opt"]
+        meta_path.write_text(json.dumps(meta))
     elif how == "step is text":
-        state = torch.load(path, weights_only=True)
-        torch.save({**state, "step": "two"}, path)
+        meta_path.write_text(json.dumps({**meta, "step": "two"}))
     elif how == "foreign weights":
-        state = torch.load(path, weights_only=True)
-        torch.save({**state, "vae": {"bogus.weight": torch.zeros(2)}}, path)
+        from safetensors.torch import save_file
+
+        save_file({"vae.bogus.weight": torch.zeros(2)}, str(tensors))
 
 
 @pytest.mark.parametrize(
     ("how", "reason"),
     [
-        ("garbage", "is damaged or not a checkpoint"),
-        ("torn", "is damaged or not a checkpoint"),
-        ("a list", "not a fit checkpoint (a list)"),
-        ("no optimizer state", "not a fit checkpoint (no 'vae_opt')"),
-        ("step is text", "'step' is a str, expected int"),
-        ("foreign weights", "does not fit this backbone"),
+        ("garbage state", "is damaged"),
+        ("torn tensors", "not a complete safetensors file"),
+        ("a list", "is damaged"),
+        ("no optimizer state", "is damaged or not a fit-backbone checkpoint (KeyError"),
+        ("step is text", "is damaged or not a fit-backbone checkpoint (ValueError"),
+        ("foreign weights", "is damaged or not a fit-backbone checkpoint"),
     ],
 )
 def test_resume_from_a_damaged_checkpoint_is_one_line_naming_it(fit_data, fit_params, tmp_path, how, reason):
     from magicid.training.checkpoints import CheckpointError
-    from magicid.training.fit import CHECKPOINT_FILE, fit_backbone
+    from magicid.training.fit import checkpoint_dir, fit_backbone
 
     params = fit_params()
     fit_backbone(params, fit_data, tmp_path / "x", progress=False, track=False, stop_after=1)
-    checkpoint = tmp_path / "x.checkpoint" / CHECKPOINT_FILE
-    _damage_checkpoint(checkpoint, how)
+    state_dir = checkpoint_dir(tmp_path / "x")
+    _damage_checkpoint(state_dir, how)
     with pytest.raises(CheckpointError) as info:
         fit_backbone(params, fit_data, tmp_path / "x", progress=False, track=False, resume=True)
     message = str(info.value)
-    assert str(checkpoint) in message and reason in message and "\n" not in message, message
+    assert str(state_dir) in message and reason in message and "\n" not in message, message
     assert "without --resume" in message
 
 
@@ -197,7 +208,7 @@ def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
 ):
     from magicid.models.backbone import check_sd_folder, load_backbone
     from magicid.training.fit import REPORT_FILE, fit_backbone
-    from magicid.training.fit_data import load_fit_data
+    from magicid.training.fit_data import load_fit_data, to_signed
 
     params = fit_params()
     fit_backbone(params, fit_data, tmp_path / "fitted", progress=False, track=False)
@@ -214,7 +225,7 @@ def test_folder_loads_through_the_real_weights_path_with_unit_variance_latents(
     assert loaded.vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
     data = load_fit_data(fit_data, params.fit)
     with torch.no_grad():
-        pictures = torch.cat([data.whole, data.crops])
+        pictures = to_signed(torch.cat([data.whole, data.crops]))
         latents = loaded.vae.encode(pictures).latent_dist.mean * loaded.vae.config.scaling_factor
     assert float(latents.std()) == pytest.approx(1.0, rel=1e-3)
     # The stock diffusers pipeline runs on it (what the SD 1.5 baseline path does).
@@ -325,7 +336,7 @@ def test_latent_bank_draws_augmented_variants_at_augment_prob():
         .view(variants, 1, 1, 1, 1)
         .expand(variants, pictures, 4, 2, 2)
     )
-    bank = LatentBank(mean.clone(), torch.zeros_like(mean), n_whole=2, captions=["w0", "w1", "crop"])
+    bank = LatentBank(mean.clone(), torch.zeros_like(mean), n_whole=2, caption_ids=torch.tensor([1, 2, 3]))
 
     def drawn(augment_prob: float) -> torch.Tensor:
         latents, _ = bank.sample(2000, 0.5, 1.0, torch.Generator().manual_seed(0), augment_prob)
