@@ -505,6 +505,7 @@ def train(
     trainable = adapter_weights + unet_weights
 
     # 3. Data: a deterministic order (seed, epoch) that resume can replay.
+    custom_dataset = dataset is not None
     if dataset is None:
         dataset = IDZoomDataset(data_dir, params, split="train")
         images_df = dataset.images_df
@@ -529,6 +530,11 @@ def train(
     if cfg.eval_every > 0 and val_dataset is not None:
         val_loader = DataLoader(
             val_dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_idzoom
+        )
+    elif cfg.eval_every > 0 and custom_dataset:
+        accelerator.print(
+            f"warning: no validation samples were given with the training dataset: no validation loss "
+            f"(train.eval_every={cfg.eval_every})"
         )
     elif cfg.eval_every > 0:
         accelerator.print(
@@ -584,7 +590,8 @@ def train(
         )
         tracker.log_dataset(images_df, data_dir, version, origin)
         if cfg.eval_every > 0 and val_loader is None:
-            tracker.tag("val_loss", f"none: {data_dir.name} has no val split")
+            reason = "no validation samples given" if custom_dataset else f"{data_dir.name} has no val split"
+            tracker.tag("val_loss", f"none: {reason}")
 
     schedule = MMFSchedule.from_params(params)
     texts = TextEncoderCache(backbone)
