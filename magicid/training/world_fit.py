@@ -402,7 +402,7 @@ def fit_world(
             if not fitter.run(stop_after):
                 status = "KILLED"
                 return _stopped(out_dir, state_dir, state, start, tracker)
-            atomic_write_dir(state_dir / "backbone", fitter.backbone.save_pretrained)
+            fitter.backbone.save_pretrained(state_dir / "backbone")  # atomic: a whole folder or none
             report["world"] = {
                 "pool_images": world_cfg.pool_images,
                 "scene_ms": round(1000 * scene_seconds, 2),
