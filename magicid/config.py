@@ -408,13 +408,13 @@ class FitWorldParams(_Section):
 
     out_dir: str = "models/offline_world"
     pool_images: int = Field(640, ge=1)
-    vae_steps: int = Field(600, ge=1)
-    unet_steps: int = Field(2400, ge=1)
+    vae_steps: int = Field(800, ge=1)
+    unet_steps: int = Field(3000, ge=1)
     unet_batch: int = Field(8, ge=1)
-    adapter_steps: int = Field(2500, ge=1)
+    adapter_steps: int = Field(3500, ge=1)
     adapter_batch: int = Field(4, ge=1)
     adapter_lr: float = Field(2e-4, gt=0)
-    unet_lr: float | None = Field(5e-5, gt=0)
+    unet_lr: float | None = Field(2e-4, gt=0)
     epoch_samples: int = Field(2000, ge=1)
     val_samples: int = Field(8, ge=0)
     eval_every: int = Field(500, ge=0)

@@ -527,6 +527,7 @@ def _train_locked(
     trainable = adapter_weights + unet_weights
 
     # 3. Data: a deterministic order (seed, epoch) that resume can replay.
+    custom_dataset = dataset is not None
     if dataset is None:
         dataset = IDZoomDataset(data_dir, params, split="train")
         images_df = dataset.images_df
@@ -551,6 +552,11 @@ def _train_locked(
     if cfg.eval_every > 0 and val_dataset is not None:
         val_loader = DataLoader(
             val_dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_idzoom
+        )
+    elif cfg.eval_every > 0 and custom_dataset:
+        accelerator.print(
+            f"warning: no validation samples were given with the training dataset: no validation loss "
+            f"(train.eval_every={cfg.eval_every})"
         )
     elif cfg.eval_every > 0:
         accelerator.print(
@@ -606,7 +612,8 @@ def _train_locked(
         )
         tracker.log_dataset(images_df, data_dir, version, origin)
         if cfg.eval_every > 0 and val_loader is None:
-            tracker.tag("val_loss", f"none: {data_dir.name} has no val split")
+            reason = "no validation samples given" if custom_dataset else f"{data_dir.name} has no val split"
+            tracker.tag("val_loss", f"none: {reason}")
 
     schedule = MMFSchedule.from_params(params)
     texts = TextEncoderCache(backbone)

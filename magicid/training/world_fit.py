@@ -58,7 +58,9 @@ ADAPTER_DIR = "adapter"
 STATE_FILE = "world_state.json"
 # Params sections a fitted world does not depend on (where results go, services, evaluation and the gate).
 _KEY_EXCLUDED_SECTIONS = ("tracking", "storage", "review", "orchestration", "eval", "promotion", "diir")
-# model.* settings of inference only, and where things are written.
+# Fields that change no weight: where things are written, inference-only settings, intervals of checkpoints, logs
+# and validation, the device (a seed gives the same weights on the same device kind), settings a world fit
+# overrides (`fit` and `train` enter the key as the phases' effective settings) or does not read.
 _KEY_EXCLUDED_FIELDS = {
     "model": (
         "backbone",
@@ -69,9 +71,19 @@ _KEY_EXCLUDED_FIELDS = {
         "device",
         "dtype",
     ),
-    "train": ("out_dir", "init_from", "log_checkpoints", "keep_checkpoints", "loader_workers"),
-    "fit": ("out_dir",),
-    "fit_world": ("out_dir", "checkpoint_every", "log_every"),
+    "train": (
+        "out_dir",
+        "init_from",
+        "log_checkpoints",
+        "keep_checkpoints",
+        "loader_workers",
+        "checkpoint_every",
+        "log_every",
+        "eval_every",
+        "mixed_precision",
+    ),
+    "fit": ("out_dir", "splits", "quality", "checkpoint_every", "log_every"),
+    "fit_world": ("out_dir", "checkpoint_every", "log_every", "eval_every", "val_samples", "max_megabytes"),
     "data": ("raw_dir", "out_dir", "workers", "max_pixels"),
 }
 
@@ -115,13 +127,17 @@ def default_dataset(world, length: int, clone_params, seed: int):
 
 def world_fit_key(params: Params, version: str) -> dict[str, Any]:
     """The inputs a world folder depends on and their hash: the dataset version and every parameter that changes
-    the weights (all sections but those in `_KEY_EXCLUDED_SECTIONS`, less outputs and inference-only settings;
-    a section added later, such as the world generator's own, counts)."""
+    the weights (all sections but those in `_KEY_EXCLUDED_SECTIONS`, `fit`/`train` as the phases' effective
+    settings, less the fields of `_KEY_EXCLUDED_FIELDS`; a section added later counts)."""
     from magicid.models.tiny import TinyBackboneConfig
 
     dumped = params.model_dump(mode="json")
     for section in _KEY_EXCLUDED_SECTIONS:
         dumped.pop(section, None)
+    # The phases run on their effective settings: those are the inputs, not the `fit`/`train` values they override
+    # (`train.steps`, the demo's fine-tuning length, changes nothing in a world fit).
+    dumped["fit"] = backbone_settings(params).model_dump(mode="json")
+    dumped["train"] = adapter_params(params, Path("<state>")).train.model_dump(mode="json")
     for section, fields in _KEY_EXCLUDED_FIELDS.items():
         for field in fields:
             dumped.get(section, {}).pop(field, None)
@@ -386,7 +402,7 @@ def fit_world(
             if not fitter.run(stop_after):
                 status = "KILLED"
                 return _stopped(out_dir, state_dir, state, start, tracker)
-            atomic_write_dir(state_dir / "backbone", fitter.backbone.save_pretrained)
+            fitter.backbone.save_pretrained(state_dir / "backbone")  # atomic: a whole folder or none
             report["world"] = {
                 "pool_images": world_cfg.pool_images,
                 "scene_ms": round(1000 * scene_seconds, 2),

@@ -465,3 +465,15 @@ def test_adapter_trains_on_the_fitted_backbone_through_the_cli(fit_data, fit_par
     )
     run = MlflowClient(tracking_uri=params.tracking.uri).get_run(run_id)
     assert run.data.params["backbone_source"] == str(tmp_path / "fitted")
+
+
+def test_model_dtype_runs_the_fit_under_autocast_and_keeps_float32_weights(fit_data, fit_params, tmp_path):
+    """model.dtype=bfloat16: the forward passes run in bfloat16 (autocast, on CPU too), the weights stay float32."""
+    from magicid.training.fit import REPORT_FILE, fit_backbone
+
+    fit_backbone(fit_params("model.dtype=bfloat16"), fit_data, tmp_path / "bf16", progress=False, track=False)
+    fit_backbone(fit_params(), fit_data, tmp_path / "fp32", progress=False, track=False)
+    bf16, fp32 = _weights(tmp_path / "bf16"), _weights(tmp_path / "fp32")
+    assert all(t.dtype == torch.float32 for part in bf16.values() for t in part.values())
+    assert not _same(bf16, fp32)  # the half-precision arithmetic did run
+    assert json.loads((tmp_path / "bf16" / REPORT_FILE).read_text())["dtype"] == "bfloat16"

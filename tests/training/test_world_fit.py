@@ -195,6 +195,25 @@ def test_a_fitted_folder_is_reused_and_other_inputs_need_refit(fitted_world, wor
         _fit(params, world_data, out, resume=True, refit=True)
 
 
+def test_the_key_follows_what_changes_weights():
+    from magicid.config import load_params
+    from magicid.training.world_fit import world_fit_key
+
+    def key(*overrides: str) -> str:
+        return world_fit_key(load_params(None, list(overrides)), "v1")["key"]
+
+    base = key()
+    # Settings a world fit overrides or does not read, outputs, intervals and the device: same key.
+    for same in ("train.steps=7", "fit.vae_steps=9", "train.out_dir=x", "fit_world.checkpoint_every=3",
+                 "model.device=auto", "eval.seeds=[1]", "promotion.min_detection_rate=0.5"):  # fmt: skip
+        assert key(same) == base, same
+    # Settings the phases run on: another key.
+    for other in ("seed=1", "fit_world.unet_lr=1e-3", "fit_world.adapter_steps=10", "fit.unet_lr=1e-3",
+                  "train.face_loss_weight=3", "model.n_id_tokens=2", "data.crop_margin=0.3"):  # fmt: skip
+        assert key(other) != base, other
+    assert world_fit_key(load_params(None), "v2")["key"] != base  # and the dataset version
+
+
 def test_weights_over_the_size_limit_stop_before_the_fit(world_params, world_data, tmp_path):
     with pytest.raises(ConfigError, match="max_megabytes"):
         _fit(world_params("fit_world.max_megabytes=5"), world_data, tmp_path / "big")
@@ -264,3 +283,10 @@ def test_cuda_without_cuda_is_a_config_error(world_params, world_data, tmp_path,
         app, ["--params", str(repo_root / "params.yaml"), "fit-world", "--device", "tpu", "--no-progress"]
     )
     assert result.exit_code == 2 and "model.device" in result.output
+    # --device cpu is accepted: the command goes on to the next check (here: the dataset that is not there).
+    result = CliRunner().invoke(
+        app,
+        ["--params", str(repo_root / "params.yaml"), "fit-world", "--data", str(tmp_path / "nope"), "--device", "cpu",
+         "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "no images.parquet" in result.output
