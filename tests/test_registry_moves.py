@@ -216,6 +216,22 @@ def test_promote_against_a_server_that_does_not_answer_stops_soon_with_exit_2(tm
     )
     seconds = time.monotonic() - start
     assert done.returncode == 2, done.stderr[-2000:]
-    assert f"the tracking server did not answer at {uri}" in done.stderr
+    # The CLI probes a configured server before the command starts (magicid/store_urls.py)...
+    assert f"tracking.uri='{uri}': the tracking server does not answer" in done.stderr, done.stderr
     assert "no version with alias" not in done.stderr and "Traceback" not in done.stderr
     assert seconds < 30, f"promote waited {seconds:.0f} s"
+
+
+def test_the_registry_itself_bounds_the_wait_on_a_server_that_stops_answering(tmp_path, monkeypatch):
+    """...and a server that goes away after that probe meets the registry's own bounded wait: one RegistryError
+    naming it, not MLflow's minutes of retries and a misleading "no version with alias"."""
+    from magicid.config import load_params
+    from magicid.registry import RegistryError, promote
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # what the CLI sets unless the user did
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    start = time.monotonic()
+    with pytest.raises(RegistryError, match=f"the tracking server did not answer at {uri}"):
+        promote(load_params(None, [f"tracking.uri={uri}"]))
+    assert time.monotonic() - start < 30
