@@ -288,18 +288,22 @@ class _Once:
 
 def measure_id_top1(subject: Subject, ctx: Context, cfg: Settings) -> dict[str, float]:
     """Top-1 identity over the ten identities, `cfg.id_seeds` one-person scenes each."""
+    from magicid.errors import DataError
     from magicid.evaluation import metrics as M
 
     world = ctx.world(faces_min=1, faces_max=1, face_scale_min=ctx.not_small)
+    if world.identities != ctx.names:
+        raise DataError(
+            f"{ctx.data_dir}: the world's identities {world.identities} are not the labelled faces' {ctx.names}; "
+            "rebuild it with `magicid build-data`"
+        )
     chosen: dict[str, list[int]] = {name: [] for name in ctx.names}
     index = 0
-    while any(len(v) < cfg.id_seeds for v in chosen.values()):
+    while any(len(v) < cfg.id_seeds for v in chosen.values()):  # identities are drawn uniformly: ends soon
         name = world.sample(index).identities[0]
-        if name in chosen and len(chosen[name]) < cfg.id_seeds:
+        if len(chosen[name]) < cfg.id_seeds:
             chosen[name].append(index)
         index += 1
-        if index > 1000 * cfg.id_seeds:  # pragma: no cover - ten identities drawn uniformly
-            raise RuntimeError("the one-person world did not show every identity")
     embeddings, targets = [], []
     for k, name in enumerate(ctx.names):
         for index in chosen[name]:
