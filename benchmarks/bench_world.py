@@ -538,7 +538,8 @@ def run_benchmark(
     for name, build in subjects.items():
         subject = build()
         measured, tables[name] = measure(subject, ctx, cfg)
-        print(f"# {name} measured in {measured['measure_seconds']:.0f} s", file=sys.stderr, flush=True)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in measured.items())
+        print(f"# {name}: {shown}", file=sys.stderr, flush=True)  # progress: a long run's partial figures
         for key, value in measured.items():
             figures.setdefault(key, {})[name] = value
         del subject
