@@ -44,7 +44,9 @@ Figures (each printed beside `random` and `id_scale=0`, with the chance level wh
   `magicid evaluate` writes (`evaluation.run.score_image` per generation; here of the detection scenes, before
   DIIR) of three models: 1 when the world as challenger passes every check against an adapter trained 5 steps
   from scratch on the world's backbone as champion, and `id_scale=0` as challenger fails at least one against the
-  world as champion. Reviewer checks are left out (they read registry tags, not evaluation tables).
+  world as champion. Reviewer checks are left out (they read registry tags, not evaluation tables). As in the
+  gate, a compared metric that no item scores for both models (e.g. confusion when no two-person face is found)
+  fails its check; the failed checks are printed under the line. Floors: `promotion:` of `--params`.
 - `fit_world_seconds`: read from the folder's `fit_report.json` (device in the line).
 
 `--quick` runs a small version (fewer scenes and seeds, 10 steps) for a quick look; its figures are not the
