@@ -1,4 +1,5 @@
-"""Direction only, at small settings: the fitted backbone beats the random one (targets: benchmarks/bench_fitted.py)."""
+"""Direction only, at small settings: the fitted backbone beats the random one (its targets were those of the removed
+benchmarks/bench_fitted.py; the offline world's targets are benchmarks/bench_world.py's)."""
 
 from __future__ import annotations
 
