@@ -139,7 +139,7 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     return write_synthetic_idzoom(tmp_path_factory.mktemp("locks") / "idzoom", n_images=4, crop_size=64)
 
 
-@pytest.mark.parametrize("command", ["build-data", "train", "fit-backbone", "forget"])
+@pytest.mark.parametrize("command", ["build-data", "train", "fit-backbone", "fit-world", "forget"])
 def test_each_writer_stops_at_once_when_its_output_is_locked(command, synthetic_dataset, tmp_path):
     import shutil
 
@@ -148,13 +148,14 @@ def test_each_writer_stops_at_once_when_its_output_is_locked(command, synthetic_
     raw.mkdir()
     (raw / "a.png").write_bytes(b"not read: the lock is taken first")
     folder = {"build-data": tmp_path / "built", "train": tmp_path / "run", "fit-backbone": tmp_path / "fitted",
-              "forget": dataset}[command]  # fmt: skip
+              "fit-world": tmp_path / "world", "forget": dataset}[command]  # fmt: skip
     folder.mkdir(exist_ok=True)
     (folder / "earlier.txt").write_text("an earlier run's file\n")
     args = {
         "build-data": ["build-data", "--input", str(raw), "--out", str(folder), "--no-progress"],
         "train": ["--set", f"train.out_dir={folder}", "train", "--data", str(dataset), "--no-register"],
         "fit-backbone": ["fit-backbone", "--data", str(dataset), "--out", str(folder), "--no-progress"],
+        "fit-world": ["fit-world", "--data", str(dataset), "--out", str(folder), "--no-progress"],
         "forget": ["forget", "--identity", "id0", "--data", str(folder), "--no-dvc"],
     }[command]
     before = _listing(folder)

@@ -311,8 +311,39 @@ def fit_world(
     Raises:
         ConfigError: `model.device=cuda` without CUDA; `--resume` without a matching checkpoint; an existing folder
             or checkpoint of other inputs without `--refit`/`--resume`; weights over `fit_world.max_megabytes`.
-        DataError: a bad `data_dir`.
+        DataError: a bad `data_dir`. OutputLocked: another process is writing `out_dir` (the lock covers
+            `<out_dir>.checkpoint/` too).
     """
+    from magicid.locks import output_lock
+
+    out_dir = Path(out_dir or params.fit_world.out_dir)
+    with output_lock(out_dir, "magicid fit-world"):
+        return _fit_world_locked(
+            params,
+            data_dir,
+            out_dir,
+            resume,
+            refit,
+            progress,
+            track,
+            stop_after,
+            world_factory,
+            dataset_factory,
+        )
+
+
+def _fit_world_locked(
+    params: Params,
+    data_dir: str | Path,
+    out_dir: Path,
+    resume: bool,
+    refit: bool,
+    progress: bool,
+    track: bool,
+    stop_after: int | None,
+    world_factory: WorldFactory,
+    dataset_factory: DatasetFactory,
+) -> WorldFitResult:
     from magicid.training.trainer import check_data_dir, dataset_version
 
     start = time.perf_counter()
