@@ -508,23 +508,14 @@ class BackboneFitter:
         self.losses: dict[str, dict[int, float]] = {"vae": {}, "unet": {}}
         self.timer = StepTimer()
         self.caption_table, _ = data.captions()
-        self.text_states = self._encode_captions(self.caption_table)  # (K, 77, C) on the device
+        from magicid.training.trainer import TextEncoderCache
+
+        # (K, 77, C) on the device: the trainer's encoder, so fit and training tokenise captions alike.
+        self.text_states = TextEncoderCache(self.backbone)(self.caption_table)
         self._bank: LatentBank | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._window = 0
         self._bar = None
-
-    @torch.no_grad()
-    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        tokenizer, encoder = self.backbone.tokenizer, self.backbone.text_encoder
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return encoder(ids)[0]
 
     @property
     def done(self) -> int:
