@@ -36,14 +36,6 @@ def world_data(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _params(tmp: Path, *overrides: str):
     from magicid.config import load_params
 
