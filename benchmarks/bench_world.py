@@ -410,7 +410,7 @@ def measure_diir(subject: Subject, ctx: Context, cfg: Settings) -> dict[str, flo
 
 def gate_separates(tables: dict[str, pd.DataFrame], params: Params) -> dict[str, Any]:
     """The gate's checks on evaluation tables: the world promoted over the 5-step adapter, id_scale=0 rejected."""
-    from magicid.registry import absolute_checks, comparison_checks
+    from magicid.promotion import absolute_checks, comparison_checks
 
     cfg = params.promotion
 

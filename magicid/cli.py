@@ -792,14 +792,14 @@ def promote(
     ] = False,
 ) -> None:
     """Apply the promotion gate (params.yaml promotion:) to the challenger; exit 1 when it fails."""
-    from magicid import registry
+    from magicid import promotion, registry
 
     params = _params(ctx)
     try:
-        decision = registry.rollback(params) if rollback else registry.promote(params)
+        decision = promotion.rollback(params) if rollback else promotion.promote(params)
     except MagicIDError as error:
         raise _fail(error) from error
-    for key, value in registry.run_tags_for_decision(decision).items():
+    for key, value in promotion.run_tags_for_decision(decision).items():
         typer.echo(f"{key}: {value}")
     typer.echo(f"aliases: {registry.aliases(params)}")
     if not decision.passed:
@@ -846,7 +846,8 @@ def review_export(
     ] = None,
 ) -> None:
     """Write review aggregates (ratings, win rate vs champion) as MLflow model-version tags for the gate."""
-    from magicid.reviews import ReviewStore, export_review_tags, mlflow_client
+    from magicid.registry import open_client
+    from magicid.reviews import ReviewStore, export_review_tags
 
     params = _params(ctx)
     try:
@@ -856,7 +857,7 @@ def review_export(
             params.promotion.model_name,
             version,
             champion=champion,
-            client=mlflow_client(params.tracking.uri),
+            client=open_client(params, create=False),
         )
     except MagicIDError as error:
         raise _fail(error) from error
