@@ -71,9 +71,8 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
     for name in ("plots/metrics_by_slice.png", "plots/diir_before_after.png", "grid.png"):
         assert Image.open(out / name).size[0] > 0
     manifest_lines = (out / "generations" / f"v{version.version}" / "manifest.jsonl").read_text().splitlines()
-    manifest = [
-        json.loads(line) for line in manifest_lines
-    ]  # the one manifest: contract + evaluation's detail
+    # The one manifest: the review app's contract plus evaluation's detail.
+    manifest = [json.loads(line) for line in manifest_lines]
     assert [m["item_id"] for m in manifest] == [i.item_id for i in result.eval_set.items]
     first = manifest[0]
     assert {"generation_id", "prompt", "references", "seed", "boxes", "model_version"} <= set(first)
