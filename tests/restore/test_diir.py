@@ -17,6 +17,8 @@ from magicid.imaging.crops import expand_box, zoom_crop
 from magicid.restore.diir import DIIR
 from magicid.restore.inversion import (
     ddim_invert,
+    ddim_invert_plain,
+    ddim_reconstruct,
     ddim_step,
     inverse_step_noise_coefficient,
     round_trip_error,
@@ -76,6 +78,30 @@ def test_ddim_step_is_the_schedulers_denoising_step(tiny_backbone):
         theirs = scheduler.step(eps, t, x, eta=0.0).prev_sample
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert timesteps == [401, 301, 201, 101, 1]
+
+
+def test_plain_inversion_is_the_fixed_point_one_without_refinement_and_exact_for_constant_eps(tiny_backbone):
+    """`ddim_invert_plain` is `ddim_invert(max_iters=0)`, and where eps does not depend on x (the only case
+    where start and end of a step predict alike) it round-trips exactly; where eps does, it does not."""
+    scheduler = tiny_backbone.scheduler.__class__.from_config(tiny_backbone.scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    weight = torch.randn(4, 4, generator=generator) * 0.5
+
+    def depends_on_x(x, t, rows):  # a stand-in eps network: a channel mix scaled by the timestep
+        return torch.einsum("oc,bchw->bohw", weight, x) * (1 + t / 1000)
+
+    plain, timesteps = ddim_invert_plain(depends_on_x, scheduler, latents, 10, 0.5)
+    refined = ddim_invert(depends_on_x, scheduler, latents, 10, 0.5, max_iters=0)
+    assert timesteps == refined.timesteps == [401, 301, 201, 101, 1]
+    torch.testing.assert_close(plain, refined.latents, rtol=0, atol=0)
+    back = ddim_reconstruct(depends_on_x, scheduler, plain, timesteps)
+    assert float(((back - latents) ** 2).mean()) > 1e-6  # plain inversion does not round-trip
+
+    constant = torch.randn(2, 4, 8, 8, generator=generator)
+    inverted, timesteps = ddim_invert_plain(lambda x, t, rows: constant, scheduler, latents, 10, 0.5)
+    back = ddim_reconstruct(lambda x, t, rows: constant, scheduler, inverted, timesteps)
+    torch.testing.assert_close(back, latents, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
