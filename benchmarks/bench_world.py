@@ -186,7 +186,7 @@ class Context:
 
 def generate(subject: Subject, scene, seed: int, steps: int, ctx: Context) -> np.ndarray:
     """One image of `scene`'s layout (boxes + landmark map) and caption, with its people's reference photos."""
-    from magicid.models.pipeline import FaceLayout
+    from magicid.imaging.layout import FaceLayout
 
     side = subject.params.model.resolution
     out = subject.pipe(

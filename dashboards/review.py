@@ -32,6 +32,7 @@ import streamlit as st
 from magicid import reviews
 from magicid.config import ReviewParams, load_params
 from magicid.errors import MagicIDError
+from magicid.imaging.boxes import draw_boxes
 
 PAGES = ("Review", "Compare", "Leaderboard", "My history")
 BOX_COLOUR = (0, 255, 0)  # pure green: the browser test looks for it on the face-box outline
@@ -80,7 +81,7 @@ def _png(
     `ReviewError`, which is never cached.
     """
     image = reviews.load_review_image(path, source.root, source.max_pixels)
-    image = reviews.draw_face_boxes(image, boxes, color=BOX_COLOUR) if boxes else image
+    image = draw_boxes(image, boxes, colour=BOX_COLOUR) if boxes else image
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from magicid.config import Params
+from magicid.imaging.boxes import draw_boxes
 from magicid.reviews.manifest import write_generation_manifest
 from magicid.utils import atomic_save_image, atomic_write, atomic_write_text
 
@@ -46,14 +47,6 @@ def _clean(value: Any) -> Any:
 def generation_id(model_name: str, version: str, item_id: str) -> str:
     """The stable id of one model version's image for one eval item."""
     return f"{model_name}-v{version}-{item_id}"
-
-
-def draw_boxes(image: np.ndarray, boxes: np.ndarray, colour=(255, 64, 64)) -> Image.Image:
-    canvas = Image.fromarray(image).convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    for box in np.asarray(boxes):
-        draw.rectangle([float(v) for v in box], outline=colour, width=max(1, canvas.width // 128))
-    return canvas
 
 
 def image_grid(images: list[Image.Image], columns: int, thumb: int = 128, gutter: int = 2) -> Image.Image:
@@ -204,7 +197,9 @@ def write_report(
     atomic_write(out_dir / "items.csv", lambda tmp: items.to_csv(tmp, index=False))
     plot_slices(metrics, out_dir / "plots" / "metrics_by_slice.png")
     plot_before_after(items, out_dir / "plots" / "diir_before_after.png")
-    thumbs = [draw_boxes(g.after, g.item.boxes) for g in generations]
+    thumbs = [
+        draw_boxes(g.after, g.item.boxes, (255, 64, 64), max(1, g.after.shape[1] // 128)) for g in generations
+    ]
     atomic_save_image(image_grid(thumbs, params.eval.grid_columns), out_dir / "grid.png")
     path = out_dir / "metrics.json"
     atomic_write_text(path, json.dumps(_clean(metrics), indent=2, sort_keys=False) + "\n")

@@ -154,7 +154,7 @@ def generate_eval_images(
     from tqdm.auto import tqdm
 
     from magicid.imaging.conditions import render_landmark_map
-    from magicid.models.pipeline import FaceLayout
+    from magicid.imaging.layout import FaceLayout
 
     cfg, res = model_params.model, eval_set.resolution
     by_layout: dict[str, list[EvalItem]] = {}

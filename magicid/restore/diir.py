@@ -35,6 +35,7 @@ from PIL import Image
 
 from magicid.errors import MagicIDError
 from magicid.imaging.crops import zoom_crop
+from magicid.imaging.images import as_uint8_image
 from magicid.models.backbone import TINY_SOURCES
 from magicid.models.denoise import StepConditions
 from magicid.restore.conditions import (
@@ -49,7 +50,6 @@ from magicid.restore.noise import has_mgmica, noise_function
 from magicid.restore.plan import (
     FaceSelection,
     PlannedFace,
-    as_uint8_image,
     batches,
     blend_back,
     given_faces,
@@ -215,7 +215,7 @@ class DIIR:
         Raises:
             DataError: no face found in the photo (the message names it).
         """
-        pixels = as_uint8_image(image, f"reference {name or ''}".strip())
+        pixels = as_uint8_image(image, f"reference {name or ''}".strip(), copy=True)
         return reference_from_photo(self.analyzer, pixels, name, self.params)
 
     def _faces(self, image: np.ndarray, boxes: Sequence[Any] | None) -> list[tuple[np.ndarray, Any | None]]:
@@ -259,7 +259,7 @@ class DIIR:
         # 1. check inputs
         if faces not in ("small", "all"):
             raise MagicIDError(f"faces={faces!r}: use 'small' (below diir.max_face_ratio) or 'all'")
-        pixels = as_uint8_image(image)
+        pixels = as_uint8_image(image, copy=True)
         height, width = pixels.shape[:2]
 
         def unchanged(note: str, n_detected: int = 0) -> RestoreResult:

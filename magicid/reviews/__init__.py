@@ -8,7 +8,7 @@ aggregates per model version are exported to MLflow as model-version tags, which
 One mechanism a module (each importable on its own; the names below are re-exported here):
 - `auth`: scrypt password hashes, the reviewers file, `SignInThrottle`;
 - `manifest`: the generation-manifest contract (records, the path rule, `load_review_image`);
-- `display`: Markdown-escaping of untrusted text, face boxes drawn on a shown image;
+- `display`: Markdown-escaping of untrusted text;
 - `tables`: the SQL schema; `statistics`: t and Wilson intervals, `ScoreSummary`, `WinRate`;
 - `store`: `ReviewStore` (ratings, judgements, blind pairs, aggregates);
 - `export`: the `TAG_*` contract with the promotion gate and `export_review_tags`.
@@ -77,7 +77,6 @@ from magicid.reviews.auth import (
     verify_password,
 )
 from magicid.reviews.display import (
-    draw_face_boxes,
     plain_markdown,
 )
 from magicid.reviews.export import (
@@ -187,7 +186,6 @@ __all__ = [
     "add_reviewer",
     "authenticate",
     "check_reviewer_name",
-    "draw_face_boxes",
     "export_review_tags",
     "hash_password",
     "load_review_image",

@@ -1,9 +1,9 @@
-"""What the review app shows from untrusted manifests: Markdown-escaped text."""
+"""What the review app shows from untrusted manifests: Markdown-escaped text (face boxes are drawn with
+`magicid.imaging.boxes.draw_boxes`)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 # Markdown's inline syntax (emphasis, code, links, images, HTML, autolinks, strikethrough, Streamlit's
 # `:directives:` and `$math$`) and its block markers at a line's start (#, +, >, "1." or "1)").
@@ -25,15 +25,3 @@ def plain_markdown(text: str) -> str:
     # "-" and "=" mean something only at the start of a line (a list item, a rule): escaped there only, so
     # ids like v2-case0 stay readable in the Markdown source.
     return "\\" + escaped if escaped[:1] in ("-", "=") else escaped
-
-
-def draw_face_boxes(image, boxes: Sequence[Sequence[float]], color=(0, 255, 0), width: int | None = None):
-    """A copy of a PIL image with each face box outlined (x0, y0, x1, y1 in pixels; RGB result)."""
-    from PIL import ImageDraw
-
-    out = image.convert("RGB")
-    line = width if width is not None else max(2, round(min(out.size) / 128))
-    draw = ImageDraw.Draw(out)
-    for x0, y0, x1, y1 in boxes:
-        draw.rectangle([x0, y0, x1, y1], outline=color, width=line)
-    return out

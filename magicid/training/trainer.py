@@ -160,17 +160,12 @@ class TextEncoderCache:
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        tokenizer, encoder = self.backbone.tokenizer, self.backbone.text_encoder
+        from magicid.models.text import encode_prompts
+
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
-            ids = tokenizer(
-                missing,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(encoder.device)
-            hidden = encoder(ids)[0]
+            # The one prompt encoder: the pipeline and DIIR tokenise alike (one CFG rule).
+            hidden, _ = encode_prompts([(self.backbone.tokenizer, self.backbone.text_encoder)], missing)
             for caption, row in zip(missing, hidden, strict=True):
                 self._cache[caption] = row
         return torch.stack([self._cache[c] for c in captions])  # (B, 77, C)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from magicid.config import load_params
+from magicid.faces.matching import hungarian_match
 from magicid.imaging.crops import expand_box, zoom_crop
 from magicid.restore.diir import DIIR
 from magicid.restore.inversion import (
@@ -24,7 +25,7 @@ from magicid.restore.inversion import (
     round_trip_error,
     strength_timesteps,
 )
-from magicid.restore.matching import ReferenceIdentity, hungarian_assign
+from magicid.restore.matching import ReferenceIdentity
 from magicid.restore.noise import noise_function
 from magicid.restore.plan import blend_alpha, choose_bucket, compose
 from tests.restore.conftest import detected_face
@@ -214,15 +215,15 @@ def test_hungarian_assignment_is_optimal_and_one_to_one():
     refs /= np.linalg.norm(refs, axis=1, keepdims=True)
     order = [2, 0, 1]
     faces = refs[order] + 0.05 * rng.standard_normal((3, 16))
-    assert hungarian_assign(faces, refs) == order
+    assert hungarian_match(faces, refs) == order
     # One more face than references: exactly one face is left without a reference.
     extra = np.vstack([faces, rng.standard_normal(16)])
-    assigned = hungarian_assign(extra, refs)
+    assigned = hungarian_match(extra, refs)
     assert sorted(a for a in assigned if a is not None) == [0, 1, 2] and assigned.count(None) == 1
     # Optimal against brute force where greedy matching would fail.
     sims_faces = rng.standard_normal((4, 8))
     sims_refs = rng.standard_normal((4, 8))
-    got = hungarian_assign(sims_faces, sims_refs)
+    got = hungarian_match(sims_faces, sims_refs)
     f = sims_faces / np.linalg.norm(sims_faces, axis=1, keepdims=True)
     r = sims_refs / np.linalg.norm(sims_refs, axis=1, keepdims=True)
     sim = f @ r.T
