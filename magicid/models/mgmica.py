@@ -29,9 +29,10 @@ removed inside each call (`try/finally`), so nothing outlives it. What they cost
 
 No identity K/V cache: the ID keys and values (n x T tokens, T = 4) are recomputed at every call. A cache keyed
 on the tokens and the projections' `Tensor._version` (torch-private) was measured on `benchmarks/bench_attention.py`'s
-shapes (SD 1.5's 64x64 layer, CFG batch 2, faces 10 % of the image, 1 thread, interleaved medians): it saved
-0.2 % / 0.2 % / 0.1 % / 3.4 % of the layer's time at 1 / 2 / 4 / 8 identities, below the 5 % that would pay for
-reading a private attribute, so it was removed.
+shapes (SD 1.5's 64x64 layer, CFG batch 2, faces 10 % of the image, 1 thread, cached and uncached processors
+interleaved in one process, medians): it saved 0.2 / 0.2 / 0.1 / 3.4 % of the layer's time at 1 / 2 / 4 / 8
+identities (40 repetitions), and -3.0 / 1.3 / -0.9 / 1.1 % in a second run (60 repetitions): noise, below the
+5 % that would pay for reading a private attribute, so it was removed (the projection is 4 tokens a layer).
 
 Masks (`w_i`): given at any size (pixels, latents, anything), (B, n, H, W) in [0, 1], hard or soft. Each layer
 finds its grid from its query length: the latent (h, w) halved with ceil-division per UNet level (stride-2 convs
