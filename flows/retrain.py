@@ -5,8 +5,9 @@
    is trained, registered or promoted, so the champion is untouched.
 2. `fit_backbone` (sub-flow, when `fit` is on): the offline tiny backbone fitted on the version; training and
    evaluation then load it as `model.backbone`.
-3. `train` (sub-flow): MLflow run whose input is the data version (DVC md5).
-4. register the adapter as the next model version (alias `challenger`), `evaluate` it (and the champion, on
+3. `train` (sub-flow): MLflow run whose input is the data version (DVC md5), then the adapter registered as the
+   next model version (alias `challenger`): `magicid.training.register.train_and_register`, as `magicid train`.
+4. `evaluate` the new version (and the champion, on
    the same evaluation set, cached when already scored), then `promote`: the gate moves `champion` or not.
 Every task is cached on data hash + params hash + where it writes (flows/common.py), so a re-run with nothing
 changed is mostly cache hits, and a run in another checkout or after deleting the tracking database is not.
@@ -25,8 +26,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.build_idzoom import build_idzoom_flow, validate
-from flows.common import dask_runner, flow_params, local_process_pool, run_cached
-from flows.evaluate import evaluate_flow, register, registered_here
+from flows.common import dask_runner, flow_params, local_process_pool
+from flows.evaluate import evaluate_flow
 from flows.fit_backbone import fit_backbone_flow
 from flows.promote import promote_flow
 from flows.train import train_flow
@@ -91,18 +92,14 @@ def retrain_flow(
         )
         overrides.append(f"model.backbone={out['fit']['out_dir']}")
 
-    # 3. Training.
-    out["train"] = train_flow(data_dir, params_path=params_path, overrides=overrides, progress=progress)
-
-    # 4. Registry, evaluation, the gate.
-    params = flow_params(params_path, overrides)
-    out["model"] = run_cached(
-        register,
-        lambda done: registered_here(params, done),
-        params,
-        out["train"]["adapter_dir"],
-        out["train"]["run_id"],
+    # 3. Training, then registering the adapter (the library's one `train_and_register`, cached as one task).
+    out["train"] = train_flow(
+        data_dir, params_path=params_path, overrides=overrides, progress=progress, register=True
     )
+    out["model"] = out["train"]["model"]
+
+    # 4. Evaluation, the gate.
+    params = flow_params(params_path, overrides)
     challenger_uri = f"models:/{out['model']['name']}/{out['model']['version']}"
     out["evaluation"] = evaluate_flow(
         challenger_uri, params_path=params_path, overrides=overrides, dataset_dir=data_dir
