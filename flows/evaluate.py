@@ -44,8 +44,8 @@ def _resolve(params: Params, model_uri: str) -> str:
 def _eval_key(context, arguments: dict) -> str:
     """The version (its run id too: a version number is reused by a new tracking database), the dataset's data
     version, the params evaluation reads, and where it writes (tracking store, report and generations folders)."""
+    from magicid.data.version import dataset_version
     from magicid.registry import resolve_version
-    from magicid.training.trainer import dataset_version
 
     params: Params = arguments["params"]
     version = resolve_version(params, arguments["model_uri"])

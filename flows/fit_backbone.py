@@ -31,7 +31,7 @@ from magicid.config import Params
 
 
 def _fit_key(context, arguments: dict) -> str:
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     params: Params = arguments["params"]
     version, _ = dataset_version(arguments["data_dir"])

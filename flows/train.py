@@ -35,7 +35,7 @@ TRAIN_SECTIONS = ("seed", "data", "model", "train", "tracking")
 
 
 def _train_key(context, arguments: dict) -> str:
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     params: Params = arguments["params"]
     version, _ = dataset_version(arguments["data_dir"])
