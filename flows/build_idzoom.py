@@ -25,6 +25,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.common import (
+    DEFAULT_PARAMS_PATH,
     api_for_worker_processes,
     cache_key,
     dask_runner,
@@ -127,6 +128,7 @@ def data_version(out_dir: str) -> dict:
 def check_dvc_params(project_dir: str | Path, params: Params) -> None:
     """The DVC stages read `<project_dir>/params.yaml`: refuse a flow whose data settings differ from it."""
     path = Path(project_dir) / "params.yaml"
+    # What the stage commands (`magicid ...` in project_dir, no --params) read: the file, or without one the defaults.
     file_params = load_params(path if path.is_file() else None)
     if params_hash(file_params, *DATA_SECTIONS) != params_hash(params, *DATA_SECTIONS):
         raise ConfigError(
@@ -163,24 +165,23 @@ def build_idzoom_flow(
     input_dir: str | None = None,
     out_dir: str | None = None,
     report_dir: str = "reports/validation",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
     sample: bool = False,
     project_dir: str | None = None,
+    params: Params | None = None,
 ) -> dict:
     """Build, validate and (with `project_dir`) version an IDZoom dataset; returns counts, validation, version.
 
     Args:
         input_dir, out_dir, report_dir: without DVC, the raw folder, dataset folder and validation report folder
             (defaults: `data.raw_dir`, `data.out_dir`); with DVC they come from dvc.yaml.
-        params_path, overrides: params (None = embedded defaults).
+        params_path, overrides, params: where the params come from (`flows.common.flow_params`).
         sample: without DVC, write the sample raw set to `input_dir` first (the DVC pipeline has its stage).
         project_dir: a DVC project (holding dvc.yaml): run its data stages, then push.
     """
     logger = get_run_logger()
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    params = flow_params(params_path, overrides)
+    params = flow_params(params_path, overrides, params)
     use_dvc = project_dir is not None
     if use_dvc:
         if not (Path(project_dir) / "dvc.yaml").is_file():

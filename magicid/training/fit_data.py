@@ -35,7 +35,7 @@ class FitData:
         whole_captions: N captions.
         crops: (M, 3, R, R) uint8 zoomed face crops resized to `fit.resolution`.
         crop_identities: M identity labels (None where unknown).
-        version: the dataset version (`trainer.dataset_version`); origin: where it came from.
+        version: the dataset version (`data.version.dataset_version`); origin: where it came from.
     """
 
     whole: torch.Tensor
