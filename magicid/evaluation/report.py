@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from magicid.config import Params
+from magicid.data import forgotten
 from magicid.imaging.boxes import draw_boxes
 from magicid.reviews.manifest import write_generation_manifest
 from magicid.utils import atomic_save_image, atomic_write, atomic_write_text
@@ -106,7 +107,9 @@ def plot_before_after(items: pd.DataFrame, path: Path) -> None:
     _save_figure(figure, path)
 
 
-REFERENCES_DIR = "references"
+# The references/ folder beside each generation folder: named by data/forgotten.py, which erases a forgotten
+# person's copies there.
+REFERENCES_DIR = forgotten.REFERENCES_DIR
 
 
 def write_generations(

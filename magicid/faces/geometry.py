@@ -57,10 +57,6 @@ def fit_grid(height: int, width: int, rows: int, cols: int, overlap: float) -> t
     return fit_rows, fit_cols
 
 
-# data/builder.py's name for `box_overlaps` (the data side of issue 24 moves its import to magicid.imaging.boxes).
-box_iou = box_overlaps
-
-
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, containment: float = 0.7) -> list[int]:
     """Greedy non-maximum suppression.
 
