@@ -41,6 +41,7 @@ from flows.fit_backbone import fit_backbone_flow
 from flows.promote import promote_flow
 from flows.train import train_flow
 from magicid.config import Params
+from magicid.errors import MagicIDError
 
 
 def _champion_version(params: Params) -> str | None:
@@ -49,7 +50,7 @@ def _champion_version(params: Params) -> str | None:
     return aliases(params).get("champion")
 
 
-class NoChampion(RuntimeError):
+class NoChampion(MagicIDError):
     """The fitted world did not pass the gate as the first champion: there is nothing to fine-tune from."""
 
 

@@ -155,7 +155,16 @@ def comparison_checks(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: Pro
         boot = paired_bootstrap(a, b, cfg.bootstrap.n_resamples, cfg.bootstrap.confidence, cfg.bootstrap.seed)
         figures = {**boot, "tolerance": cfg.tolerance, "confidence": cfg.bootstrap.confidence}
         if boot["n_items"] == 0:
-            checks.append(Check(name, False, figures, f"{metric}: no item scored by both models"))
+            # Nothing to pair. A champion that scores no item on this metric (it drew no face to score) has no
+            # figure to defend, so the challenger's absolute floor decides; a challenger that scores none has lost
+            # what the champion had.
+            vacuous = bool(np.isfinite(a).any()) and not np.isfinite(b).any()
+            reason = (
+                f"{metric}: the champion scores no item (the absolute floor decides)"
+                if vacuous
+                else f"{metric}: no item scored by both models"
+            )
+            checks.append(Check(name, vacuous, figures, reason))
             continue
         passed = boot["ci_low"] >= -cfg.tolerance
         interval = f"[{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]"
