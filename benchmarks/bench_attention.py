@@ -94,11 +94,11 @@ def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: in
     t = torch.tensor(500, device=device)
 
     def stock() -> None:
-        unet.set_attn_processor(stock_processors)
+        unet.set_attn_processor(dict(stock_processors))
         unet(latents, t, text)
 
     def mgmica() -> None:
-        unet.set_attn_processor(mgmica_processors_)
+        unet.set_attn_processor(dict(mgmica_processors_))
         context.set(tokens, masks, (latent, latent))
         unet(latents, t, text)
         context.set(None, None)
@@ -109,7 +109,7 @@ def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: in
             ms = timed(fn, device)
             if i >= warmup:
                 times[name].append(ms)
-    unet.set_attn_processor(mgmica_processors_)
+    unet.set_attn_processor(dict(mgmica_processors_))
     del adapter
     stock_ms, mgmica_ms = statistics.median(times["stock"]), statistics.median(times["mgmica"])
     return {

@@ -385,6 +385,7 @@ class DIIR:
         denoise_cond = dataclasses.replace(
             cond, guidance_scale=cfg.guidance_scale, uncond_text=uncond_text,
             uncond_added_cond_kwargs=uncond_added, identity=identity,
+            control_branches=self.params.model.controlnet_cfg,
         )  # fmt: skip
         clean = ddim_reconstruct(
             noise_function(self.unet, self.scheduler, denoise_cond), self.scheduler, inversion.latents,
