@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from magicid.config import Params
+from magicid.errors import ConfigError
 from magicid.evaluation import metrics as M
 from magicid.evaluation.evalset import EvalItem, EvalSet, build_eval_set
 
@@ -251,9 +252,19 @@ def evaluate_model(
     version = registry.resolve_version(params, model_uri)
     mlflow.set_tracking_uri(params.tracking.uri)
     mlflow.set_registry_uri(params.tracking.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    # On the evaluator's model.device / model.dtype, not those the model was registered with.
+    placement = {"device": params.model.device, "dtype": params.model.dtype}
+    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}", model_config=placement)
     wrapper = model.unwrap_python_model()
     pipe, model_params = wrapper.pipe, wrapper.params
+    loaded = {"device": model_params.model.device, "dtype": model_params.model.dtype}
+    if loaded != placement:  # a version logged before the placement keys existed: MLflow drops unknown ones
+        raise ConfigError(
+            f"{model_uri} (version {version.version}) loads on model.device={loaded['device']} "
+            f"model.dtype={loaded['dtype']}, not the asked {placement['device']}/{placement['dtype']}: it was "
+            "registered without the placement keys; register its adapter again (magicid register --adapter DIR) "
+            "or evaluate with the registered device and dtype"
+        )
     pipe.set_progress_bar_config(disable=True)
 
     # 2. the evaluation set, at the model's resolution
