@@ -23,6 +23,12 @@ Network evaluations: DIIR runs the MMF ControlNet next to the UNet at every nois
 conditioning), the baseline none; so `diir_unet_calls` and `unet_sample_evals_ratio_*` count the UNet's and
 the ControlNet's evaluations together (`diir_controlnet_calls_*` gives the ControlNet's share).
 
+`--device cuda [--dtype bfloat16]`: 8 faces on SD 1.5's shapes (`magicid.models.sd15_shapes`, random weights) in
+`--dtype`, where DIIR's native-size floor puts every face at 512 px and the baseline follows the same rule
+(`gpu_diir_vs_adetailer_8faces_sd15`, ...), and the inversion round trip at 512 px in float32
+(`gpu_inversion_mse_fixed_point_sd15`), in the half dtype throughout (`..._sd15_bfloat16`) and with only the UNet
+in it (`..._sd15_bfloat16_unet_fp32_latents`, what DIIR does).
+
 Prints `name: value` lines only. Targets (CPU, tiny): diir_vs_adetailer_8faces <= 1.5,
 diir_batched_vs_sequential_8faces <= 0.6, inversion_mse_fixed_point <= 1e-5.
 """
