@@ -516,8 +516,8 @@ def run_benchmark(
     world_dir: Path, data_dir: Path, params: Params, cfg: Settings, workdir: Path, analyzer=None, out=print
 ) -> dict[str, Any]:
     """Measure the three subjects and the gate; print one line per figure through `out`; return every figure."""
+    from magicid.data.version import dataset_version
     from magicid.faces import get_analyzer
-    from magicid.training.trainer import dataset_version
 
     report = json.loads((world_dir / "fit_report.json").read_text())
     fitted = subject_params(params, backbone=str(world_dir), adapter_path=str(world_dir / "adapter"))

@@ -25,7 +25,14 @@ from pathlib import Path
 from prefect import flow
 
 from flows.build_idzoom import build_idzoom_flow, validate
-from flows.common import dask_runner, flow_params, local_process_pool, run_cached
+from flows.common import (
+    DEFAULT_PARAMS_PATH,
+    dask_runner,
+    flow_params,
+    local_process_pool,
+    run_cached,
+    with_overrides,
+)
 from flows.evaluate import evaluate_flow, register, registered_here
 from flows.fit_backbone import fit_backbone_flow
 from flows.promote import promote_flow
@@ -42,60 +49,56 @@ def _champion_version(params: Params) -> str | None:
 @flow(name="retrain")
 def retrain_flow(
     project_dir: str | None = ".",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
     data_dir: str | None = None,
     fit: bool | None = None,
     progress: bool = False,
     dask_address: str | None = None,
     report_dir: str = "reports/validation",
+    params: Params | None = None,
 ) -> dict:
     """The whole chain; returns each stage's result (`data`, `fit`, `train`, `model`, `evaluation`, `promotion`).
 
     Args:
         project_dir: the DVC project whose data stages build the version (None: build without DVC into
             `data.out_dir` from `data.raw_dir`).
-        params_path, overrides: params (None = embedded defaults); passed to every sub-flow.
+        params_path, overrides, params: where the params come from (`flows.common.flow_params`); loaded once
+            here and passed to every sub-flow.
         data_dir: an existing dataset version: skip building, validate it (into `report_dir`) and go on.
         fit: fit the offline backbone first (default: when `model.backbone` is
             `tiny`).
         progress: progress bars of the long tasks (training, fitting).
         dask_address: fan the IDZoom analysis out on this Dask scheduler instead of the local process pool.
     """
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    overrides = list(overrides or [])
-    params = flow_params(params_path, overrides)
+    params = flow_params(params_path, overrides, params)
     out: dict = {}
 
     # 1. Data: a validated version (a ValidationFailed here fails the flow before any training).
     if data_dir is None:
         runner = dask_runner(dask_address) if dask_address else local_process_pool(params.data.workers)
         out["data"] = build_idzoom_flow.with_options(task_runner=runner)(
-            params_path=params_path,
-            overrides=overrides,
+            params_path=None,
             project_dir=project_dir,
             report_dir=report_dir,
             sample=project_dir is None,
+            params=params,
         )
         data_dir = out["data"]["out_dir"]
     else:
         out["data"] = {"out_dir": data_dir, "validation": validate(data_dir, report_dir)}
 
-    # 2. The offline backbone, fitted on this version.
+    # 2. The offline backbone, fitted on this version; training and evaluation then load it.
     if fit is None:
         fit = params.model.backbone == "tiny"
     if fit:
-        out["fit"] = fit_backbone_flow(
-            data_dir, params_path=params_path, overrides=overrides, progress=progress
-        )
-        overrides.append(f"model.backbone={out['fit']['out_dir']}")
+        out["fit"] = fit_backbone_flow(data_dir, params_path=None, progress=progress, params=params)
+        params = with_overrides(params, [f"model.backbone={out['fit']['out_dir']}"])
 
     # 3. Training.
-    out["train"] = train_flow(data_dir, params_path=params_path, overrides=overrides, progress=progress)
+    out["train"] = train_flow(data_dir, params_path=None, progress=progress, params=params)
 
     # 4. Registry, evaluation, the gate.
-    params = flow_params(params_path, overrides)
     out["model"] = run_cached(
         register,
         lambda done: registered_here(params, done),
@@ -104,25 +107,23 @@ def retrain_flow(
         out["train"]["run_id"],
     )
     challenger_uri = f"models:/{out['model']['name']}/{out['model']['version']}"
-    out["evaluation"] = evaluate_flow(
-        challenger_uri, params_path=params_path, overrides=overrides, dataset_dir=data_dir
-    )
+    out["evaluation"] = evaluate_flow(challenger_uri, params_path=None, dataset_dir=data_dir, params=params)
     champion = _champion_version(params)
     if champion is not None and champion != out["model"]["version"]:
         out["champion_evaluation"] = evaluate_flow(
             f"models:/{out['model']['name']}/{champion}",
-            params_path=params_path,
-            overrides=overrides,
+            params_path=None,
             dataset_dir=data_dir,
+            params=params,
         )
-    out["promotion"] = promote_flow(params_path=params_path, overrides=overrides)
+    out["promotion"] = promote_flow(params_path=None, params=params)
     return out
 
 
 def retrain_deployment(
     params: Params,
     project_dir: str | Path = ".",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
 ):
     """The `retrain` deployment on the cron schedule `orchestration.retrain_cron` (a RunnerDeployment).
