@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from magicid.config import load_params
 from tests.gpu.conftest import DTYPES, GPU_MARKS
