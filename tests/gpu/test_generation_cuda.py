@@ -45,12 +45,8 @@ def test_generate_command_path_runs_on_cuda(tmp_path):
 
     params = load_params(None, ["model.device=cuda", "model.dtype=bfloat16", "model.resolution=128",
                                 "model.num_inference_steps=4"])  # fmt: skip
-    first = np.asarray(
-        __import__("PIL.Image").Image.open(generate_to_file(params, "a photo", 5, tmp_path / "a.png"))
-    )
-    second = np.asarray(
-        __import__("PIL.Image").Image.open(generate_to_file(params, "a photo", 5, tmp_path / "b.png"))
-    )
+    first = np.asarray(Image.open(generate_to_file(params, "a photo", 5, tmp_path / "a.png")))
+    second = np.asarray(Image.open(generate_to_file(params, "a photo", 5, tmp_path / "b.png")))
     assert np.array_equal(first, second)
 
 
