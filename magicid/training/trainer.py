@@ -455,6 +455,12 @@ def _train_locked(
     else:
         device = resolve_device(params.model.device)
     mixed_precision = resolve_mixed_precision(params, device)
+    if not launched:
+        # accelerate keeps one process-wide state and refuses another precision in the same process (a second
+        # train() call in Python, fit-world's phases, tests); a plain run owns the process, so start it afresh.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         cpu=not launched and device.type == "cpu",
         mixed_precision=mixed_precision,
