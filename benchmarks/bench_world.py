@@ -46,7 +46,8 @@ Figures (each printed beside `random` and `id_scale=0`, with the chance level wh
   from scratch on the world's backbone as champion, and `id_scale=0` as challenger fails at least one against the
   world as champion. Reviewer checks are left out (they read registry tags, not evaluation tables). As in the
   gate, a compared metric that no item scores for both models (e.g. confusion when no two-person face is found)
-  fails its check; the failed checks are printed under the line. Floors: `promotion:` of `--params`.
+  fails its check, unless the champion scores none and the challenger some (the challenger's floor decides:
+  `registry.comparison_checks`); the failed checks are printed under the line. Floors: `promotion:` of `--params`.
 - `fit_world_seconds`: read from the folder's `fit_report.json` (device in the line).
 
 `--quick` runs a small version (fewer scenes and seeds, 10 steps) for a quick look; its figures are not the

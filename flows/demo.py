@@ -104,6 +104,14 @@ def demo_flow(
         decision = chain["promotion"]
         summary["model_version"] = f"{decision['model']} v{decision['version']}"
         summary["promotion"] = f"{'pass' if decision['passed'] else 'fail'} ({decision['action']})"
+        # the gate's figures: each check with its reason (the challenger's means, the paired interval vs the champion)
+        for name, result, reason in decision["checks"]:
+            summary[f"gate.{name}"] = f"{result}: {reason}"
+    if "seed" in chain:
+        summary["first_champion"] = (
+            f"{chain['seed']['model']} (the fitted world {params.model.backbone}, through the gate: "
+            f"{'pass' if chain['seed']['promotion']['passed'] else 'fail'})"
+        )
     logger.info("demo: generating the group photo and restoring t1.jpg")
     summary["group_photo"] = run_cached(
         group_photo, lambda path: Path(path).is_file(), params, adapter_dir, raw_dir, out_dir, progress

@@ -3,8 +3,11 @@
 1. `build_idzoom` (sub-flow): the DVC data stages of `project_dir` (fan-out on the process pool or Dask), push;
    or, given `data_dir`, only the validation of that version. A failed validation ends the flow here: nothing
    is trained, registered or promoted, so the champion is untouched.
-2. `fit_backbone` (sub-flow, when `fit` is on): the offline tiny backbone fitted on the version; training and
-   evaluation then load it as `model.backbone`.
+2. The starting point. With `train.init_from: champion` (the default: retraining fine-tunes the champion's
+   adapter, as users start from pretrained weights) and no champion yet, the fitted world `model.backbone` names
+   (the shipped `models/offline_world`) is registered, evaluated on this version and put through the gate; only
+   if it passes is it the first champion. Or `fit_backbone` (sub-flow, `fit` on; the default when
+   `model.backbone` is `tiny`): the tiny backbone fitted on the version, which training and evaluation then load.
 3. `train` (sub-flow): MLflow run whose input is the data version (DVC md5).
 4. register the adapter as the next model version (alias `challenger`), `evaluate` it (and the champion, on
    the same evaluation set, cached when already scored), then `promote`: the gate moves `champion` or not.
@@ -46,6 +49,29 @@ def _champion_version(params: Params) -> str | None:
     return aliases(params).get("champion")
 
 
+class NoChampion(RuntimeError):
+    """The fitted world did not pass the gate as the first champion: there is nothing to fine-tune from."""
+
+
+def seed_champion(params: Params, data_dir: str) -> dict:
+    """Register the fitted world (`model.backbone`) and put it through the gate as the first champion."""
+    from magicid.registry import register_offline_world
+
+    version, _ = register_offline_world(params)
+    uri = f"models:/{version.name}/{version.version}"
+    evaluation = evaluate_flow(uri, params_path=None, dataset_dir=data_dir, params=params)
+    promotion = promote_flow(params_path=None, params=params)
+    if not promotion["passed"]:
+        failed = "; ".join(
+            f"{name}: {reason}" for name, result, reason in promotion["checks"] if result != "pass"
+        )
+        raise NoChampion(
+            f"the fitted world {params.model.backbone} ({uri}) did not pass the gate as the first champion "
+            f"({failed}); refit it (`make offline-world`) or train from a fresh adapter (train.init_from=null)"
+        )
+    return {"model": uri, "evaluation": evaluation, "promotion": promotion}
+
+
 @flow(name="retrain")
 def retrain_flow(
     project_dir: str | None = ".",
@@ -66,8 +92,7 @@ def retrain_flow(
         params_path, overrides, params: where the params come from (`flows.common.flow_params`); loaded once
             here and passed to every sub-flow.
         data_dir: an existing dataset version: skip building, validate it (into `report_dir`) and go on.
-        fit: fit the offline backbone first (default: when `model.backbone` is
-            `tiny`).
+        fit: fit the tiny backbone first (default: when `model.backbone` is `tiny`).
         progress: progress bars of the long tasks (training, fitting).
         dask_address: fan the IDZoom analysis out on this Dask scheduler instead of the local process pool.
     """
@@ -94,6 +119,8 @@ def retrain_flow(
     if fit:
         out["fit"] = fit_backbone_flow(data_dir, params_path=None, progress=progress, params=params)
         params = with_overrides(params, [f"model.backbone={out['fit']['out_dir']}"])
+    if params.train.init_from == "champion" and _champion_version(params) is None:
+        out["seed"] = seed_champion(params, data_dir)
 
     # 3. Training.
     out["train"] = train_flow(data_dir, params_path=None, progress=progress, params=params)
