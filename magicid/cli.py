@@ -383,11 +383,12 @@ def generate(
         Path | None, typer.Option("--skeleton", help="Skeleton map PNG (output size) placing the people.")
     ] = None,
     untrained_adapter: UntrainedAdapterOption = False,
+    device: DeviceOption = None,
 ) -> None:
     """Generate an image from a prompt (deterministic for a given seed), optionally with identities (--ref)."""
     from magicid.generate import check_generate_args, generate_to_file, with_untrained_adapter
 
-    params = with_untrained_adapter(params_of(ctx), untrained_adapter)
+    params = with_untrained_adapter(_with_device(ctx, device), untrained_adapter)
     try:
         for note in check_generate_args(params, ref, boxes, out)[1]:
             typer.echo(f"note: {note}")
@@ -417,11 +418,12 @@ def train(
             help="Log the adapter as an MLflow model version of promotion.model_name (alias challenger).",
         ),
     ] = True,
+    device: DeviceOption = None,
 ) -> None:
     """Train the MagicID adapter (ID encoder, MGMICA ID projections, MMF ControlNet) on IDZoom, tracked in MLflow."""
     from magicid.locks import output_lock
 
-    params = params_of(ctx)
+    params = _with_device(ctx, device)
     try:
         # The lock first (train takes it too): a second run into train.out_dir stops before the heavy imports.
         with output_lock(params.train.out_dir, "magicid train", main_process_only=True):
@@ -492,10 +494,15 @@ def fit_backbone(
 
 
 def _with_device(ctx: typer.Context, device: str | None) -> Params:
-    """The params, with `--device` applied as `model.device` (validated like any override)."""
+    """The params, with `--device` applied as `model.device` (validated like any override, and `cuda` on a host
+    without CUDA stops here, before the command's work)."""
     if device is None:
         return params_of(ctx)
-    return load_params(ctx.obj["params_path"], [*ctx.obj["overrides"], f"model.device={device}"])
+    params = load_params(ctx.obj["params_path"], [*ctx.obj["overrides"], f"model.device={device}"])
+    from magicid.models.backbone import resolve_device
+
+    resolve_device(params.model.device)
+    return params
 
 
 @app.command("fit-world")
@@ -634,12 +641,13 @@ def restore(
     faces: Annotated[str, typer.Option("--faces", help="small (below diir.max_face_ratio) | all")] = "small",
     progress: ProgressOption = True,
     untrained_adapter: UntrainedAdapterOption = False,
+    device: DeviceOption = None,
 ) -> None:
     """DIIR: restore face identities; writes OUT and OUT_compare (before | after). Background kept exactly."""
     from magicid.generate import restore_file, with_untrained_adapter
     from magicid.safety import check_output_file
 
-    params = with_untrained_adapter(params_of(ctx), untrained_adapter)
+    params = with_untrained_adapter(_with_device(ctx, device), untrained_adapter)
     try:
         if faces not in ("small", "all"):
             raise MagicIDError(f"--faces {faces!r}: expected small (below diir.max_face_ratio) or all")
@@ -690,11 +698,12 @@ def evaluate(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: eval.out_dir).")] = None,
     progress: ProgressOption = True,
+    device: DeviceOption = None,
 ) -> None:
     """Generate the evaluation set with and without DIIR, score it, write the report, log it to MLflow."""
     from magicid.evaluation.run import evaluate_model
 
-    params = params_of(ctx)
+    params = _with_device(ctx, device)
     model = model or f"models:/{params.promotion.model_name}@challenger"
     try:
         result = evaluate_model(params, model, data, out, progress=progress)

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from magicid.config import Params
-from magicid.errors import MagicIDError
+from magicid.errors import ConfigError, MagicIDError
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"
 EVAL_SET_TAG = "eval.set_id"
@@ -94,8 +94,16 @@ def decode_image(text: str | bytes) -> np.ndarray:
         ) from exc
 
 
+# The pyfunc model_config keys a loader may set (`MagicIDPyfuncModel.load_context`); "registered" = as registered.
+REGISTERED_PLACEMENT = {"device": "registered", "dtype": "registered"}
+
+
 class MagicIDPyfuncModel(mlflow.pyfunc.PythonModel):
     """Prompt + reference face images in, generated images out.
+
+    Loaded with `model_config={"device": ..., "dtype": ...}` (`mlflow.pyfunc.load_model(..., model_config=...)`), the
+    pipeline runs there instead of on the registered params' `model.device` / `model.dtype` (`magicid evaluate`
+    passes its own).
 
     Input: a DataFrame (or list of dicts) with columns `prompt` (str), `references` (list of base64 PNG/JPEG
     reference photos, one per identity; may be empty), optional `seed` (int, default 0) and `boxes` (list of
@@ -118,6 +126,13 @@ class MagicIDPyfuncModel(mlflow.pyfunc.PythonModel):
         overrides = [f"model.adapter_path={context.artifacts['adapter']}"]
         if "backbone" in context.artifacts:
             overrides.append(f"model.backbone={context.artifacts['backbone']}")
+        # Where the loader wants it to run (validated like any override): the evaluator's device and dtype.
+        config = getattr(context, "model_config", None) or {}
+        overrides += [
+            f"model.{key}={config[key]}"
+            for key in REGISTERED_PLACEMENT
+            if config.get(key, "registered") != "registered"
+        ]
         self.params = load_params(context.artifacts["params"], overrides)
         backbone = load_backbone(self.params)
         backbone.require_sd1("a registered MagicID model (generation, evaluation)")
@@ -308,6 +323,9 @@ def register_adapter(params: Params, adapter_dir: str | Path, run_id: str | None
                 python_model=MagicIDPyfuncModel(),
                 artifacts=artifacts,
                 pip_requirements=pip_requirements(),
+                # Loaders may override these (MLflow only passes on keys logged here); "registered" keeps the
+                # registered params' model.device / model.dtype.
+                model_config=dict(REGISTERED_PLACEMENT),
             )
             run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, name)
@@ -422,8 +440,18 @@ def load_pipeline(params: Params, model_uri: str) -> RegisteredPipeline:
     apply_s3_endpoint(params.storage)
     mlflow.set_tracking_uri(params.tracking.uri)
     mlflow.set_registry_uri(params.tracking.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    # On the caller's model.device / model.dtype, not those the model was registered with.
+    placement = {"device": params.model.device, "dtype": params.model.dtype}
+    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}", model_config=placement)
     loaded: MagicIDPyfuncModel = model.unwrap_python_model()
+    placed = {"device": loaded.params.model.device, "dtype": loaded.params.model.dtype}
+    if placed != placement:  # a version logged before the placement keys existed: MLflow drops unknown ones
+        raise ConfigError(
+            f"{model_uri} (version {version.version}) loads on model.device={placed['device']} "
+            f"model.dtype={placed['dtype']}, not the asked {placement['device']}/{placement['dtype']}: it was "
+            "registered without the placement keys; register its adapter again (magicid register --adapter DIR) "
+            "or evaluate with the registered device and dtype"
+        )
     return RegisteredPipeline(version, loaded.pipe, loaded.params)
 
 

@@ -293,7 +293,7 @@ class MGMICAAttnProcessor(nn.Module):
         groups, slots = pairs.positions.shape  # B * n, L
 
         # Gather: the query rows inside each identity's mask.  (B * n, heads, L, d)
-        q = query.reshape(batch * length, inner)[pairs.positions.flatten()]
+        q = query.reshape(batch * length, inner)[pairs.flat_positions]
         if attn.norm_q is not None:
             q = attn.norm_q(q.view(-1, heads, head_dim))
         q = q.view(groups, slots, heads, head_dim).transpose(1, 2)
@@ -302,8 +302,7 @@ class MGMICAAttnProcessor(nn.Module):
         # Attend: every identity at its own positions, one SDPA; weight by mask value x scale.
         attended = F.scaled_dot_product_attention(q, key, value, dropout_p=0.0, is_causal=False)
         attended = attended.transpose(1, 2).reshape(groups * slots, inner)
-        weight = pairs.pair_weight.to(attended.dtype).view(-1, 1) * scale
-        return pairs.positions.flatten(), attended * weight
+        return pairs.flat_positions, attended * pairs.scaled_weight(attended.dtype, scale)
 
     def _identity_kv(self, attn: Attention, batch: int, dtype: torch.dtype, device: torch.device):
         """Identity keys and values (B * n, heads, T, d), projected at every call (module docstring: no cache)."""
@@ -331,6 +330,16 @@ class _Pairs:
     positions: torch.Tensor  # (B * n, L) long: flat query row (into B * N) of each (sample, identity) slot
     pair_weight: torch.Tensor  # (B * n, L) float32: overlap-ruled mask weight; 0 on padding slots
     n_rows: int  # distinct query rows inside some mask (the gathered area)
+    flat_positions: torch.Tensor | None = None  # positions.flatten(), made once
+    scaled: dict = field(default_factory=dict)  # (dtype, scale) -> (B * n * L, 1) weight x scale, made once
+
+    def scaled_weight(self, dtype: torch.dtype, scale: float) -> torch.Tensor:
+        """`pair_weight` times `scale` as a (B * n * L, 1) column in `dtype`, cached: a denoising step's calls
+        launch no kernel for it (the same cast-then-multiply as computing it every call, so the same values)."""
+        key = (dtype, scale)
+        if key not in self.scaled:
+            self.scaled[key] = self.pair_weight.to(dtype).view(-1, 1) * scale
+        return self.scaled[key]
 
 
 @dataclass
@@ -455,7 +464,8 @@ class MGMICAContext:
         positions = base + torch.where(valid, order, order[..., :1])
         pair_weight = torch.where(valid, weights.gather(-1, order), 0.0)
         n_rows = int(active.any(dim=1).sum())
-        return _Pairs(positions.flatten(0, 1), pair_weight.flatten(0, 1), n_rows)
+        positions = positions.flatten(0, 1)
+        return _Pairs(positions, pair_weight.flatten(0, 1), n_rows, positions.flatten())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class MagicIDPipeline(DiffusionPipeline):
         id_crop_size: int = 128,
         crop_margin: float = 0.4,
         mask_feather: float = 0.1,
+        controlnet_cfg: str = "both",
     ) -> None:
         super().__init__()
         if getattr(unet.config, "addition_embed_type", None) == "text_time":
@@ -102,7 +103,12 @@ class MagicIDPipeline(DiffusionPipeline):
             controlnet=controlnet,
             adapter=adapter,
         )
-        self.register_to_config(id_crop_size=id_crop_size, crop_margin=crop_margin, mask_feather=mask_feather)
+        self.register_to_config(
+            id_crop_size=id_crop_size,
+            crop_margin=crop_margin,
+            mask_feather=mask_feather,
+            controlnet_cfg=controlnet_cfg,  # `StepConditions.control_branches` (model.controlnet_cfg)
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.face_analyzer = None  # set by `from_backbone` or by hand; needed for reference images only
@@ -126,6 +132,7 @@ class MagicIDPipeline(DiffusionPipeline):
             id_crop_size=params.model.id_crop_size,
             crop_margin=params.data.crop_margin,
             mask_feather=params.model.mask_feather,
+            controlnet_cfg=params.model.controlnet_cfg,
         )
         pipe._faces_params = params.faces
         return pipe
@@ -365,6 +372,7 @@ class MagicIDPipeline(DiffusionPipeline):
             control=control,
             control_scale=controlnet_conditioning_scale,
             identity=identity,
+            control_branches=self.config.controlnet_cfg,
         )
 
         # 5. Timesteps

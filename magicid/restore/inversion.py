@@ -307,4 +307,6 @@ def round_trip_error(
         noise_fn, scheduler, latents, num_inference_steps, strength, max_iters=max_iters, tol=tol
     )
     rec = ddim_reconstruct(noise_fn, scheduler, inverted.latents, inverted.timesteps)
-    return float(((rec - latents) ** 2).mean() / latents.var()), inverted
+    # In float32 whatever the latents' dtype: a bfloat16 mean of squares would round the figure itself.
+    rec, ref = rec.float(), latents.float()
+    return float(((rec - ref) ** 2).mean() / ref.var()), inverted

@@ -325,6 +325,30 @@ def _lr_scheduler(params: Params, optimizer: torch.optim.Optimizer, total_steps:
     )
 
 
+def resolve_mixed_precision(params: Params, device: torch.device) -> str:
+    """The mixed precision a training run uses: `train.mixed_precision`, or `model.dtype`'s when that is "no"
+    (bfloat16 -> bf16, float16 -> fp16). Either way the trainable weights stay float32 and the frozen backbone runs
+    in the half dtype under autocast.
+
+    Raises:
+        ConfigError: the two settings name different precisions; fp16 on a CPU (no float16 autocast there).
+    """
+    implied = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[params.model.dtype]
+    chosen = params.train.mixed_precision
+    if "no" not in (chosen, implied) and chosen != implied:
+        raise ConfigError(
+            f"train.mixed_precision={chosen} but model.dtype={params.model.dtype} (= {implied}): set one of them, "
+            "or both to the same precision"
+        )
+    mixed = chosen if chosen != "no" else implied
+    if mixed == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"fp16 mixed precision (train.mixed_precision / model.dtype=float16) needs CUDA; the run is on "
+            f"{device}: use bf16 (model.dtype=bfloat16) or float32 there"
+        )
+    return mixed
+
+
 def train(
     params: Params,
     data_dir: str | Path,
@@ -415,8 +439,8 @@ def _train_locked(
             f"--resume: no checkpoint under {out_dir / 'checkpoints'}; train without --resume first"
         )
 
-    # 1. Accelerator: under `accelerate launch` its device and processes; else `model.device`. Mixed precision only
-    #    on GPU (on CPU it is "no": fp16 autocast is unsupported there). Checkpoints: accelerate's automatic
+    # 1. Accelerator: under `accelerate launch` its device and processes; else `model.device`. Mixed precision from
+    #    `train.mixed_precision` or `model.dtype` (`resolve_mixed_precision`). Checkpoints: accelerate's automatic
     #    naming (`checkpoints/checkpoint_<step>`) and pruning to `train.keep_checkpoints`.
     launched = launched_by_accelerate()
     if launched:
@@ -425,7 +449,13 @@ def _train_locked(
         device = PartialState().device
     else:
         device = resolve_device(params.model.device)
-    mixed_precision = cfg.mixed_precision if device.type == "cuda" else "no"
+    mixed_precision = resolve_mixed_precision(params, device)
+    if not launched:
+        # accelerate keeps one process-wide state and refuses another precision in the same process (a second
+        # train() call in Python, fit-world's phases, tests); a plain run owns the process, so start it afresh.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         cpu=not launched and device.type == "cpu",
         mixed_precision=mixed_precision,
