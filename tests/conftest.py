@@ -49,3 +49,26 @@ def sample_world_dir(tmp_path_factory) -> Path:
     params = load_params(None, ["data.sample_scales=[1.0, 0.3]", "data.workers=1", "data.crop_size=128"])
     raw = build_sample_set(root / "raw", params)
     return Path(build_idzoom(raw, root / "idzoom", params, progress=False).out_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throw-away PostgreSQL cluster on loopback for the session (tests/pg_cluster.py), started on first use.
+
+    Skips only where Debian's server binaries are absent; `make test` (and so CI) installs them (`make postgres`).
+    """
+    from pg_cluster import PostgresCluster, server_bin_dir
+
+    if server_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries (initdb) are absent: `make postgres` installs Debian's postgresql")
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def review_db_url(request, tmp_path) -> str:
+    """A fresh, empty database for a review store: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'reviews.db'}"
+    return request.getfixturevalue("postgres_cluster").create_database("reviews")
