@@ -510,6 +510,12 @@ def train(
             result = run_training(params, data_dir, steps=steps, resume=resume, progress=progress)
     except MagicIDError as error:
         raise _fail(error) from error
+    from magicid.locks import is_main_process
+
+    if (
+        not is_main_process()
+    ):  # under `accelerate launch` the other ranks were part of rank 0's run: it reports
+        return
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     typer.echo(f"step: {result.step}")
     typer.echo(f"loss: {last:.6f}")

@@ -60,7 +60,9 @@ def postgres_cluster():
     from pg_cluster import PostgresCluster, server_bin_dir
 
     if server_bin_dir() is None:
-        pytest.skip("PostgreSQL server binaries (initdb) are absent: `make postgres` installs Debian's postgresql")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb) are absent: `make postgres` installs Debian's postgresql"
+        )
     cluster = PostgresCluster().start()
     yield cluster
     cluster.stop()

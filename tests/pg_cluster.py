@@ -125,7 +125,9 @@ class PostgresCluster:
         data = self.root / "data"
         if (data / "postmaster.pid").exists():
             subprocess.run(
-                self._as_server_user([str(self.bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+                self._as_server_user(
+                    [str(self.bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
+                ),
                 capture_output=True,
                 check=False,
             )
