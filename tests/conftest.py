@@ -74,3 +74,24 @@ def review_db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'reviews.db'}"
     return request.getfixturevalue("postgres_cluster").create_database("reviews")
+
+
+@pytest.fixture(scope="session")
+def two_photo_idzoom(tmp_path_factory) -> Path:
+    """An IDZoom version of two package photos (astronaut, Tom Hanks) at the default crop size, once per session:
+    evaluation needs references with a face its detector finds (the synthetic versions have none). Read-only."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    from magicid.config import load_params
+    from magicid.data.builder import build_idzoom
+    from magicid.data.sample import package_photo
+
+    root = tmp_path_factory.mktemp("two-photos")
+    raw = root / "raw"
+    raw.mkdir()
+    Image.fromarray(np.ascontiguousarray(skdata.astronaut())).save(raw / "astronaut.png")
+    Image.open(package_photo("Tom_Hanks_54745.png")).save(raw / "tom_hanks.png")
+    params = load_params(None, ["data.workers=1"])
+    return Path(build_idzoom(raw, root / "idzoom", params, progress=False).out_dir)

@@ -46,28 +46,9 @@ def _stop(process: subprocess.Popen, name: str) -> int:
         raise AssertionError(f"{name} did not stop on SIGINT within 60 s") from None
 
 
-def _two_photo_idzoom(tmp_path: Path) -> Path:
-    """An IDZoom version of two package photos (astronaut, Tom Hanks) at the default crop size: the evaluation's
-    references need faces its detector finds."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data as skdata
-
-    from magicid.config import load_params
-    from magicid.data.builder import build_idzoom
-    from magicid.data.sample import package_photo
-
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    Image.fromarray(np.ascontiguousarray(skdata.astronaut())).save(raw / "astronaut.png")
-    Image.open(package_photo("Tom_Hanks_54745.png")).save(raw / "tom_hanks.png")
-    params = load_params(None, ["data.workers=1"])
-    return Path(build_idzoom(raw, tmp_path / "idzoom", params, progress=False).out_dir)
-
-
 @pytest.mark.slow
 def test_a_worker_in_another_process_runs_the_retrain_deployment_from_a_process_pool(
-    tmp_path, sample_world_dir
+    tmp_path, two_photo_idzoom
 ):
     from prefect import get_client
     from prefect.deployments import run_deployment
@@ -75,7 +56,7 @@ def test_a_worker_in_another_process_runs_the_retrain_deployment_from_a_process_
 
     from flows.serve import wait_healthy
 
-    data = _two_photo_idzoom(tmp_path)
+    data = two_photo_idzoom
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
