@@ -175,7 +175,7 @@ def test_two_concurrent_promotes_end_with_one_consistent_champion(backend, reque
         # One of them may lose the race on the server (seen once in four runs there: exit 2); a loser must stop
         # with the CLI's one-line error, never a traceback, and the registry must be left consistent either way.
         assert 0 in codes and set(codes) <= {0, 2}, outputs
-        for code, (stdout, stderr) in zip(codes, outputs, strict=True):
+        for code, (_stdout, stderr) in zip(codes, outputs, strict=True):
             if code == 2:
                 print(f"\nthe losing promote ({backend}): {stderr.strip().splitlines()[-1]}")
                 assert "Traceback" not in stderr, stderr[-3000:]
