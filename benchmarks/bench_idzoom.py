@@ -14,7 +14,7 @@ quarantine), stats.json, the ledger, garbage collection and clearing the journal
   hashing, reuse checks, manifests, stats, ledger).
 - `idzoom_build_inputs`, `_images`, `_faces`, `_quarantined`: what the build found (checked against a rebuild).
 
-Analysis only (figures `idzoom_analysis_*`): `builder.process_input` (decode, analyse faces, pose, crops, condition
+Analysis only (figures `idzoom_analysis_*`): `worker.process_input` (decode, analyse faces, pose, crops, condition
 maps, PNG writes) in warm `spawn` pools whose workers have their models loaded already; no hashing, journal,
 manifests or pool start-up. Inputs: the 512x512 astronaut (1 face) and t1.jpg (1280x886, 6 faces).
 - `idzoom_analysis_images_per_s_1worker`, `idzoom_analysis_images_per_s_2workers` (astronaut; medians over rounds),
@@ -39,9 +39,10 @@ import torch
 from PIL import Image
 
 from magicid.config import Params, load_params
-from magicid.data.builder import BuildReport, Task, process_input, worker_pool
+from magicid.data.builder import BuildReport
 from magicid.data.remote import build_idzoom_at
 from magicid.data.sample import build_sample_set, package_photo
+from magicid.data.worker import Task, process_input, worker_pool
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ Figures (each printed beside `random` and `id_scale=0`, with the chance level wh
   from scratch on the world's backbone as champion, and `id_scale=0` as challenger fails at least one against the
   world as champion. Reviewer checks are left out (they read registry tags, not evaluation tables). As in the
   gate, a compared metric that no item scores for both models (e.g. confusion when no two-person face is found)
-  fails its check; the failed checks are printed under the line. Floors: `promotion:` of `--params`.
+  fails its check, unless the champion scores none and the challenger some (the challenger's floor decides:
+  `registry.comparison_checks`); the failed checks are printed under the line. Floors: `promotion:` of `--params`.
 - `fit_world_seconds`: read from the folder's `fit_report.json` (device in the line).
 
 `--quick` runs a small version (fewer scenes and seeds, 10 steps) for a quick look; its figures are not the
@@ -516,8 +517,8 @@ def run_benchmark(
     world_dir: Path, data_dir: Path, params: Params, cfg: Settings, workdir: Path, analyzer=None, out=print
 ) -> dict[str, Any]:
     """Measure the three subjects and the gate; print one line per figure through `out`; return every figure."""
+    from magicid.data.version import dataset_version
     from magicid.faces import get_analyzer
-    from magicid.training.trainer import dataset_version
 
     report = json.loads((world_dir / "fit_report.json").read_text())
     fitted = subject_params(params, backbone=str(world_dir), adapter_path=str(world_dir / "adapter"))

@@ -20,17 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import stat
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 
 from flows.common import (
+    DEFAULT_PARAMS_PATH,
     api_for_worker_processes,
     cache_key,
     dask_runner,
@@ -43,7 +38,8 @@ from flows.common import (
     where,
 )
 from magicid.config import Params, load_params
-from magicid.errors import ConfigError, DataError, ValidationFailed
+from magicid.data.version import dvc_data_paths, run_dvc
+from magicid.errors import ConfigError
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io)
 # The settings the DVC data stages read from params.yaml (dvc.yaml `params:`): a flow may not run them with
@@ -68,7 +64,8 @@ def pending_inputs(input_dir: str, out_dir: str, params: Params) -> list[str]:
 
 def _shard_key(context, arguments: dict) -> str:
     """Content of the shard (its files' image ids, i.e. sha256) + the analysis settings; not the path strings."""
-    from magicid.data.builder import config_hash, file_image_id
+    from magicid.data.builder import file_image_id
+    from magicid.data.worker import config_hash
 
     root = Path(arguments["input_dir"])
     ids = [(source, file_image_id(root / source)) for source in arguments["sources"]]
@@ -101,35 +98,6 @@ def validate(root: str, report_dir: str) -> dict:
     }
 
 
-def _command_shim() -> str:
-    """A folder holding a `magicid` executable that runs this interpreter's `magicid.cli`: dvc.yaml's stage
-    commands (`magicid build-data ...`) then run the same code and environment as the flow."""
-    folder = Path(tempfile.mkdtemp(prefix="magicid-shim-"))
-    shim = folder / "magicid"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m magicid.cli "$@"\n')
-    shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return str(folder)
-
-
-def run_dvc(project_dir: str, *args: str) -> str:
-    """`dvc ARGS` in `project_dir` (stage commands resolve `magicid` to this interpreter); returns its output.
-
-    Raises:
-        OSError: DVC could not start (retried); DataError: DVC failed (its output's tail is in the message).
-    """
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    env["PATH"] = _command_shim() + os.pathsep + env.get("PATH", "")
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=project_dir, env=env, capture_output=True, text=True
-    )
-    output = (done.stdout + done.stderr).strip()
-    if done.returncode != 0:
-        tail = "\n".join(output.splitlines()[-25:])
-        error = ValidationFailed if "'validate'" in output and args[0] == "repro" else DataError
-        raise error(f"`dvc {' '.join(args)}` in {project_dir} failed (exit {done.returncode}):\n{tail}")
-    return output
-
-
 @task(name="dvc-repro", **IO_RETRIES)
 def dvc_repro(project_dir: str, stages: list[str]) -> str:
     from magicid.native_logs import is_native_noise
@@ -150,39 +118,17 @@ def dvc_push(project_dir: str) -> str:
 
 @task(name="data-version")
 def data_version(out_dir: str) -> dict:
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     version, origin = dataset_version(out_dir)
     return {"version": version, "origin": origin}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def dvc_data_paths(project_dir: str | Path) -> dict[str, str]:
-    """Raw folder, dataset folder and validation report paths as dvc.yaml's data stages declare them."""
-    project_dir = Path(project_dir)
-    spec = yaml.safe_load((project_dir / "dvc.yaml").read_text()) or {}
-    stages = spec.get("stages", {})
-    try:
-        dataset = stages["build_idzoom"]["outs"][0]
-        raw = stages["build_idzoom"]["deps"][0]
-        metrics = stages["validate"]["metrics"][0]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise ConfigError(
-            f"{project_dir / 'dvc.yaml'}: expected stages build_idzoom (deps[0] = raw folder, outs[0] = dataset)"
-            f" and validate (metrics[0] = validation.json): {exc!r}"
-        ) from exc
-    metrics_path = next(iter(metrics)) if isinstance(metrics, dict) else metrics
-    dataset = next(iter(dataset)) if isinstance(dataset, dict) else dataset
-    return {
-        "raw": str(project_dir / raw),
-        "dataset": str(project_dir / dataset),
-        "validation": str(project_dir / metrics_path),
-    }
-
-
 def check_dvc_params(project_dir: str | Path, params: Params) -> None:
     """The DVC stages read `<project_dir>/params.yaml`: refuse a flow whose data settings differ from it."""
     path = Path(project_dir) / "params.yaml"
+    # What the stage commands (`magicid ...` in project_dir, no --params) read: the file, or without one the defaults.
     file_params = load_params(path if path.is_file() else None)
     if params_hash(file_params, *DATA_SECTIONS) != params_hash(params, *DATA_SECTIONS):
         raise ConfigError(
@@ -219,24 +165,23 @@ def build_idzoom_flow(
     input_dir: str | None = None,
     out_dir: str | None = None,
     report_dir: str = "reports/validation",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
     sample: bool = False,
     project_dir: str | None = None,
+    params: Params | None = None,
 ) -> dict:
     """Build, validate and (with `project_dir`) version an IDZoom dataset; returns counts, validation, version.
 
     Args:
         input_dir, out_dir, report_dir: without DVC, the raw folder, dataset folder and validation report folder
             (defaults: `data.raw_dir`, `data.out_dir`); with DVC they come from dvc.yaml.
-        params_path, overrides: params (None = embedded defaults).
+        params_path, overrides, params: where the params come from (`flows.common.flow_params`).
         sample: without DVC, write the sample raw set to `input_dir` first (the DVC pipeline has its stage).
         project_dir: a DVC project (holding dvc.yaml): run its data stages, then push.
     """
     logger = get_run_logger()
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    params = flow_params(params_path, overrides)
+    params = flow_params(params_path, overrides, params)
     use_dvc = project_dir is not None
     if use_dvc:
         if not (Path(project_dir) / "dvc.yaml").is_file():

@@ -23,12 +23,60 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from magicid.config import Params, load_params
+from pydantic import ValidationError
+
+from magicid.config import Params, apply_override, load_params
+from magicid.errors import ConfigError
+
+# Every flow's default `params_path`: the working directory's params.yaml when there is one, else the embedded
+# defaults, as `magicid` without `--params` (a demo on a bare machine).
+DEFAULT_PARAMS_PATH = "params.yaml"
 
 
-def flow_params(params_path: str | None, overrides: list[str] | None) -> Params:
-    """Params for a flow: `params_path` (None = embedded defaults) plus `section.key=value` overrides."""
+def flow_params(
+    params_path: str | None, overrides: list[str] | None = None, params: Params | None = None
+) -> Params:
+    """The params a flow runs with, read once at the flow's entry: the one place flows load params.
+
+    Args:
+        params_path: None: the embedded defaults. `DEFAULT_PARAMS_PATH`: the working directory's params.yaml when
+            there is one, else the embedded defaults. Any other path: that file, which must exist.
+        overrides: `section.key=value` strings applied after the file.
+        params: params a parent flow already loaded (`retrain` passes its own down): used as they are.
+
+    Returns:
+        The validated `Params`.
+
+    Raises:
+        ConfigError: an explicit `params_path` that does not exist (or is not a valid params file), or `params`
+            given together with another params file or overrides (which of them would hold is unclear).
+    """
+    if params is not None:
+        if overrides or params_path not in (None, DEFAULT_PARAMS_PATH):
+            raise ConfigError(
+                f"a flow got loaded params and also params_path={params_path!r} / overrides={overrides!r}: "
+                "pass either the params or a params file with overrides"
+            )
+        return params
+    if params_path == DEFAULT_PARAMS_PATH and not Path(params_path).exists():
+        params_path = None
     return load_params(Path(params_path) if params_path else None, overrides or [])
+
+
+def with_overrides(params: Params, overrides: list[str]) -> Params:
+    """`params` with `section.key=value` overrides applied and validated again (what a flow learns on the way,
+    such as the fitted backbone's folder), without reading any file.
+
+    Raises:
+        ConfigError: an override names an unknown key or gives a wrong type.
+    """
+    raw = params.model_dump(mode="json")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"overrides {overrides}: {error}") from error
 
 
 def params_hash(params: Params, *sections: str) -> str:

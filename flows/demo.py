@@ -12,9 +12,18 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows.common import cache_key, folder_fingerprint, params_hash, run_cached, where
+from flows.common import (
+    DEFAULT_PARAMS_PATH,
+    cache_key,
+    flow_params,
+    folder_fingerprint,
+    params_hash,
+    run_cached,
+    where,
+    with_overrides,
+)
 from flows.retrain import retrain_flow
-from magicid.config import Params, load_params
+from magicid.config import Params
 
 DEMO_SECTIONS = ("seed", "model", "diir", "faces")
 
@@ -52,7 +61,7 @@ def demo_overrides(out_dir: str | Path) -> list[str]:
 def demo_flow(
     out_dir: str = "outputs/demo",
     project_dir: str | None = ".",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
     progress: bool = True,
     fit: bool | None = None,
@@ -62,21 +71,17 @@ def demo_flow(
     `fit`: fit the tiny backbone first (None: when `model.backbone` is `tiny`; False keeps the random weights).
     """
     logger = get_run_logger()
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    overrides = list(overrides or []) + demo_overrides(out_dir)
+    params = flow_params(params_path, list(overrides or []) + demo_overrides(out_dir))
     chain = retrain_flow(
         project_dir=project_dir,
-        params_path=params_path,
-        overrides=overrides,
+        params_path=None,
         progress=progress,
         fit=fit,
         report_dir=str(Path(out_dir) / "validation"),
+        params=params,
     )
-    effective = list(overrides)
     if "fit" in chain:
-        effective.append(f"model.backbone={chain['fit']['out_dir']}")
-    params = load_params(Path(params_path) if params_path else None, effective)
+        params = with_overrides(params, [f"model.backbone={chain['fit']['out_dir']}"])
     data = chain["data"]
     raw_dir = data.get("raw_dir") or str(Path(data["out_dir"]).parent / "raw")
     adapter_dir = chain["train"]["adapter_dir"]
@@ -99,6 +104,14 @@ def demo_flow(
         decision = chain["promotion"]
         summary["model_version"] = f"{decision['model']} v{decision['version']}"
         summary["promotion"] = f"{'pass' if decision['passed'] else 'fail'} ({decision['action']})"
+        # the gate's figures: each check with its reason (the challenger's means, the paired interval vs the champion)
+        for name, result, reason in decision["checks"]:
+            summary[f"gate.{name}"] = f"{result}: {reason}"
+    if "seed" in chain:
+        summary["first_champion"] = (
+            f"{chain['seed']['model']} (the fitted world {params.model.backbone}, through the gate: "
+            f"{'pass' if chain['seed']['promotion']['passed'] else 'fail'})"
+        )
     logger.info("demo: generating the group photo and restoring t1.jpg")
     summary["group_photo"] = run_cached(
         group_photo, lambda path: Path(path).is_file(), params, adapter_dir, raw_dir, out_dir, progress

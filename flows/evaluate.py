@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.common import (
+    DEFAULT_PARAMS_PATH,
     cache_key,
     flow_params,
     folder_fingerprint,
@@ -44,8 +45,8 @@ def _resolve(params: Params, model_uri: str) -> str:
 def _eval_key(context, arguments: dict) -> str:
     """The version (its run id too: a version number is reused by a new tracking database), the dataset's data
     version, the params evaluation reads, and where it writes (tracking store, report and generations folders)."""
+    from magicid.data.version import dataset_version
     from magicid.registry import resolve_version
-    from magicid.training.trainer import dataset_version
 
     params: Params = arguments["params"]
     version = resolve_version(params, arguments["model_uri"])
@@ -154,14 +155,14 @@ def metrics_markdown(result: dict, params: Params) -> str:
 @flow(name="evaluate")
 def evaluate_flow(
     model_uri: str = "models:/magicid@challenger",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
     dataset_dir: str | None = None,
+    params: Params | None = None,
 ) -> dict:
-    """Evaluate `model_uri` on the evaluation set of `dataset_dir` (default `data.out_dir`); metrics per slice."""
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    params = flow_params(params_path, overrides)
+    """Evaluate `model_uri` on the evaluation set of `dataset_dir` (default `data.out_dir`); metrics per slice.
+    The params: `params_path` + `overrides`, or `params` a parent flow loaded (`flows.common.flow_params`)."""
+    params = flow_params(params_path, overrides, params)
     result = run_cached(
         evaluate_model, lambda done: evaluated_here(params, model_uri, done), params, model_uri, dataset_dir
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.common import (
+    DEFAULT_PARAMS_PATH,
     cache_key,
     flow_params,
     markdown_table,
@@ -31,7 +32,7 @@ from magicid.config import Params
 
 
 def _fit_key(context, arguments: dict) -> str:
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     params: Params = arguments["params"]
     version, _ = dataset_version(arguments["data_dir"])
@@ -69,14 +70,14 @@ def fit(data_dir: str, out_dir: str, params: Params, progress: bool) -> dict:
 def fit_backbone_flow(
     data_dir: str = "data/idzoom",
     out_dir: str | None = None,
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
     progress: bool = False,
+    params: Params | None = None,
 ) -> dict:
-    """Fit the tiny backbone on `data_dir` into `out_dir` (default `fit.out_dir`); returns its folder and losses."""
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    params = flow_params(params_path, overrides)
+    """Fit the tiny backbone on `data_dir` into `out_dir` (default `fit.out_dir`); returns its folder and losses.
+    The params: `params_path` + `overrides`, or `params` a parent flow loaded (`flows.common.flow_params`)."""
+    params = flow_params(params_path, overrides, params)
     out_dir = out_dir or params.fit.out_dir
     # A cached result names the fitted folder: fit again (refreshing the cache) when it is gone. Its MLflow run
     # is not checked: nothing reads it, and a refit costs minutes.

@@ -9,11 +9,10 @@ Run locally: `python -m flows.promote`.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows.common import flow_params, markdown_table, publish, retry_on_io
+from flows.common import DEFAULT_PARAMS_PATH, flow_params, markdown_table, publish, retry_on_io
 from magicid.config import Params
 
 
@@ -53,11 +52,14 @@ def decision_markdown(decision: dict, params: Params) -> str:
 
 
 @flow(name="promote")
-def promote_flow(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """Run the gate; returns the decision (champion moves only on pass)."""
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    params = flow_params(params_path, overrides)
+def promote_flow(
+    params_path: str | None = DEFAULT_PARAMS_PATH,
+    overrides: list[str] | None = None,
+    params: Params | None = None,
+) -> dict:
+    """Run the gate; returns the decision (champion moves only on pass).
+    The params: `params_path` + `overrides`, or `params` a parent flow loaded (`flows.common.flow_params`)."""
+    params = flow_params(params_path, overrides, params)
     decision = gate(params)
     publish("promotion-decision", decision_markdown(decision, params), "the promotion gate's decision")
     get_run_logger().info(

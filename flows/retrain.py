@@ -3,8 +3,11 @@
 1. `build_idzoom` (sub-flow): the DVC data stages of `project_dir` (fan-out on the process pool or Dask), push;
    or, given `data_dir`, only the validation of that version. A failed validation ends the flow here: nothing
    is trained, registered or promoted, so the champion is untouched.
-2. `fit_backbone` (sub-flow, when `fit` is on): the offline tiny backbone fitted on the version; training and
-   evaluation then load it as `model.backbone`.
+2. The starting point. With `train.init_from: champion` (the default: retraining fine-tunes the champion's
+   adapter, as users start from pretrained weights) and no champion yet, the fitted world `model.backbone` names
+   (the shipped `models/offline_world`) is registered, evaluated on this version and put through the gate; only
+   if it passes is it the first champion. Or `fit_backbone` (sub-flow, `fit` on; the default when
+   `model.backbone` is `tiny`): the tiny backbone fitted on the version, which training and evaluation then load.
 3. `train` (sub-flow): MLflow run whose input is the data version (DVC md5).
 4. register the adapter as the next model version (alias `challenger`), `evaluate` it (and the champion, on
    the same evaluation set, cached when already scored), then `promote`: the gate moves `champion` or not.
@@ -30,12 +33,20 @@ from pathlib import Path
 from prefect import flow
 
 from flows.build_idzoom import build_idzoom_flow, validate
-from flows.common import dask_runner, flow_params, local_process_pool, run_cached
+from flows.common import (
+    DEFAULT_PARAMS_PATH,
+    dask_runner,
+    flow_params,
+    local_process_pool,
+    run_cached,
+    with_overrides,
+)
 from flows.evaluate import evaluate_flow, register, registered_here
 from flows.fit_backbone import fit_backbone_flow
 from flows.promote import promote_flow
 from flows.train import train_flow
 from magicid.config import Params
+from magicid.errors import MagicIDError
 
 
 def _champion_version(params: Params) -> str | None:
@@ -44,63 +55,83 @@ def _champion_version(params: Params) -> str | None:
     return aliases(params).get("champion")
 
 
+class NoChampion(MagicIDError):
+    """The fitted world did not pass the gate as the first champion: there is nothing to fine-tune from."""
+
+
+def seed_champion(params: Params, data_dir: str) -> dict:
+    """Register the fitted world (`model.backbone`) and put it through the gate as the first champion."""
+    from magicid.registry import register_offline_world
+
+    version, _ = register_offline_world(params)
+    uri = f"models:/{version.name}/{version.version}"
+    evaluation = evaluate_flow(uri, params_path=None, dataset_dir=data_dir, params=params)
+    promotion = promote_flow(params_path=None, params=params)
+    if not promotion["passed"]:
+        failed = "; ".join(
+            f"{name}: {reason}" for name, result, reason in promotion["checks"] if result != "pass"
+        )
+        raise NoChampion(
+            f"the fitted world {params.model.backbone} ({uri}) did not pass the gate as the first champion "
+            f"({failed}); refit it (`make offline-world`) or train from a fresh adapter (train.init_from=null)"
+        )
+    return {"model": uri, "evaluation": evaluation, "promotion": promotion}
+
+
 @flow(name="retrain")
 def retrain_flow(
     project_dir: str | None = ".",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
     data_dir: str | None = None,
     fit: bool | None = None,
     progress: bool = False,
     dask_address: str | None = None,
     report_dir: str = "reports/validation",
+    params: Params | None = None,
 ) -> dict:
     """The whole chain; returns each stage's result (`data`, `fit`, `train`, `model`, `evaluation`, `promotion`).
 
     Args:
         project_dir: the DVC project whose data stages build the version (None: build without DVC into
             `data.out_dir` from `data.raw_dir`).
-        params_path, overrides: params (None = embedded defaults); passed to every sub-flow.
+        params_path, overrides, params: where the params come from (`flows.common.flow_params`); loaded once
+            here and passed to every sub-flow.
         data_dir: an existing dataset version: skip building, validate it (into `report_dir`) and go on.
-        fit: fit the offline backbone first (default: when `model.backbone` is
-            `tiny`).
+        fit: fit the tiny backbone first (default: when `model.backbone` is `tiny`).
         progress: progress bars of the long tasks (training, fitting).
         dask_address: fan the IDZoom analysis out on this Dask scheduler instead of the local process pool.
     """
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    overrides = list(overrides or [])
-    params = flow_params(params_path, overrides)
+    params = flow_params(params_path, overrides, params)
     out: dict = {}
 
     # 1. Data: a validated version (a ValidationFailed here fails the flow before any training).
     if data_dir is None:
         runner = dask_runner(dask_address) if dask_address else local_process_pool(params.data.workers)
         out["data"] = build_idzoom_flow.with_options(task_runner=runner)(
-            params_path=params_path,
-            overrides=overrides,
+            params_path=None,
             project_dir=project_dir,
             report_dir=report_dir,
             sample=project_dir is None,
+            params=params,
         )
         data_dir = out["data"]["out_dir"]
     else:
         out["data"] = {"out_dir": data_dir, "validation": validate(data_dir, report_dir)}
 
-    # 2. The offline backbone, fitted on this version.
+    # 2. The offline backbone, fitted on this version; training and evaluation then load it.
     if fit is None:
         fit = params.model.backbone == "tiny"
     if fit:
-        out["fit"] = fit_backbone_flow(
-            data_dir, params_path=params_path, overrides=overrides, progress=progress
-        )
-        overrides.append(f"model.backbone={out['fit']['out_dir']}")
+        out["fit"] = fit_backbone_flow(data_dir, params_path=None, progress=progress, params=params)
+        params = with_overrides(params, [f"model.backbone={out['fit']['out_dir']}"])
+    if params.train.init_from == "champion" and _champion_version(params) is None:
+        out["seed"] = seed_champion(params, data_dir)
 
     # 3. Training.
-    out["train"] = train_flow(data_dir, params_path=params_path, overrides=overrides, progress=progress)
+    out["train"] = train_flow(data_dir, params_path=None, progress=progress, params=params)
 
     # 4. Registry, evaluation, the gate.
-    params = flow_params(params_path, overrides)
     out["model"] = run_cached(
         register,
         lambda done: registered_here(params, done),
@@ -109,25 +140,23 @@ def retrain_flow(
         out["train"]["run_id"],
     )
     challenger_uri = f"models:/{out['model']['name']}/{out['model']['version']}"
-    out["evaluation"] = evaluate_flow(
-        challenger_uri, params_path=params_path, overrides=overrides, dataset_dir=data_dir
-    )
+    out["evaluation"] = evaluate_flow(challenger_uri, params_path=None, dataset_dir=data_dir, params=params)
     champion = _champion_version(params)
     if champion is not None and champion != out["model"]["version"]:
         out["champion_evaluation"] = evaluate_flow(
             f"models:/{out['model']['name']}/{champion}",
-            params_path=params_path,
-            overrides=overrides,
+            params_path=None,
             dataset_dir=data_dir,
+            params=params,
         )
-    out["promotion"] = promote_flow(params_path=params_path, overrides=overrides)
+    out["promotion"] = promote_flow(params_path=None, params=params)
     return out
 
 
 def retrain_deployment(
     params: Params,
     project_dir: str | Path = ".",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
 ):
     """The `retrain` deployment on the cron schedule `orchestration.retrain_cron` (a RunnerDeployment).

@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.common import (
+    DEFAULT_PARAMS_PATH,
     cache_key,
     flow_params,
     folder_fingerprint,
@@ -35,7 +36,7 @@ TRAIN_SECTIONS = ("seed", "data", "model", "train", "tracking")
 
 
 def _train_key(context, arguments: dict) -> str:
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     params: Params = arguments["params"]
     version, _ = dataset_version(arguments["data_dir"])
@@ -107,15 +108,15 @@ def losses_markdown(result: dict, params: Params, rows: int = 10) -> str:
 @flow(name="train")
 def train_flow(
     data_dir: str = "data/idzoom",
-    params_path: str | None = "params.yaml",
+    params_path: str | None = DEFAULT_PARAMS_PATH,
     overrides: list[str] | None = None,
     resume: bool = False,
     progress: bool = False,
+    params: Params | None = None,
 ) -> dict:
-    """Train on `data_dir`; returns run id, adapter folder, steps, data version and losses."""
-    if params_path and not Path(params_path).exists():
-        params_path = None
-    params = flow_params(params_path, overrides)
+    """Train on `data_dir`; returns run id, adapter folder, steps, data version and losses.
+    The params: `params_path` + `overrides`, or `params` a parent flow loaded (`flows.common.flow_params`)."""
+    params = flow_params(params_path, overrides, params)
     # A cached result names an adapter folder and a run: train again (refreshing the cache) when either is gone.
     result = run_cached(
         train_adapter, lambda done: trained_here(params, done), data_dir, params, resume, progress

@@ -4,7 +4,7 @@ MediaPipe's graphs (absl/glog) and TF Lite write to file descriptor 2 from C++, 
 `INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`, `WARNING: All log messages before
 absl::InitializeLog() is called are written to STDERR`, `W0000 00:00:... inference_feedback_manager.cc:114]
 Feedback manager requires ...`. `GLOG_minloglevel` does not reach them. Worker processes drop their fd 2
-entirely (`data.builder.quiet_native_logs`); the main process cannot, because real errors go there too.
+entirely (`quiet_native_logs`); the main process cannot, because real errors go there too.
 
 `filter_native_stderr()` points fd 2 at a pipe read by a thread that drops only lines of those known shapes
 (absl/glog lines of severity I or W, the `absl::InitializeLog` notice, TF Lite's `INFO:` lines) and forwards
@@ -90,3 +90,21 @@ def filter_native_stderr() -> Iterator[dict[str, int]]:
         reader.join(timeout=5)
         os.close(original_fd)
         # `python_stderr` stays open: loggers configured inside the block (Prefect's console) may still hold it.
+
+
+def quiet_native_logs() -> None:
+    """Send this process's C-level stderr (MediaPipe/absl/TFLite graph warnings, printed per process and
+    graph; GLOG_minloglevel does not reach them) to /dev/null, keeping Python's `sys.stderr` (tracebacks,
+    warnings) on the original stream. For worker processes, whose fd 2 carries nothing else (the dataset
+    builder's pool); set MAGICID_NATIVE_LOGS=1 to keep the native logs."""
+    if os.environ.get("MAGICID_NATIVE_LOGS") == "1":
+        return
+    try:
+        sys.stderr.flush()
+        kept = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = os.fdopen(kept, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - no usable fd 2: nothing to quiet
+        pass

@@ -299,6 +299,50 @@ def register_adapter(params: Params, adapter_dir: str | Path, run_id: str | None
     return client.get_model_version(name, version.version)
 
 
+OFFLINE_WORLD_TAG = "magicid.offline_world"
+
+
+def register_offline_world(params: Params):
+    """Register the fitted world that `model.backbone` names (its `adapter/`, with the folder as backbone) as a
+    model version with alias `challenger`, once: the version of the same world files (the sha256 of its
+    `checksums.sha256`) is reused. This is how the shipped offline world becomes the first champion: the
+    `retrain` flow registers it, evaluates it and puts it through the gate before training from it
+    (`train.init_from: champion`); by hand: `magicid register --adapter models/offline_world/adapter`,
+    `magicid evaluate`, `magicid promote`.
+
+    Returns:
+        (the `ModelVersion`, True when it was registered by this call).
+
+    Raises:
+        RegistryError: `model.backbone` is not a fitted world folder (no `fit_report.json`, `adapter/` or
+            checksums).
+    """
+    import hashlib
+
+    from magicid.models.checksums import CHECKSUMS_FILE
+
+    world = Path(params.model.backbone)
+    needed = [world / "fit_report.json", world / CHECKSUMS_FILE, world / "adapter"]
+    missing = [str(path) for path in needed if not path.exists()]
+    if params.model.backbone == "tiny" or missing:
+        raise RegistryError(
+            f"model.backbone={params.model.backbone!r} is not a fitted world folder ({', '.join(missing) or 'tiny'}"
+            f" missing); set model.backbone to one (models/offline_world, `make offline-world` refits it) or "
+            f"train from a fresh adapter (train.init_from=null)"
+        )
+    world_sha = hashlib.sha256((world / CHECKSUMS_FILE).read_bytes()).hexdigest()
+    name = params.promotion.model_name
+    with _store_errors(params):
+        client = _client(params)
+        for version in client.search_model_versions(f"name='{name}'"):
+            if version.tags.get(OFFLINE_WORLD_TAG) == world_sha:
+                client.set_registered_model_alias(name, CHALLENGER, version.version)
+                return client.get_model_version(name, version.version), False
+    version = register_adapter(params, world / "adapter")
+    client.set_model_version_tag(name, version.version, OFFLINE_WORLD_TAG, world_sha)
+    return client.get_model_version(name, version.version), True
+
+
 def resolve_version(params: Params, model_uri: str):
     """The `ModelVersion` of `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
 
@@ -492,7 +536,16 @@ def comparison_checks(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: Pro
         boot = paired_bootstrap(a, b, cfg.bootstrap.n_resamples, cfg.bootstrap.confidence, cfg.bootstrap.seed)
         figures = {**boot, "tolerance": cfg.tolerance, "confidence": cfg.bootstrap.confidence}
         if boot["n_items"] == 0:
-            checks.append(Check(name, False, figures, f"{metric}: no item scored by both models"))
+            # Nothing to pair. A champion that scores no item on this metric (it drew no face to score) has no
+            # figure to defend, so the challenger's absolute floor decides; a challenger that scores none has lost
+            # what the champion had.
+            vacuous = bool(np.isfinite(a).any()) and not np.isfinite(b).any()
+            reason = (
+                f"{metric}: the champion scores no item (the absolute floor decides)"
+                if vacuous
+                else f"{metric}: no item scored by both models"
+            )
+            checks.append(Check(name, vacuous, figures, reason))
             continue
         passed = boot["ci_low"] >= -cfg.tolerance
         interval = f"[{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]"

@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# params.yaml with the random tiny backbone instead of the shipped offline world, training from a fresh adapter.
+TINY_OVERRIDES = ["model.backbone=tiny", "model.adapter_path=null", "train.init_from=null"]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
@@ -23,7 +27,9 @@ def repo_root() -> Path:
 def default_params():
     from magicid.config import load_params
 
-    return load_params(ROOT / "params.yaml")
+    # The mechanisms are tested on the random tiny backbone with fresh adapters; the shipped world that
+    # params.yaml names (model.backbone, adapter_path, train.init_from: champion) has its own tests.
+    return load_params(ROOT / "params.yaml", TINY_OVERRIDES)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ from magicid.errors import ConfigError
 def test_params_yaml_loads_and_matches_defaults(repo_root):
     params = load_params(repo_root / "params.yaml")
     assert isinstance(params, Params)
-    assert params.model.backbone == "tiny"
+    assert params.model.backbone == "models/offline_world"  # the shipped offline world
+    assert params.train.init_from == "champion"
     assert params.faces.backend == "offline"
 
 

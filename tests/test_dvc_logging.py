@@ -1,4 +1,4 @@
-"""DVC used in-process keeps logging after the streams it was first imported under are closed (magicid/dvc_logging.py).
+"""DVC used in-process keeps logging after the streams it was first imported under are closed (magicid/data/version.py).
 
 Each case runs in a fresh interpreter, since DVC binds its handlers once, at its first import: there it is
 imported while `sys.stdout`/`sys.stderr` are redirected to buffers that are then closed (what typer's
@@ -41,8 +41,8 @@ def run_script(tmp_path: Path, first_import: str, before_use: str) -> subprocess
 @pytest.mark.parametrize(
     "first_import, before_use",
     [
-        ("from magicid.dvc_logging import import_dvc; import_dvc()", ""),  # magicid imported DVC first
-        ("import dvc", "from magicid.dvc_logging import import_dvc; import_dvc()"),  # something else did
+        ("from magicid.data.version import import_dvc; import_dvc()", ""),  # magicid imported DVC first
+        ("import dvc", "from magicid.data.version import import_dvc; import_dvc()"),  # something else did
     ],
     ids=["magicid-first", "dvc-first"],
 )
@@ -65,7 +65,7 @@ def test_import_dvc_is_idempotent_and_keeps_one_handler_set():
 
     from dvc.logger import LoggerHandler
 
-    from magicid.dvc_logging import CurrentStream, import_dvc
+    from magicid.data.version import CurrentStream, import_dvc
 
     import_dvc()
     handlers = list(logging.getLogger("dvc").handlers)

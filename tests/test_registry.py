@@ -235,3 +235,16 @@ def test_champion_without_the_same_eval_set_is_an_error(params, adapter_dir):
     registry.log_eval_items(p, v2, "another-set", items(BASE + 0.1))
     with pytest.raises(registry.RegistryError, match="was not scored on eval set another-set"):
         registry.promote(p)
+
+
+def test_the_shipped_world_is_registered_once_and_a_non_world_backbone_is_refused(params, repo_root):
+    world = repo_root / "models/offline_world"
+    world_params = params(f"model.backbone={world}", f"model.adapter_path={world / 'adapter'}")
+    first, registered = registry.register_offline_world(world_params)
+    again, registered_again = registry.register_offline_world(world_params)
+    assert registered and not registered_again
+    assert again.version == first.version  # the same world files: one version
+    assert first.tags[registry.OFFLINE_WORLD_TAG] and first.tags["adapter_dir"] == str(world / "adapter")
+    assert registry.aliases(world_params)["challenger"] == str(first.version)
+    with pytest.raises(registry.RegistryError, match="not a fitted world folder.*train.init_from=null"):
+        registry.register_offline_world(params("model.backbone=tiny"))

@@ -41,3 +41,19 @@ def test_absolute_and_reviewer_checks():
     neutral = load_params(None).promotion
     assert all(c.passed for c in registry.absolute_checks(undefined, neutral))
     assert all(c.passed for c in registry.reviewer_checks({}, None, neutral))
+
+
+def test_a_metric_the_champion_never_scores_is_left_to_the_floor_and_one_the_challenger_lost_fails():
+    """Confusion needs two detected faces: a champion that drew none has no figure to defend (the challenger's
+    absolute floor decides), while a challenger that drew none lost what the champion had."""
+    cfg = load_params(None, ["promotion.tolerance=0.0"]).promotion
+    faceless = items(np.zeros(40), confusion=np.nan, detection=0.0)
+    drawing = items(BASE, confusion=0.1)
+    over_faceless = {c.name: c for c in registry.comparison_checks(drawing, faceless, cfg)}
+    assert over_faceless["vs_champion_id_confusion_rate"].passed
+    assert "champion scores no item" in over_faceless["vs_champion_id_confusion_rate"].reason
+    lost = {c.name: c for c in registry.comparison_checks(faceless, drawing, cfg)}
+    assert not lost["vs_champion_id_confusion_rate"].passed
+    assert "no item scored by both" in lost["vs_champion_id_confusion_rate"].reason
+    neither = {c.name: c for c in registry.comparison_checks(faceless, faceless, cfg)}
+    assert not neither["vs_champion_id_confusion_rate"].passed

@@ -24,6 +24,12 @@ STATS = "stats.json"
 IMAGES_DIR = "images"
 CROPS_DIR = "crops"
 CONDITIONS_DIR = "conditions"
+# The builder's bookkeeping (data/ledger.py) and the forgotten-images record (data/forgotten.py): named here, with
+# the other files of a dataset version, so every module that must recognise them reads one definition.
+LEDGER = "build_files.json"
+JOURNAL_DIR = ".journal"
+FORGOTTEN = "forgotten.json"
+ERASURE_JOURNAL = "forget_journal.json"
 
 _FLOATS = pa.list_(pa.float32())
 IMAGES_SCHEMA = pa.schema(

@@ -35,7 +35,8 @@ def build_idzoom_at(
 ):
     """`build_idzoom` for local folders or s3:// URIs on either side; returns its `BuildReport` (with
     `out_dir` the location given)."""
-    from magicid.data.builder import _OUTPUT_NAME, LEDGER, build_idzoom
+    from magicid.data.builder import build_idzoom
+    from magicid.data.ledger import LEDGER, OUTPUT_NAME
 
     if not is_s3(input_location) and not is_s3(out_location):
         return build_idzoom(input_location, out_location, params, progress=progress)
@@ -62,7 +63,7 @@ def build_idzoom_at(
         upload_tree(out_dir, remote, last=COMMIT_ORDER)
         current = set(json.loads((out_dir / LEDGER).read_text()))
         for key in sorted(previous - current):  # the builder's own outputs only (its ledger), no other object
-            if _OUTPUT_NAME.fullmatch(key):
+            if OUTPUT_NAME.fullmatch(key):
                 remote.delete(key)
     report.out_dir = str(out_location)
     return report

@@ -95,10 +95,7 @@ def dataset_files(root: Path) -> list[str]:
 def referenced_files(images: pd.DataFrame, faces: pd.DataFrame) -> set[str]:
     """The files a dataset version consists of: its manifests, stats and bookkeeping (`build_files.json`,
     `forgotten.json`), and what the manifests name (images, crops, and each image's two condition maps)."""
-    from magicid.data.builder import LEDGER
-    from magicid.forget import FORGOTTEN
-
-    names = {mf.IMAGES, mf.FACES, mf.QUARANTINE, mf.STATS, LEDGER, FORGOTTEN}
+    names = {mf.IMAGES, mf.FACES, mf.QUARANTINE, mf.STATS, mf.LEDGER, mf.FORGOTTEN}
     if "path" in images:
         names.update(p for p in images["path"] if isinstance(p, str))
     if "image_id" in images:
@@ -520,13 +517,11 @@ def _describe(result) -> str:
 
 def _unreferenced_hint(root: Path, result) -> str:
     """What to do about files no manifest references (the suite's `files` expectation failed)."""
-    from magicid.forget import JOURNAL
-
     details = result.result or {}
     count = details.get("unexpected_count", "some")
-    if (root / JOURNAL).exists():
+    if (root / mf.ERASURE_JOURNAL).exists():
         return (
-            f"files: an erasure was interrupted ({JOURNAL}): rerun the same `magicid forget` (or `build-data`) "
+            f"files: an erasure was interrupted ({mf.ERASURE_JOURNAL}): rerun the same `magicid forget` (or `build-data`) "
             f"to finish it; {count} file(s) no manifest references"
         )
     examples = ", ".join(str(name) for name in (details.get("partial_unexpected_list") or [])[:5])

@@ -570,7 +570,7 @@ class WorldDataset(Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from magicid.training.dataset import _to_signed, _to_unit
+        from magicid.training.dataset import to_signed, to_unit
 
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
@@ -578,14 +578,14 @@ class WorldDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         clone = self.clone_params.prob > 0 and rng.random() < self.clone_params.prob
         sample = self.world.clone_sample(scene, self.clone_params) if clone else self.world.sample(scene)
-        # (n, C, C, 3) uint8 -> (n, 3, C, C) in [-1, 1], as `_to_signed` does for one crop (numpy, then torch)
+        # (n, C, C, 3) uint8 -> (n, 3, C, C) in [-1, 1], as `to_signed` does for one crop (numpy, then torch)
         crops = torch.from_numpy(
             sample.crops.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0)
         )
         item = {
-            "pixel_values": _to_signed(sample.image),
-            "skeleton": _to_unit(sample.skeleton_map),
-            "landmark": _to_unit(sample.landmark_map),
+            "pixel_values": to_signed(sample.image),
+            "skeleton": to_unit(sample.skeleton_map),
+            "landmark": to_unit(sample.landmark_map),
         }
         if clone:
             union = torch.from_numpy(sample.masks.max(axis=0))

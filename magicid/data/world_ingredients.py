@@ -21,6 +21,7 @@ from PIL import Image
 from magicid.config import Params
 from magicid.data import manifest as mf
 from magicid.errors import DataError
+from magicid.imaging.png import encode_png
 from magicid.utils import atomic_write_bytes
 
 WORLD_DIR = "world"
@@ -143,7 +144,6 @@ def write_world(root: str | Path, images: list[dict], faces: list[dict], params:
     Raises:
         DataError: a background name that is not a shipped scikit-image photo without people.
     """
-    from magicid.data.builder import _encode_png
     from magicid.imaging.composite import face_alpha, largest_free_rect
     from magicid.imaging.crops import expand_box
 
@@ -198,7 +198,7 @@ def write_world(root: str | Path, images: list[dict], faces: list[dict], params:
     for name in world.backgrounds:
         photo = package_background(name)
         relative = f"{BACKGROUNDS_DIR}/skimage_{name}.png"
-        atomic_write_bytes(root / relative, _encode_png(photo))
+        atomic_write_bytes(root / relative, encode_png(photo))
         written.add(relative)
         height, width = photo.shape[:2]
         backgrounds.append({"background_id": f"skimage_{name}", "kind": "package", "path": relative,

@@ -175,7 +175,7 @@ def build_eval_set(dataset_dir: str | Path, params: Params) -> EvalSet:
         EvalSetError: the reference split has fewer identities than the largest group asked for.
     """
     from magicid.data.manifest import read_manifest
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     cfg = params.eval
     root = Path(dataset_dir)

@@ -25,6 +25,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from magicid.config import Params
+from magicid.data import forgotten
 from magicid.reviews import write_generation_manifest
 from magicid.utils import atomic_save_image, atomic_write, atomic_write_text
 
@@ -112,7 +113,9 @@ def plot_before_after(items: pd.DataFrame, path: Path) -> None:
     _save_figure(figure, path)
 
 
-REFERENCES_DIR = "references"
+# The references/ folder beside each generation folder: named by data/forgotten.py, which erases a forgotten
+# person's copies there.
+REFERENCES_DIR = forgotten.REFERENCES_DIR
 
 
 def write_generations(

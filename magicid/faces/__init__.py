@@ -45,9 +45,9 @@ def backend_status(params: Params | FacesParams) -> dict[str, str]:
     faces = params.faces if isinstance(params, Params) else params
     status: dict[str, str] = {}
     try:
-        from magicid.faces.offline import _import_backend
+        from magicid.faces.offline import import_offline_backend
 
-        _, dlib, frm, mp = _import_backend()
+        _, dlib, frm, mp = import_offline_backend()
         from pathlib import Path
 
         for location in (

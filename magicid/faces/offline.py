@@ -41,7 +41,12 @@ MESH_CROP_MARGIN = 0.4  # box grown by this fraction of its side on each side: t
 HOG_UPSAMPLE_MAX_PIXELS = 1_000_000  # below this, dlib HOG upsamples once (finds ~40 px faces)
 
 
-def _import_backend():
+def import_offline_backend():
+    """The offline backend's libraries `(cv2, dlib, face_recognition_models, mediapipe)`, imported on first use.
+
+    Raises:
+        FaceBackendError: one is missing, or mediapipe is a release without the legacy `solutions` models.
+    """
     try:
         import cv2
         import dlib
@@ -73,7 +78,7 @@ class OfflineFaceAnalyzer:
     landmark_count = MESH_COUNT
 
     def __init__(self, params: FacesParams):
-        cv2, dlib, frm, mp = _import_backend()
+        cv2, dlib, frm, mp = import_offline_backend()
         self._cv2, self._dlib = cv2, dlib
         self.params = params
         self._detector = mp.solutions.face_detection.FaceDetection(

@@ -22,9 +22,9 @@ class PoseEstimator:
     """Per-person MediaPipe pose. Build once per process (graph load ~0.3 s); ~35 ms a person."""
 
     def __init__(self, min_confidence: float = 0.5):
-        from magicid.faces.offline import _import_backend
+        from magicid.faces.offline import import_offline_backend
 
-        _, _, _, mp = _import_backend()
+        _, _, _, mp = import_offline_backend()
         self._pose = mp.solutions.pose.Pose(
             static_image_mode=True, model_complexity=1, min_detection_confidence=min_confidence
         )

@@ -168,13 +168,13 @@ def box_mask(box: np.ndarray, size: int) -> np.ndarray:
 
 # Conversions in numpy, then one `torch.from_numpy`: the same float32 values as torch's div/sub, without torch's
 # intra-op thread pool, whose start-up per small op cost more than the arithmetic in data loading.
-def _to_signed(array: np.ndarray) -> torch.Tensor:
+def to_signed(array: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
     pixels = np.asarray(array, dtype=np.float32).transpose(2, 0, 1)
     return torch.from_numpy(pixels / np.float32(127.5) - np.float32(1.0))
 
 
-def _to_unit(array: np.ndarray) -> torch.Tensor:
+def to_unit(array: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
     return torch.from_numpy(np.asarray(array, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0))
 
@@ -326,13 +326,13 @@ class IDZoomDataset(Dataset):
         box = Letterbox.fit(item.width, item.height, size)
         crops, masks = [], []
         for face in item.faces:
-            crops.append(_to_signed(self._crop(face, f"face_id={face.face_id}")))
+            crops.append(to_signed(self._crop(face, f"face_id={face.face_id}")))
             masks.append(box_mask(box.box(face.bbox, item.width, item.height), size))
         id_masks = torch.from_numpy(np.stack(masks))
         return {
-            "pixel_values": _to_signed(box.image(image)),
-            "skeleton": _to_unit(box.image(skeleton)),
-            "landmark": _to_unit(box.image(landmark)),
+            "pixel_values": to_signed(box.image(image)),
+            "skeleton": to_unit(box.image(skeleton)),
+            "landmark": to_unit(box.image(landmark)),
             "id_embeddings": torch.from_numpy(np.stack([f.embedding for f in item.faces])),
             "id_crops": torch.stack(crops),
             "id_masks": id_masks,
@@ -369,12 +369,12 @@ class IDZoomDataset(Dataset):
         )  # fmt: skip
         union = torch.from_numpy(sample.union)
         return {
-            "pixel_values": _to_signed(sample.image),
-            "skeleton": _to_unit(sample.layers["skeleton"]),
-            "landmark": _to_unit(sample.layers["landmark"]),
+            "pixel_values": to_signed(sample.image),
+            "skeleton": to_unit(sample.layers["skeleton"]),
+            "landmark": to_unit(sample.layers["landmark"]),
             # One identity whose mask is the union of its clones (equal to k identities with the same tokens).
             "id_embeddings": torch.tensor(face.embedding[None]),
-            "id_crops": _to_signed(crop)[None],
+            "id_crops": to_signed(crop)[None],
             "id_masks": union[None],
             "face_mask": union,
             "n_ids": 1,

@@ -903,7 +903,7 @@ def ensure_fitted_backbone(
 ) -> FitResult:
     """The fitted folder at `out_dir`: reused while its inputs (dataset version + fit params + seed) are unchanged
     (its `fit_key.json` matches), else fitted afresh (the demo's default backbone)."""
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     version, _ = dataset_version(data_dir)
     key = fit_key(params, fit_settings(params, quality=False), version)["key"]

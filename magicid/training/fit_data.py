@@ -35,7 +35,7 @@ class FitData:
         whole_captions: N captions.
         crops: (M, 3, R, R) uint8 zoomed face crops resized to `fit.resolution`.
         crop_identities: M identity labels (None where unknown).
-        version: the dataset version (`trainer.dataset_version`); origin: where it came from.
+        version: the dataset version (`data.version.dataset_version`); origin: where it came from.
     """
 
     whole: torch.Tensor
@@ -99,8 +99,8 @@ def load_fit_data(data_dir: str | Path, fit: FitParams) -> FitData:
     """
     from PIL import Image
 
+    from magicid.data.version import dataset_version
     from magicid.training.dataset import Letterbox, caption_for
-    from magicid.training.trainer import dataset_version
 
     root = Path(data_dir)
     if not (root / "images.parquet").is_file() or not (root / "faces.parquet").is_file():

@@ -41,7 +41,6 @@ the manifests), the final adapter as an artifact, and checkpoints too when `trai
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -57,6 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from magicid.config import ConditionDropoutParams, Params
+from magicid.data.version import dataset_version
 from magicid.errors import ConfigError, DataError
 from magicid.locks import output_lock
 from magicid.models.adapter import MagicIDAdapter
@@ -342,59 +342,6 @@ def diffusion_loss(
     )
     weight = face_weight_map(batch["face_mask"], tuple(latents.shape[-2:]), face_loss_weight)
     return weighted_diffusion_loss(prediction, target, weight)
-
-
-def dvc_repo_root(path: str | Path) -> Path | None:
-    """The DVC repository holding `path` (the nearest folder upwards with a `.dvc` directory, not crossing a mount
-    point, as DVC's `Repo.find_root` looks), found without importing DVC; None outside one."""
-    path = Path(path).resolve()
-    for folder in [path, *path.parents]:
-        if (folder / ".dvc").is_dir():
-            return folder
-        if os.path.ismount(folder):
-            break
-    return None
-
-
-def dataset_version(root: str | Path) -> tuple[str, str]:
-    """The version id of an IDZoom directory and where it came from.
-
-    Inside a DVC repository, the hash DVC records for the directory (a stage output in dvc.lock or a
-    `<dir>.dvc` file), as DVC's own file system reports it (`dvc.api.DVCFileSystem`); else (no DVC repository,
-    the directory not tracked, or DVC not installed: a GPU machine with the model stack only) the SHA-256 of
-    `images.parquet` + `faces.parquet` (first 32 hex digits). DVC is imported only inside a DVC repository.
-
-    Returns:
-        (version, origin) with origin `dvc`, `manifest-sha256`, or `manifest-sha256 (dvc not installed)` (inside a
-        DVC repository without DVC: say so where the version is logged).
-    """
-    root = Path(root).resolve()
-    repo_root = dvc_repo_root(root)
-    origin = "manifest-sha256"
-    if repo_root is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("dvc") is None:
-            origin = "manifest-sha256 (dvc not installed)"
-        else:
-            from magicid.dvc_logging import import_dvc
-
-            import_dvc()  # DVC's log handlers follow the current sys.stdout/sys.stderr (see magicid/dvc_logging.py)
-            from dvc.api import DVCFileSystem
-
-            fs = DVCFileSystem(str(repo_root))
-            try:
-                info = fs.info(root.relative_to(repo_root).as_posix())
-            except FileNotFoundError:
-                info = {}
-            entry = (info.get("dvc_info") or {}).get("entry")
-            hash_info = getattr(entry, "hash_info", None)
-            if hash_info is not None and hash_info.value:
-                return str(hash_info.value).removesuffix(".dir"), "dvc"
-    digest = hashlib.sha256()
-    for name in ("images.parquet", "faces.parquet"):
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()[:32], origin
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -344,7 +344,8 @@ def _fit_world_locked(
     world_factory: WorldFactory,
     dataset_factory: DatasetFactory,
 ) -> WorldFitResult:
-    from magicid.training.trainer import check_data_dir, dataset_version
+    from magicid.data.version import dataset_version
+    from magicid.training.trainer import check_data_dir
 
     start = time.perf_counter()
     world_cfg = params.fit_world

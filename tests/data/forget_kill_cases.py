@@ -62,7 +62,7 @@ def main() -> None:
     import magicid.forget  # noqa: F401
     import magicid.training.trainer  # noqa: F401
     from magicid.config import load_params
-    from magicid.dvc_logging import import_dvc
+    from magicid.data.version import import_dvc
 
     import_dvc()
     params = load_params(None, sys.argv[4:])

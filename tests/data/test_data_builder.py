@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from magicid.data import manifest as mf
-from magicid.data.builder import JOURNAL_DIR, build_idzoom, list_inputs
+from magicid.data.builder import build_idzoom, list_inputs
+from magicid.data.ledger import JOURNAL_DIR
 from tests.data.conftest import EXPECTED
 
 
@@ -77,7 +78,7 @@ def test_rebuild_reuses_everything_and_is_byte_identical(raw_dir, built, data_pa
 
 @pytest.mark.slow
 def test_interrupted_build_resumes_to_the_same_result(raw_dir, built, data_params, tmp_path, monkeypatch):
-    from magicid.data import builder
+    from magicid.data import worker
 
     reference, _ = built
     subset = tmp_path / "raw"
@@ -85,7 +86,7 @@ def test_interrupted_build_resumes_to_the_same_result(raw_dir, built, data_param
         (subset / source).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(raw_dir / source, subset / source)
     out = tmp_path / "idzoom"
-    real = builder.process_input
+    real = worker.process_input
     calls = []
 
     def crash_on_third(task):
@@ -94,11 +95,11 @@ def test_interrupted_build_resumes_to_the_same_result(raw_dir, built, data_param
             raise KeyboardInterrupt("simulated crash")
         return real(task)
 
-    monkeypatch.setattr(builder, "process_input", crash_on_third)
+    monkeypatch.setattr(worker, "process_input", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         build_idzoom(subset, out, data_params, progress=False)
     assert len(list((out / JOURNAL_DIR).glob("*.json"))) == 2
-    monkeypatch.setattr(builder, "process_input", real)
+    monkeypatch.setattr(worker, "process_input", real)
     report = build_idzoom(subset, out, data_params, progress=False)
     assert (report.n_reused, report.n_processed) == (2, 2)
     assert not (out / JOURNAL_DIR).exists()

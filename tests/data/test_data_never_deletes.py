@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from magicid.cli import app
 from magicid.data import manifest as mf
-from magicid.data.builder import LEDGER, build_idzoom
+from magicid.data.builder import build_idzoom
+from magicid.data.ledger import LEDGER
 from magicid.errors import DataError
 
 

@@ -81,7 +81,7 @@ def test_forget_identity_removes_everything_of_theirs_and_nothing_else(
 def test_forget_lists_the_model_versions_trained_on_the_old_version(dataset, data_params, tmp_path):
     from mlflow import MlflowClient
 
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = data_params.model_copy(update={"tracking": data_params.tracking.model_copy(update={"uri": uri})})

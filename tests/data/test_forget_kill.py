@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 from magicid.cli import app
 from magicid.data import manifest as mf
 from magicid.data.builder import build_idzoom
+from magicid.data.forgotten import ERASURE_JOURNAL as JOURNAL
+from magicid.data.forgotten import read_forgotten
 from magicid.data.validation import derive_frames, validate_idzoom
 from magicid.errors import ValidationFailed
-from magicid.forget import JOURNAL, forget, read_forgotten
+from magicid.forget import forget
 from tests.data.conftest import MAX_PIXELS
 from tests.data.forget_kill_cases import KILLED
 

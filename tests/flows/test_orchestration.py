@@ -25,6 +25,9 @@ def _tiny(tmp_path: Path, *extra: str) -> list[str]:
         "model.resolution=64",
         "model.device=cpu",
         "model.id_crop_size=32",
+        "model.backbone=tiny",  # the random tiny backbone and a fresh adapter, not params.yaml's shipped world
+        "model.adapter_path=null",
+        "train.init_from=null",
         "train.batch_size=2",
         "train.steps=2",
         "train.checkpoint_every=2",

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from magicid.data.version import dataset_version
 from magicid.errors import ConfigError
-from magicid.training.trainer import dataset_version, train
+from magicid.training.trainer import train
 
 
 def _fixed_noise_loss(params, root, adapter_dir=None) -> float:

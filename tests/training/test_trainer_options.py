@@ -147,7 +147,7 @@ def test_the_final_save_writes_each_file_once(idzoom_dir, tiny_train_params):
 def test_dataset_version_and_the_model_path_need_neither_dvc_nor_mediapipe(idzoom_dir, tmp_path):
     """In a fresh interpreter: the model path imports neither; outside a DVC repository the version is the manifests'
     hash without importing DVC; inside one without DVC installed, the same hash, and the origin says why."""
-    from magicid.training.trainer import dataset_version
+    from magicid.data.version import dataset_version
 
     expected, origin = dataset_version(idzoom_dir)
     assert origin == "manifest-sha256"
@@ -159,7 +159,7 @@ def test_dataset_version_and_the_model_path_need_neither_dvc_nor_mediapipe(idzoo
         "import magicid.training.trainer, magicid.training.world_fit, magicid.training.fit, magicid.generate\n"
         "import magicid.models.pipeline, magicid.imaging.conditions\n"
         "print(sorted(m for m in ('dvc', 'mediapipe') if m in sys.modules))\n"
-        "from magicid.training.trainer import dataset_version\n"
+        "from magicid.data.version import dataset_version\n"
         f"outside = dataset_version({str(idzoom_dir)!r})\n"
         "assert 'dvc' not in sys.modules, 'DVC imported outside a DVC repository'\n"
         "sys.modules['dvc'] = None  # DVC not installed\n"
