@@ -65,6 +65,9 @@ def train_samples_per_s(
     overrides = [
         f"model.resolution={resolution}",
         "model.device=cpu",
+        "model.backbone=tiny",  # the random tiny backbone and a fresh adapter: the loop's speed, not the world's
+        "model.adapter_path=null",
+        "train.init_from=null",
         f"train.batch_size={GLOBAL_BATCH // processes}",
         f"train.steps={steps}",
         f"train.checkpoint_every={steps}",
@@ -96,7 +99,9 @@ def train_samples_per_s(
             "--dynamo_backend=no",
         ]
         command += ["--main_process_ip=127.0.0.1", f"--main_process_port={_free_port()}", *magicid]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        command, env=env, cwd=workdir, capture_output=True, text=True
+    )  # no params.yaml there
     if done.returncode != 0:
         raise SystemExit(
             f"training with {processes} process(es) failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"

@@ -247,7 +247,7 @@ def deploy_to_work_pool(
         cron=params.orchestration.retrain_cron,
         parameters={
             "project_dir": absolute(project_dir),
-            "params_path": absolute(params_path) if params_path and Path(params_path).exists() else None,
+            "params_path": absolute(params_path),
             "overrides": list(overrides or []),
             "data_dir": absolute(data_dir),
             "fit": fit,
@@ -270,7 +270,9 @@ def main() -> None:
     parser.add_argument("--dask", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument(
-        "--params", default="params.yaml", help="params file (missing: the embedded defaults)"
+        "--params",
+        default=DEFAULT_PARAMS_PATH,
+        help="params file (default: ./params.yaml when there is one, else the embedded defaults)",
     )
     parser.add_argument(
         "--no-fit", dest="fit", action="store_false", default=None, help="skip fitting a backbone"
@@ -286,7 +288,11 @@ def main() -> None:
         "--source", default=None, help="with --deploy-to-pool: the workers' code folder or git URL"
     )
     args = parser.parse_args()
-    params_path = args.params if Path(args.params).exists() else None
+    params_path = args.params
+    if params_path == DEFAULT_PARAMS_PATH and not Path(params_path).exists():
+        params_path = (
+            None  # flow_params' rule for the default, made explicit: a worker runs in another folder
+        )
     if args.deploy_to_pool:
         params = flow_params(params_path, args.overrides)
         deployment_id = deploy_to_work_pool(

@@ -71,9 +71,10 @@ def mlflow_server(postgres_cluster, s3_server, tmp_path_factory):  # noqa: F811 
     log.close()
 
 
-def _cli(overrides: list[str], *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _cli(overrides: list[str], *args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """`magicid --set ... ARGS` in `cwd` (a folder without params.yaml: the embedded defaults plus `overrides`)."""
     command = [sys.executable, "-m", "magicid", *[a for o in overrides for a in ("--set", o)], *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -97,6 +98,9 @@ def test_train_register_evaluate_promote_against_a_postgresql_server_with_s3_art
         "model.resolution=64",
         "model.device=cpu",
         "model.id_crop_size=32",
+        "model.backbone=tiny",  # the random tiny backbone and a fresh adapter, not params.yaml's shipped world
+        "model.adapter_path=null",
+        "train.init_from=null",
         "train.batch_size=2",
         "train.steps=2",
         "train.checkpoint_every=2",
@@ -107,12 +111,12 @@ def test_train_register_evaluate_promote_against_a_postgresql_server_with_s3_art
         "eval.n_prompts=1",
         f"eval.out_dir={tmp_path / 'eval'}",
     ]
-    train = _cli(overrides, "train", "--data", str(two_photo_idzoom), "--no-progress", env=env)
+    train = _cli(overrides, "train", "--data", str(two_photo_idzoom), "--no-progress", env=env, cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-4000:]
     assert "model_version: models:/server-test/1 (alias challenger)" in train.stdout, train.stdout
-    evaluate = _cli(overrides, "evaluate", "--data", str(two_photo_idzoom), env=env)
+    evaluate = _cli(overrides, "evaluate", "--data", str(two_photo_idzoom), env=env, cwd=tmp_path)
     assert evaluate.returncode == 0, evaluate.stderr[-4000:]
-    promote = _cli(overrides, "promote", env=env)
+    promote = _cli(overrides, "promote", env=env, cwd=tmp_path)
     assert promote.returncode == 0, promote.stderr[-4000:] + promote.stdout
 
     client = MlflowClient(tracking_uri=url, registry_uri=url)
@@ -167,7 +171,9 @@ def test_two_concurrent_promotes_end_with_one_consistent_champion(backend, reque
         env = _env(extra)
         command = [sys.executable, "-m", "magicid", *[a for o in overrides for a in ("--set", o)], "promote"]
         racers = [
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             for _ in range(2)
         ]
         outputs = [racer.communicate(timeout=300) for racer in racers]

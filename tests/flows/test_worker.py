@@ -86,6 +86,9 @@ def test_a_worker_in_another_process_runs_the_retrain_deployment_from_a_process_
             "model.resolution=64",
             "model.device=cpu",
             "model.id_crop_size=32",
+            "model.backbone=tiny",  # the random tiny backbone and a fresh adapter, not params.yaml's shipped world
+            "model.adapter_path=null",
+            "train.init_from=null",
             "train.batch_size=2",
             "train.steps=2",
             "train.checkpoint_every=2",
@@ -103,7 +106,7 @@ def test_a_worker_in_another_process_runs_the_retrain_deployment_from_a_process_
         ]
         deploy = subprocess.run(
             [sys.executable, "-m", "flows.retrain", "--deploy-to-pool", POOL, "--data", str(data), "--no-fit"]
-            + ["--params", str(tmp_path / "no-params.yaml"), "--report-dir", str(tmp_path / "reports")]
+            + ["--report-dir", str(tmp_path / "reports")]  # cwd has no params.yaml: the embedded defaults
             + [arg for o in overrides for arg in ("--set", o)],
             env=env,
             cwd=tmp_path,

@@ -46,6 +46,9 @@ def _overrides(out_dir: Path, tracking_dir: Path, batch_size: int) -> list[str]:
         "model.resolution=64",
         "model.device=cpu",
         "model.id_crop_size=32",
+        "model.backbone=tiny",  # the random tiny backbone and a fresh adapter, not params.yaml's shipped world
+        "model.adapter_path=null",
+        "train.init_from=null",
         f"train.batch_size={batch_size}",
         f"train.steps={STEPS}",
         "train.checkpoint_every=2",
@@ -67,6 +70,8 @@ def _free_port() -> int:
 
 
 def _launch(data: Path, overrides: list[str], *extra: str) -> subprocess.Popen:
+    # Run in the data's parent folder, which has no params.yaml: the embedded defaults plus `overrides`, as the
+    # one-process run in this test (not the checkout's params.yaml).
     """`accelerate launch` of `magicid train` on 2 CPU processes, in its own process group (killable as one)."""
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [
@@ -96,7 +101,13 @@ def _launch(data: Path, overrides: list[str], *extra: str) -> subprocess.Popen:
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        command,
+        env=env,
+        cwd=data.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
