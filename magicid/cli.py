@@ -512,9 +512,8 @@ def train(
         raise _fail(error) from error
     from magicid.locks import is_main_process
 
-    if (
-        not is_main_process()
-    ):  # under `accelerate launch` the other ranks were part of rank 0's run: it reports
+    # Under `accelerate launch` the other ranks took part in rank 0's run: rank 0 alone reports and registers.
+    if not is_main_process():
         return
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     typer.echo(f"step: {result.step}")

@@ -222,10 +222,6 @@ def _draw(generator: Generators, batch_size: int, draw) -> torch.Tensor:
     return torch.cat([draw(1, g) for g in generator])
 
 
-def _draw_device(generator: Generators) -> torch.device:
-    return generator.device if isinstance(generator, torch.Generator) else generator[0].device
-
-
 def draw_condition_dropout(
     batch_size: int, dropout: ConditionDropoutParams, generator: Generators
 ) -> tuple[torch.Tensor, torch.Tensor]:
