@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser postgres demo test test-fast bench bench-quick repro offline-world lint format clean
+.PHONY: install browser postgres demo test test-fast test-gpu gpu-check bench bench-quick repro offline-world lint format clean
 
 # Installs the package with the whole pinned stack (requirements/constraints.txt: a set seen to install
 # together here). Re-runs only when the pins change.
@@ -43,6 +43,16 @@ test: install browser postgres
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The GPU checks of tests/gpu (issue 25), on a machine with CUDA; elsewhere they skip with the reason (`make test`
+# collects and skips them too).
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests/gpu
+
+# On a GPU machine that has the GPU stack but not this project's pins: installs only the missing small wheels
+# (scripts/gpu_wheels.sh collects them), runs tests/gpu and the benchmarks with --device cuda, within 8 minutes.
+gpu-check:
+	scripts/gpu_check.sh
 
 bench: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

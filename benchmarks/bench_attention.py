@@ -9,7 +9,12 @@ One cross-attention layer at SD 1.5's highest attention resolution: 64x64 latent
   prepared by `IPAdapterMaskProcessor`.
 Calls are interleaved (stock, mgmica, ipadapter, stock, ...), repeated >= 30 times after a warm-up; figures are
 medians in ms at a fixed thread count. Targets: `mgmica_vs_stock_4ids` <= 1.15, `mgmica_vs_ipadapter_masked_4ids`
-<= 0.5. Prints `name: value` lines only.
+<= 0.5. Then a whole UNet call, CFG batch 2, with MGMICA at 4 identities against the same UNet with stock
+processors (`unet_mgmica_vs_stock_4ids`): the tiny UNet at 256 px on CPU, SD 1.5's UNet shape at 512 px on CUDA.
+
+`--device cuda` (default dtype bfloat16): the same figures with a `gpu_` prefix, every call synchronised.
+Targets on one GPU (issue 25): `gpu_mgmica_vs_stock_4ids` <= 1.3, `gpu_unet_mgmica_vs_stock_4ids` <= 1.05.
+Prints `name: value` lines only.
 """
 
 from __future__ import annotations
@@ -45,10 +50,73 @@ def face_masks(n: int, size: int = IMAGE, fraction: float = FACE_FRACTION) -> np
     return masks
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device) -> float:
+    """Wall ms of one call; on CUDA synchronised before and after (the kernels' time, not their launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1000
+
+
+def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: int) -> dict[str, float]:
+    """A whole UNet call (CFG batch 2) with MGMICA at 4 identities vs the same UNet with stock processors.
+
+    CPU: the tiny backbone's UNet at 256 px (32 x 32 latents); CUDA: SD 1.5's UNet shape (random weights) at
+    512 px (64 x 64 latents). Interleaved calls, medians in ms.
+    """
+    from magicid.config import load_params
+    from magicid.models.adapter import MagicIDAdapter
+    from magicid.models.mgmica import mgmica_context
+
+    if device.type == "cuda":
+        from magicid.models.sd15_shapes import build_sd15_shaped_backbone
+
+        backbone, latent = build_sd15_shaped_backbone(0, device, dtype), 64
+    else:
+        from magicid.models.tiny import build_tiny_backbone
+
+        backbone, latent = build_tiny_backbone(), 32
+    unet = backbone.unet
+    stock_processors = unet.attn_processors
+    params = load_params(None, [])
+    adapter = MagicIDAdapter.create(backbone, params)  # installs MGMICA on the UNet
+    mgmica_processors_ = unet.attn_processors
+    context = mgmica_context(unet)
+    g = torch.Generator(device).manual_seed(0)
+    width = backbone.cross_attention_dim
+    latents = torch.randn(BATCH, 4, latent, latent, generator=g, device=device, dtype=dtype)
+    text = torch.randn(BATCH, TEXT_TOKENS, width, generator=g, device=device, dtype=dtype)
+    tokens = torch.randn(BATCH, 4, params.model.n_id_tokens, width, generator=g, device=device, dtype=dtype)
+    masks = torch.from_numpy(face_masks(4, size=latent * 8))[None].to(device)
+    t = torch.tensor(500, device=device)
+
+    def stock() -> None:
+        unet.set_attn_processor(dict(stock_processors))
+        unet(latents, t, text)
+
+    def mgmica() -> None:
+        unet.set_attn_processor(dict(mgmica_processors_))
+        context.set(tokens, masks, (latent, latent))
+        unet(latents, t, text)
+        context.set(None, None)
+
+    times: dict[str, list[float]] = {"stock": [], "mgmica": []}
+    for i in range(warmup + reps):
+        for name, fn in (("stock", stock), ("mgmica", mgmica)):
+            ms = timed(fn, device)
+            if i >= warmup:
+                times[name].append(ms)
+    unet.set_attn_processor(dict(mgmica_processors_))
+    del adapter
+    stock_ms, mgmica_ms = statistics.median(times["stock"]), statistics.median(times["mgmica"])
+    return {
+        "unet_stock_ms": stock_ms,
+        "unet_mgmica_4ids_ms": mgmica_ms,
+        "unet_mgmica_vs_stock_4ids": mgmica_ms / stock_ms,
+    }
 
 
 @torch.inference_mode()
@@ -57,33 +125,52 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="30 repetitions, 2 warm-ups (under a minute)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (fixed for the run)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 60; --quick 30; >= 30)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (figures get a gpu_ prefix on CUDA)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                        "bfloat16 on CUDA)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reps = max(30, args.reps or (30 if args.quick else 60))
     warmup = 2 if args.quick else 5
+    from magicid.models.backbone import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = resolve_dtype(dtype_name, device)
+    prefix = "gpu_" if device.type == "cuda" else ""
 
     torch.manual_seed(0)
-    attn = Attention(
-        query_dim=WIDTH, cross_attention_dim=TEXT_WIDTH, heads=HEADS, dim_head=WIDTH // HEADS, out_bias=True
-    ).eval()
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(BATCH, LATENT * LATENT, WIDTH, generator=g)
-    text = torch.randn(BATCH, TEXT_TOKENS, TEXT_WIDTH, generator=g)
+    attn = (
+        Attention(
+            query_dim=WIDTH,
+            cross_attention_dim=TEXT_WIDTH,
+            heads=HEADS,
+            dim_head=WIDTH // HEADS,
+            out_bias=True,
+        )
+        .eval()
+        .to(device=device, dtype=dtype)
+    )
+    g = torch.Generator(device).manual_seed(0)
+    hidden = torch.randn(BATCH, LATENT * LATENT, WIDTH, generator=g, device=device, dtype=dtype)
+    text = torch.randn(BATCH, TEXT_TOKENS, TEXT_WIDTH, generator=g, device=device, dtype=dtype)
     stock = AttnProcessor2_0()
     mask_processor = IPAdapterMaskProcessor()
 
     calls: dict[str, object] = {"stock": lambda: stock(attn, hidden, text)}
     for n in ID_COUNTS:
-        tokens = torch.randn(BATCH, n, ID_TOKENS, TEXT_WIDTH, generator=g)
+        tokens = torch.randn(BATCH, n, ID_TOKENS, TEXT_WIDTH, generator=g, device=device, dtype=dtype)
         masks = face_masks(n)
-        mgmica = MGMICAAttnProcessor(WIDTH, TEXT_WIDTH).eval()
-        mgmica.set_identities(tokens, torch.from_numpy(masks)[None], latent_size=(LATENT, LATENT))
+        mgmica = MGMICAAttnProcessor(WIDTH, TEXT_WIDTH).eval().to(device=device, dtype=dtype)
+        mask_tensor = torch.from_numpy(masks)[None].to(device)
+        mgmica.set_identities(tokens, mask_tensor, latent_size=(LATENT, LATENT))
         calls[f"mgmica_{n}ids"] = lambda p=mgmica: p(attn, hidden, text)
 
         ip = IPAdapterAttnProcessor2_0(WIDTH, TEXT_WIDTH, num_tokens=(ID_TOKENS,), scale=1.0).eval()
+        ip = ip.to(device=device, dtype=dtype)
         pil_masks = [PIL.Image.fromarray((m * 255).astype(np.uint8)) for m in masks]
         ip_masks = mask_processor.preprocess(pil_masks, height=IMAGE, width=IMAGE)  # (n, 1, H, W)
-        ip_masks = [ip_masks.reshape(1, n, IMAGE, IMAGE)]
+        ip_masks = [ip_masks.reshape(1, n, IMAGE, IMAGE).to(device)]
         calls[f"ipadapter_masked_{n}ids"] = lambda p=ip, t=tokens, m=ip_masks: p(
             attn, hidden, encoder_hidden_states=(text, [t]), ip_adapter_masks=m
         )
@@ -92,24 +179,31 @@ def main() -> None:
     for _ in range(warmup):
         for name in order:
             calls[name]()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in order}
     for _ in range(reps):  # interleaved: stock, mgmica, ipadapter, ..., stock, mgmica, ...
         for n in ID_COUNTS:
             for name in ("stock", f"mgmica_{n}ids", f"ipadapter_masked_{n}ids"):
-                times[name].append(timed(calls[name]))
+                times[name].append(timed(calls[name], device))
 
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"threads: {args.threads}")
-    print(f"repetitions: {reps}")
-    print(f"face_fraction: {FACE_FRACTION}")
-    print(f"stock_ms: {median['stock']:.3f}")
+    figures: dict[str, float] = {"stock_ms": median["stock"]}
     for n in ID_COUNTS:
         mg, ip = median[f"mgmica_{n}ids"], median[f"ipadapter_masked_{n}ids"]
-        print(f"mgmica_{n}ids_ms: {mg:.3f}")
-        print(f"ipadapter_masked_{n}ids_ms: {ip:.3f}")
-        print(f"mgmica_vs_stock_{n}ids: {mg / median['stock']:.3f}")
-        print(f"mgmica_vs_ipadapter_masked_{n}ids: {mg / ip:.3f}")
-        print(f"ipadapter_masked_vs_stock_{n}ids: {ip / median['stock']:.3f}")
+        figures[f"mgmica_{n}ids_ms"] = mg
+        figures[f"ipadapter_masked_{n}ids_ms"] = ip
+        figures[f"mgmica_vs_stock_{n}ids"] = mg / median["stock"]
+        figures[f"mgmica_vs_ipadapter_masked_{n}ids"] = mg / ip
+        figures[f"ipadapter_masked_vs_stock_{n}ids"] = ip / median["stock"]
+    figures.update(unet_figures(device, dtype, max(10, reps // 3), warmup))
+    print(f"{prefix}device: {device}")
+    print(f"{prefix}dtype: {dtype_name}")
+    print(f"{prefix}threads: {args.threads}")
+    print(f"{prefix}repetitions: {reps}")
+    print(f"{prefix}face_fraction: {FACE_FRACTION}")
+    for key, value in figures.items():
+        print(f"{prefix}{key}: {value:.3f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ Network evaluations: DIIR runs the MMF ControlNet next to the UNet at every nois
 conditioning), the baseline none; so `diir_unet_calls` and `unet_sample_evals_ratio_*` count the UNet's and
 the ControlNet's evaluations together (`diir_controlnet_calls_*` gives the ControlNet's share).
 
+`--device cuda [--dtype bfloat16]`: 8 faces on SD 1.5's shapes (`magicid.models.sd15_shapes`, random weights) in
+`--dtype`, where DIIR's native-size floor puts every face at 512 px and the baseline follows the same rule
+(`gpu_diir_vs_adetailer_8faces_sd15`, ...), and the inversion round trip at 512 px in float32
+(`gpu_inversion_mse_fixed_point_sd15`), in the half dtype throughout (`..._sd15_bfloat16`) and with only the UNet
+in it (`..._sd15_bfloat16_unet_fp32_latents`, what DIIR does).
+
 Prints `name: value` lines only. Targets (CPU, tiny): diir_vs_adetailer_8faces <= 1.5,
 diir_batched_vs_sequential_8faces <= 0.6, inversion_mse_fixed_point <= 1e-5.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,7 +52,7 @@ from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from magicid.restore.diir import DIIR
 from magicid.restore.inversion import round_trip_error
 from magicid.restore.noise import noise_function
-from magicid.restore.plan import choose_bucket, to_tensor
+from magicid.restore.plan import choose_bucket, effective_buckets, to_tensor
 
 # The astronaut's face in skimage's 512 x 512 `astronaut()` (x0, y0, x1, y1), found once with the offline
 # analyzer; a fixed box keeps the benchmark free of the face backend.
@@ -129,11 +136,19 @@ def background_psnr(before: np.ndarray, after: np.ndarray, faces: list[Face], pa
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params) -> np.ndarray:
-    """ADetailer-style: one inpainting call per face, crop + zoom via `padding_mask_crop`, pasted back."""
+def adetailer_restore(
+    pipe, image: np.ndarray, faces: list[Face], params: Params, min_bucket: int = 0
+) -> np.ndarray:
+    """ADetailer-style: one inpainting call per face, crop + zoom via `padding_mask_crop`, pasted back.
+
+    The crop resolution follows DIIR's rule exactly: `choose_bucket` over `effective_buckets(diir.buckets,
+    min_bucket)`, `min_bucket` being DIIR's floor (the backbone's native size: 512 on SD 1.5, 0 on the tiny one),
+    so on a real-shaped backbone both methods run at the same resolution.
+    """
     from magicid.imaging.crops import expand_box
 
     cfg = params.diir
+    buckets = effective_buckets(cfg.buckets, min_bucket)
     current = Image.fromarray(image)
     height, width = image.shape[:2]
     for face in faces:
@@ -141,7 +156,7 @@ def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params
         mask = np.zeros((height, width), np.uint8)
         mask[y0:y1, x0:x1] = 255
         crop_box = expand_box(face.bbox, cfg.crop_margin, width, height)
-        bucket = choose_bucket(crop_box[2] - crop_box[0], cfg.buckets, cfg.zoom)
+        bucket = choose_bucket(crop_box[2] - crop_box[0], buckets, cfg.zoom)
         padding = max(1, int(round(cfg.crop_margin * max(x1 - x0, y1 - y0))))
         current = pipe(
             prompt="",
@@ -153,7 +168,7 @@ def adetailer_restore(pipe, image: np.ndarray, faces: list[Face], params: Params
             strength=cfg.strength,
             num_inference_steps=cfg.num_inference_steps,
             guidance_scale=cfg.guidance_scale,
-            generator=torch.Generator().manual_seed(0),
+            generator=torch.Generator(pipe.device).manual_seed(0),
         ).images[0]
     return np.asarray(current)
 
@@ -174,11 +189,6 @@ def host_speed_ms(backbone: Backbone, repeats: int = 20) -> float:
     )
 
 
-def build(config: TinyBackboneConfig, params: Params) -> tuple[Backbone, MagicIDAdapter]:
-    backbone = build_tiny_backbone(config)
-    return backbone, MagicIDAdapter.create(backbone, params)  # installs MGMICA on backbone.unet
-
-
 def inpaint_pipe(backbone: Backbone):
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
@@ -197,22 +207,38 @@ def inpaint_pipe(backbone: Backbone):
 
 
 @torch.no_grad()
-def inversion_figures(backbone: Backbone, params: Params) -> dict[str, float]:
-    """Relative round-trip MSE (MSE / latent variance), plain vs fixed point, on the faces' 128 px crops."""
+def inversion_figures(
+    backbone: Backbone, params: Params, crop: int = 128, latent_dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Relative round-trip MSE (MSE / latent variance), plain vs fixed point, on the faces' `crop` px crops, on the
+    backbone's device and in its dtype (the error itself is computed in float32).
+
+    `latent_dtype`: the dtype of the inversion's own arithmetic (the latents and the DDIM updates); None = the
+    backbone's. float32 with a half-precision backbone runs only the UNet in half precision (each noise
+    prediction is cast back), the question of whether DIIR should invert in float32 when the model runs in half.
+    """
     from magicid.imaging.crops import zoom_crop
 
     image, faces = composite(4)
-    crops = [zoom_crop(image, f.bbox, 128, params.diir.crop_margin)[0] for f in faces]
+    crops = [zoom_crop(image, f.bbox, crop, params.diir.crop_margin)[0] for f in faces]
     vae = backbone.vae
-    latents = vae.encode(to_tensor(crops, "cpu", torch.float32)).latent_dist.mean * vae.config.scaling_factor
+    pixels = to_tensor(crops, backbone.device, backbone.dtype)
+    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    latents = latents.to(latent_dtype or backbone.dtype)
     ids = backbone.tokenizer(
         [""] * len(crops), padding="max_length", max_length=77, return_tensors="pt"
-    ).input_ids
+    ).input_ids.to(backbone.device)
     text = backbone.text_encoder(ids)[0]
     cfg = params.diir
     out = {}
     for name, iters in (("plain", 0), ("fixed_point", cfg.inversion_iters)):
-        noise_fn = noise_function(backbone.unet, backbone.scheduler, text)
+        model_fn = noise_function(backbone.unet, backbone.scheduler, text)
+        noise_fn = model_fn
+        if latents.dtype != backbone.dtype:
+
+            def noise_fn(sample, timestep, rows, model_fn=model_fn):
+                return model_fn(sample.to(backbone.dtype), timestep, rows).to(sample.dtype)
+
         out[f"inversion_mse_{name}"], inverted = round_trip_error(
             noise_fn, backbone.scheduler, latents, 10, 0.5, iters, cfg.inversion_tol
         )
@@ -222,14 +248,16 @@ def inversion_figures(backbone: Backbone, params: Params) -> dict[str, float]:
 
 def run_config(
     name: str,
-    config: TinyBackboneConfig,
+    config: TinyBackboneConfig | Callable[[], Backbone],
     counts: list[int],
     params: Params,
     repeats: int,
     face_px: int | None,
 ) -> dict:
-    compute = name.startswith("compute")
-    backbone, adapter = build(config, params)
+    """`config`: the tiny backbone's sizes, or a function building the backbone (the SD 1.5-shaped one on CUDA)."""
+    compute = name.startswith("compute") or name.startswith("sd15")
+    backbone = build_tiny_backbone(config) if isinstance(config, TinyBackboneConfig) else config()
+    adapter = MagicIDAdapter.create(backbone, params)  # installs MGMICA on backbone.unet
     results: dict[str, float] = {}
     if not compute:
         results["host_unet_ms_batch4_latent24_start"] = host_speed_ms(backbone)
@@ -251,7 +279,7 @@ def run_config(
             out["image"] = np.asarray(d.restore(image, boxes=faces, faces="all").image)
 
         def run_adetailer(image=image, faces=faces, out=diir_out):
-            out["adetailer"] = adetailer_restore(pipe, image, faces, params)
+            out["adetailer"] = adetailer_restore(pipe, image, faces, params, diir.min_bucket)
 
         # The counted runs double as warm-up.
         counter.reset()
@@ -294,18 +322,58 @@ def run_config(
     return results
 
 
+def gpu_figures(params: Params, device: str, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """On CUDA: 8 faces restored on the SD 1.5-shaped backbone (random weights, `dtype`) at its native-size floor
+    (both methods at 512 px crops), and the inversion round trip at 512 px in float32, in `dtype` and with only
+    the UNet in `dtype` (float32 latents)."""
+    from magicid.models.sd15_shapes import build_sd15_shaped_backbone
+
+    figures = run_config(
+        "sd15", lambda: build_sd15_shaped_backbone(0, device, dtype), [8], params, repeats, None
+    )
+    torch.cuda.reset_peak_memory_stats()
+    backbone = build_sd15_shaped_backbone(0, device, torch.float32)
+    inv = inversion_figures(backbone, params, crop=512)
+    figures["inversion_mse_plain_sd15"] = inv["inversion_mse_plain"]
+    figures["inversion_mse_fixed_point_sd15"] = inv["inversion_mse_fixed_point"]
+    if dtype != torch.float32:
+        label = str(dtype).removeprefix("torch.")
+        backbone.to(dtype=dtype)
+        half = inversion_figures(backbone, params, crop=512)
+        mixed = inversion_figures(backbone, params, crop=512, latent_dtype=torch.float32)
+        figures[f"inversion_mse_fixed_point_sd15_{label}"] = half["inversion_mse_fixed_point"]
+        figures[f"inversion_mse_fixed_point_sd15_{label}_unet_fp32_latents"] = mixed[
+            "inversion_mse_fixed_point"
+        ]
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="a small version (one pair per ratio, 256 px compute crops)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu | cuda (cuda: the SD 1.5-shaped backbone, gpu_ names)"
+    )
+    parser.add_argument("--dtype", default="bfloat16", help="on CUDA: float32 | bfloat16 | float16")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="params override, e.g. diir.inversion_tol=4e-3 (repeatable)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(None, args.set)
     repeats = 1 if args.quick else 5
+    if args.device.startswith("cuda"):
+        from magicid.models.backbone import resolve_device, resolve_dtype
+
+        device = resolve_device(args.device)
+        figures = gpu_figures(params, str(device), resolve_dtype(args.dtype, device), 1 if args.quick else 3)
+        print(f"gpu_dtype: {args.dtype}")
+        for key in sorted(figures):
+            value = figures[key]
+            print(f"gpu_{key}: {value:.4g}" if isinstance(value, float) else f"gpu_{key}: {value}")
+        return
     tiny = run_config("tiny", TinyBackboneConfig(), [1, 4, 8], params, repeats, None)
     # Compute-bound: a 2x wider UNet and 128 px faces -> 512 x 512 crops (bucket 512). --quick: 2x wider,
     # 64 px faces -> 256 x 256 crops, printed under its own names (`..._compute_quick`).

@@ -3,11 +3,14 @@
 Tiny (always): the offline tiny backbone at `model.resolution` 256, batch 2, on a synthetic IDZoom version
 (`magicid.training.synthetic`), MLflow off, no checkpoints but the last, no validation loss, condition dropout
 as configured; the first steps are warm-up and not timed.
-SD 1.5 (when a CUDA device and a diffusers SD 1.5 folder are present: `--backbone PATH` or `MAGICID_SD15_PATH`):
-the same loop at 512 px, fp16 mixed precision, batch 2.
+`--device cuda`: the same loop on SD 1.5's shapes (`magicid.models.sd15_shapes`: random weights, nothing
+downloaded; or a real SD 1.5 folder with `--backbone PATH` / `MAGICID_SD15_PATH`) at 512 px in `--dtype` mixed
+precision (default bf16), at batch 4 and 16, `train.loader_workers` 4; every figure with a `gpu_` prefix:
+`gpu_train_steps_per_s_sd15_b<N>`, `gpu_train_images_per_s_sd15_b<N>`, `gpu_train_peak_gib_sd15_b<N>` (peak CUDA
+memory allocated) and `gpu_train_images_per_s_sd15` (the best batch). Target on one GPU (issue 25):
+`gpu_train_images_per_s_sd15` >= 25.
 
-Prints `name: value` lines: `train_steps_per_s`, `train_peak_rss_mb`, and `train_sd15_steps_per_s`,
-`train_sd15_peak_vram_mb` (or `train_sd15: skipped (...)`).
+Prints `name: value` lines only.
 """
 
 from __future__ import annotations
@@ -33,10 +36,18 @@ def timed_steps_per_s(result, warmup: int) -> float:
     return (len(times) - 1 - warmup) / (times[-1] - times[warmup])
 
 
-def run(workdir: Path, overrides: list[str], steps: int, warmup: int, image_side: int):
+def run(
+    workdir: Path,
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    image_side: int,
+    backbone=None,
+    n_images: int = 8,
+):
     root = write_synthetic_idzoom(
         workdir / "idzoom",
-        n_images=8,
+        n_images=n_images,
         crop_size=128,
         sizes=((image_side, image_side), (image_side * 5 // 4, image_side)),
     )
@@ -51,7 +62,7 @@ def run(workdir: Path, overrides: list[str], steps: int, warmup: int, image_side
             *overrides,
         ],
     )
-    result = train(params, root, progress=False, track=False)
+    result = train(params, root, progress=False, track=False, backbone=backbone)
     return timed_steps_per_s(result, warmup)
 
 
@@ -60,11 +71,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps (under a minute)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--backbone", default=os.environ.get("MAGICID_SD15_PATH"), help="SD 1.5 diffusers folder"
+        "--backbone", default=os.environ.get("MAGICID_SD15_PATH"), help="SD 1.5 diffusers folder (CUDA runs)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", default="bfloat16", help="CUDA runs: bfloat16 | float16 | float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps, warmup = (5, 1) if args.quick else (30, 5)
+    if args.device.startswith("cuda"):
+        cuda(args, steps=8 if args.quick else 20, warmup=3)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         rate = run(
@@ -76,31 +92,44 @@ def main() -> None:
         )
     print("train_resolution: 256")
     print(f"train_steps_per_s: {rate:.3f}")
+    print(f"train_images_per_s: {2 * rate:.3f}")
     print(f"train_peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
 
-    if not torch.cuda.is_available():
-        print("train_sd15: skipped (no CUDA device)")
-        return
-    if not args.backbone or not Path(args.backbone).is_dir():
-        print("train_sd15: skipped (no SD 1.5 folder: pass --backbone PATH or set MAGICID_SD15_PATH)")
-        return
-    torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as tmp:
-        rate = run(
-            Path(tmp),
-            [
-                f"model.backbone={args.backbone}",
-                "model.device=cuda",
-                "model.resolution=512",
-                "train.mixed_precision=fp16",
-                "model.id_crop_size=224",
-            ],
-            steps,
-            warmup,
-            512,
-        )
-    print(f"train_sd15_steps_per_s: {rate:.3f}")
-    print(f"train_sd15_peak_vram_mb: {torch.cuda.max_memory_allocated() / 2**20:.1f}")
+
+def cuda(args, steps: int, warmup: int) -> None:
+    """SD 1.5 shapes (or a real SD 1.5 folder) at 512 px on CUDA, batch 4 and 16."""
+    from magicid.models.backbone import resolve_device, resolve_dtype
+    from magicid.models.sd15_shapes import build_sd15_shaped_backbone
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[dtype]
+    real = bool(args.backbone) and Path(args.backbone).is_dir()
+    print(f"gpu_train_backbone: {'sd15 folder ' + args.backbone if real else 'sd15-shaped random weights'}")
+    print(f"gpu_train_mixed_precision: {mixed}")
+    best = 0.0
+    for batch in (4, 16):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        backbone = None if real else build_sd15_shaped_backbone(0, device, torch.float32)
+        overrides = [
+            "model.device=cuda",
+            "model.resolution=512",
+            f"train.mixed_precision='{mixed}'",
+            "model.id_crop_size=128",
+            f"train.batch_size={batch}",
+            "train.loader_workers=4",
+        ]
+        if real:
+            overrides.append(f"model.backbone={args.backbone}")
+        with tempfile.TemporaryDirectory() as tmp:
+            rate = run(Path(tmp), overrides, steps, warmup, 512, backbone=backbone, n_images=2 * batch)
+        best = max(best, rate * batch)
+        print(f"gpu_train_steps_per_s_sd15_b{batch}: {rate:.3f}")
+        print(f"gpu_train_images_per_s_sd15_b{batch}: {rate * batch:.2f}")
+        print(f"gpu_train_peak_gib_sd15_b{batch}: {torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
+        del backbone
+    print(f"gpu_train_images_per_s_sd15: {best:.2f}")
 
 
 if __name__ == "__main__":

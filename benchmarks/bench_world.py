@@ -187,7 +187,7 @@ class Context:
 
 def generate(subject: Subject, scene, seed: int, steps: int, ctx: Context) -> np.ndarray:
     """One image of `scene`'s layout (boxes + landmark map) and caption, with its people's reference photos."""
-    from magicid.models.pipeline import FaceLayout
+    from magicid.imaging.layout import FaceLayout
 
     side = subject.params.model.resolution
     out = subject.pipe(
@@ -411,7 +411,7 @@ def measure_diir(subject: Subject, ctx: Context, cfg: Settings) -> dict[str, flo
 
 def gate_separates(tables: dict[str, pd.DataFrame], params: Params) -> dict[str, Any]:
     """The gate's checks on evaluation tables: the world promoted over the 5-step adapter, id_scale=0 rejected."""
-    from magicid.registry import absolute_checks, comparison_checks
+    from magicid.promotion import absolute_checks, comparison_checks
 
     cfg = params.promotion
 

@@ -32,6 +32,7 @@ import streamlit as st
 from magicid import reviews
 from magicid.config import ReviewParams, load_params
 from magicid.errors import MagicIDError
+from magicid.imaging.boxes import draw_boxes
 
 PAGES = ("Review", "Compare", "Leaderboard", "My history")
 BOX_COLOUR = (0, 255, 0)  # pure green: the browser test looks for it on the face-box outline
@@ -80,7 +81,7 @@ def _png(
     `ReviewError`, which is never cached.
     """
     image = reviews.load_review_image(path, source.root, source.max_pixels)
-    image = reviews.draw_face_boxes(image, boxes, color=BOX_COLOUR) if boxes else image
+    image = draw_boxes(image, boxes, colour=BOX_COLOUR) if boxes else image
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
@@ -115,12 +116,14 @@ def _show_image(container, source: ImageSource, path: str, caption: str, boxes=(
 def _registry(tracking_uri: str, model_name: str) -> tuple[dict[str, str], dict[str, dict[str, float]], str]:
     """(alias -> version, version -> metrics, a note when the registry cannot be read)."""
     try:
-        client = reviews.mlflow_client(tracking_uri)
-        roles = reviews.registry_roles(client, model_name)
+        from magicid import registry
+
+        client = registry.tracking_client(tracking_uri, create=False)
+        roles = registry.registry_roles(client, model_name)
         if not roles:
             return {}, {}, f"no registered model {model_name!r} with aliases at {tracking_uri}"
         versions = {v.version for v in client.search_model_versions(f"name='{model_name}'")}
-        metrics = {str(v): reviews.version_metrics(client, model_name, str(v)) for v in versions}
+        metrics = {str(v): registry.version_metrics(client, model_name, str(v)) for v in versions}
         return roles, metrics, ""
     except MagicIDError as error:
         return {}, {}, str(error)
@@ -378,7 +381,9 @@ def leaderboard_page(
     st.caption("Ties count half a win. Means are over ratings (1-5) with 95% t intervals.")
     if st.button("Export review aggregates to MLflow (model-version tags)"):
         try:
-            client = reviews.mlflow_client(params.tracking.uri)
+            from magicid.registry import open_client
+
+            client = open_client(params, create=False)
             written = reviews.export_review_tags(
                 store,
                 params.promotion.model_name,

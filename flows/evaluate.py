@@ -20,7 +20,6 @@ from flows.common import (
     DEFAULT_PARAMS_PATH,
     cache_key,
     flow_params,
-    folder_fingerprint,
     markdown_table,
     mlflow_run_link,
     params_hash,
@@ -62,30 +61,6 @@ def _eval_key(context, arguments: dict) -> str:
     )
 
 
-def _register_key(context, arguments: dict) -> str:
-    """The training run and the adapter folder's files: a cached training run is not registered twice."""
-    params: Params = arguments["params"]
-    return cache_key(
-        "register-model",
-        arguments["run_id"],
-        folder_fingerprint(arguments["adapter_dir"]),
-        params_hash(params, "promotion", "tracking"),
-        store_location(params.tracking.uri),
-    )
-
-
-def registered_here(params: Params, result: dict) -> bool:
-    """The version a `register` result names is in this tracking store, registered from that run."""
-    from magicid.errors import MagicIDError
-    from magicid.registry import resolve_version
-
-    try:
-        version = resolve_version(params, f"models:/{result['name']}/{result['version']}")
-    except MagicIDError:
-        return False
-    return version.run_id == result["run_id"]
-
-
 def evaluated_here(params: Params, model_uri: str, result: dict) -> bool:
     """The report an `evaluate_model` result names is on disk, and the version carries that evaluation."""
     from magicid.errors import MagicIDError
@@ -98,20 +73,6 @@ def evaluated_here(params: Params, model_uri: str, result: dict) -> bool:
     except MagicIDError:
         return False
     return version.run_id == result["run_id"] and version.tags.get(EVAL_SET_TAG) == result["eval_set_id"]
-
-
-@task(
-    name="register-model",
-    cache_key_fn=_register_key,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_on_io,
-)
-def register(params: Params, adapter_dir: str, run_id: str | None) -> dict:
-    from magicid.registry import register_adapter
-
-    version = register_adapter(params, adapter_dir, run_id)
-    return {"name": version.name, "version": str(version.version), "run_id": version.run_id}
 
 
 @task(

@@ -18,7 +18,7 @@ from magicid.config import Params
 
 @task(name="promotion-gate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io)
 def gate(params: Params) -> dict:
-    from magicid.registry import promote
+    from magicid.promotion import promote
 
     decision = promote(params)
     return {

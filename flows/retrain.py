@@ -8,8 +8,9 @@
    (the shipped `models/offline_world`) is registered, evaluated on this version and put through the gate; only
    if it passes is it the first champion. Or `fit_backbone` (sub-flow, `fit` on; the default when
    `model.backbone` is `tiny`): the tiny backbone fitted on the version, which training and evaluation then load.
-3. `train` (sub-flow): MLflow run whose input is the data version (DVC md5).
-4. register the adapter as the next model version (alias `challenger`), `evaluate` it (and the champion, on
+3. `train` (sub-flow): MLflow run whose input is the data version (DVC md5), then the adapter registered as the
+   next model version (alias `challenger`): `magicid.training.register.train_and_register`, as `magicid train`.
+4. `evaluate` the new version (and the champion, on
    the same evaluation set, cached when already scored), then `promote`: the gate moves `champion` or not.
 Every task is cached on data hash + params hash + where it writes (flows/common.py), so a re-run with nothing
 changed is mostly cache hits, and a run in another checkout or after deleting the tracking database is not.
@@ -38,10 +39,9 @@ from flows.common import (
     dask_runner,
     flow_params,
     local_process_pool,
-    run_cached,
     with_overrides,
 )
-from flows.evaluate import evaluate_flow, register, registered_here
+from flows.evaluate import evaluate_flow
 from flows.fit_backbone import fit_backbone_flow
 from flows.promote import promote_flow
 from flows.train import train_flow
@@ -128,17 +128,11 @@ def retrain_flow(
     if params.train.init_from == "champion" and _champion_version(params) is None:
         out["seed"] = seed_champion(params, data_dir)
 
-    # 3. Training.
-    out["train"] = train_flow(data_dir, params_path=None, progress=progress, params=params)
+    # 3. Training, then registering the adapter (the library's one `train_and_register`, cached as one task).
+    out["train"] = train_flow(data_dir, params_path=None, progress=progress, params=params, register=True)
+    out["model"] = out["train"]["model"]
 
-    # 4. Registry, evaluation, the gate.
-    out["model"] = run_cached(
-        register,
-        lambda done: registered_here(params, done),
-        params,
-        out["train"]["adapter_dir"],
-        out["train"]["run_id"],
-    )
+    # 4. Evaluation, the gate.
     challenger_uri = f"models:/{out['model']['name']}/{out['model']['version']}"
     out["evaluation"] = evaluate_flow(challenger_uri, params_path=None, dataset_dir=data_dir, params=params)
     champion = _champion_version(params)

@@ -40,6 +40,7 @@ def _train_key(context, arguments: dict) -> str:
 
     params: Params = arguments["params"]
     version, _ = dataset_version(arguments["data_dir"])
+    register = arguments.get("register", False)
     return cache_key(
         "train-adapter",
         version,
@@ -48,16 +49,33 @@ def _train_key(context, arguments: dict) -> str:
         arguments["resume"],
         store_location(params.tracking.uri),
         *where(params.train.out_dir),
+        # Registering: the registered model's name too (a cached result names a version of that model).
+        *((params_hash(params, "promotion"),) if register else ()),
     )
 
 
 def trained_here(params: Params, result: dict) -> bool:
-    """The adapter folder and the MLflow run a `train_adapter` result names both exist."""
+    """The adapter folder and the MLflow run a `train_adapter` result names both exist, and so does the model
+    version it registered (if it did)."""
     from magicid.registry import run_exists
 
     if not Path(result["adapter_dir"]).is_dir():
         return False
+    if result.get("model") is not None and not registered_here(params, result["model"]):
+        return False
     return result["run_id"] is None or run_exists(params, result["run_id"])
+
+
+def registered_here(params: Params, model: dict) -> bool:
+    """The version a `train_adapter` result's `model` names is in this tracking store, registered from its run."""
+    from magicid.errors import MagicIDError
+    from magicid.registry import resolve_version
+
+    try:
+        version = resolve_version(params, f"models:/{model['name']}/{model['version']}")
+    except MagicIDError:
+        return False
+    return version.run_id == model["run_id"]
 
 
 @task(
@@ -67,16 +85,23 @@ def trained_here(params: Params, result: dict) -> bool:
     retry_delay_seconds=2,
     retry_condition_fn=retry_on_io,
 )
-def train_adapter(data_dir: str, params: Params, resume: bool, progress: bool) -> dict:
-    from magicid.training.trainer import check_data_dir, train
+def train_adapter(
+    data_dir: str, params: Params, resume: bool, progress: bool, register: bool = False
+) -> dict:
+    """Train (and, with `register`, register) through the library's one "train then register" function."""
+    from magicid.training.register import train_and_register
 
-    result = train(params, check_data_dir(data_dir), resume=resume, progress=progress)
+    trained = train_and_register(params, data_dir, resume=resume, progress=progress, register=register)
+    result, version = trained.result, trained.version
     return {
         "run_id": result.run_id,
         "adapter_dir": str(result.adapter_dir),
         "step": result.step,
         "dataset_version": result.dataset_version,
         "losses": {int(step): float(loss) for step, loss in result.losses.items()},
+        "model": None
+        if version is None
+        else {"name": version.name, "version": str(version.version), "run_id": version.run_id},
     }
 
 
@@ -113,13 +138,15 @@ def train_flow(
     resume: bool = False,
     progress: bool = False,
     params: Params | None = None,
+    register: bool = False,
 ) -> dict:
-    """Train on `data_dir`; returns run id, adapter folder, steps, data version and losses.
+    """Train on `data_dir`; returns run id, adapter folder, steps, data version, losses and, with `register`, the
+    registered model version (`model`: name, version, run id; alias `challenger`).
     The params: `params_path` + `overrides`, or `params` a parent flow loaded (`flows.common.flow_params`)."""
     params = flow_params(params_path, overrides, params)
     # A cached result names an adapter folder and a run: train again (refreshing the cache) when either is gone.
     result = run_cached(
-        train_adapter, lambda done: trained_here(params, done), data_dir, params, resume, progress
+        train_adapter, lambda done: trained_here(params, done), data_dir, params, resume, progress, register
     )
     publish("train-summary", losses_markdown(result, params), "training run")
     get_run_logger().info(

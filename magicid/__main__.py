@@ -1,4 +1,5 @@
-"""`python -m magicid ...`: the same CLI as the `magicid` command."""
+"""`python -m magicid ...`: the library's commands (the `magicid` console script adds `demo` and `serve-flows`,
+which live with the flows in `flows/cli.py`)."""
 
 from magicid.cli import app
 

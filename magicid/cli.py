@@ -102,7 +102,7 @@ class MagicIDGroup(TyperGroup):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except MagicIDError as error:
-            raise _fail(error) from error
+            raise fail(error) from error
         except Exception as error:
             try:
                 line = environment_error_line(error, ctx.meta.get(_INVOCATION))
@@ -110,7 +110,7 @@ class MagicIDGroup(TyperGroup):
                 line = None
             if line is None:
                 raise
-            raise _fail(error, f"{line} ({DEBUG_ENV}=1 shows the traceback)") from error
+            raise fail(error, f"{line} ({DEBUG_ENV}=1 shows the traceback)") from error
 
 
 class _App(typer.Typer):
@@ -152,11 +152,12 @@ UntrainedAdapterOption = Annotated[
 MLFLOW_HTTP_WAITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
-def _params(ctx: typer.Context) -> Params:
+def params_of(ctx: typer.Context) -> Params:
+    """The params the group callback loaded (`--params`, `--set`), for a command (here or in `flows/cli.py`)."""
     return ctx.obj["params"]
 
 
-def _fail(error: BaseException, line: str | None = None) -> typer.Exit:
+def fail(error: BaseException, line: str | None = None) -> typer.Exit:
     """Print `error` (or `line`) as one `error: ...` line on stderr; the caller raises the returned exit 2."""
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         traceback.print_exception(error, file=sys.stderr)
@@ -350,7 +351,7 @@ def main(
             "overrides": overrides or [],
         }
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
 
 
 @app.command()
@@ -358,7 +359,7 @@ def info(ctx: typer.Context) -> None:
     """Versions, config summary, usable face/model backends, GPU or not."""
     from magicid.info import collect_info
 
-    for key, value in collect_info(_params(ctx)).items():
+    for key, value in collect_info(params_of(ctx)).items():
         typer.echo(f"{key}: {value}")
 
 
@@ -382,97 +383,19 @@ def generate(
         Path | None, typer.Option("--skeleton", help="Skeleton map PNG (output size) placing the people.")
     ] = None,
     untrained_adapter: UntrainedAdapterOption = False,
+    device: DeviceOption = None,
 ) -> None:
     """Generate an image from a prompt (deterministic for a given seed), optionally with identities (--ref)."""
     from magicid.generate import check_generate_args, generate_to_file, with_untrained_adapter
 
-    params = with_untrained_adapter(_params(ctx), untrained_adapter)
+    params = with_untrained_adapter(_with_device(ctx, device), untrained_adapter)
     try:
         for note in check_generate_args(params, ref, boxes, out)[1]:
             typer.echo(f"note: {note}")
         path = generate_to_file(params, prompt, seed, out, refs=ref, boxes=boxes, skeleton=skeleton)
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     typer.echo(f"wrote {path}")
-
-
-@app.command()
-def demo(
-    ctx: typer.Context,
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo writes its outputs.")] = Path(
-        "outputs/demo"
-    ),
-    random_backbone: Annotated[
-        bool,
-        typer.Option(
-            "--random-backbone", help="Keep the random tiny backbone (default: fit it to the sample set)."
-        ),
-    ] = False,
-    project: Annotated[
-        Path, typer.Option("--project", help="DVC project whose data stages build the dataset.")
-    ] = Path("."),
-) -> None:
-    """Run the `retrain` flow end to end on the embedded offline defaults, then generate and restore."""
-    import os
-    import time
-
-    from magicid.native_logs import filter_native_stderr
-    from magicid.safety import check_output_folder
-
-    # Without a server Prefect starts a local API process; on a busy 2-core machine it can take over 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    started = time.perf_counter()
-    use_dvc = (project / "dvc.yaml").is_file()
-    if not use_dvc:
-        typer.echo(f"note: no dvc.yaml in {project}: the dataset is built without DVC versioning")
-    try:
-        check_output_folder(out_dir, "--out-dir")
-        # MediaPipe/TF Lite print INFO/WARNING lines from C++ in this process; errors still come through.
-        with filter_native_stderr():
-            from flows.demo import demo_flow
-
-            params_path = ctx.obj["params_path"]
-            summary = demo_flow(
-                out_dir=str(out_dir),
-                project_dir=str(project) if use_dvc else None,
-                params_path=str(params_path) if params_path else None,
-                overrides=ctx.obj["overrides"],
-                fit=False if random_backbone else None,
-            )
-    except MagicIDError as error:
-        raise _fail(error) from error
-    for key, value in summary.items():
-        typer.echo(f"{key}: {value}")
-    params = _params(ctx)
-    typer.echo("")
-    typer.echo(
-        f"MLflow UI:   mlflow ui --backend-store-uri {params.tracking.uri}   # then http://127.0.0.1:5000"
-    )
-    typer.echo(
-        "Prefect UI:  prefect server start   # then http://127.0.0.1:4200 (the demo's runs are in its database)"
-    )
-    typer.echo(f"Reviews:     streamlit run dashboards/review.py   # ratings in {params.review.db_url}")
-    typer.echo(f"demo_seconds: {time.perf_counter() - started:.0f}")
-
-
-@app.command("serve-flows")
-def serve_flows(
-    ctx: typer.Context,
-    project: Annotated[
-        Path, typer.Option("--project", help="Project checkout (dvc.yaml, params.yaml).")
-    ] = Path("."),
-) -> None:
-    """Serve the `retrain` deployment on its cron schedule (orchestration.retrain_cron); starts a local Prefect
-    server on loopback (orchestration.server_host/server_port) when PREFECT_API_URL is not set. Ctrl-C stops
-    both (exit code 0); the --set overrides reach the deployment and its scheduled runs."""
-    from flows.serve import serve_flows as serve
-
-    params_path = ctx.obj["params_path"]
-    try:
-        code = serve(_params(ctx), project, str(params_path) if params_path else None, ctx.obj["overrides"])
-    except MagicIDError as error:
-        raise _fail(error) from error
-    raise typer.Exit(code=code)
 
 
 @app.command()
@@ -495,39 +418,40 @@ def train(
             help="Log the adapter as an MLflow model version of promotion.model_name (alias challenger).",
         ),
     ] = True,
+    device: DeviceOption = None,
 ) -> None:
     """Train the MagicID adapter (ID encoder, MGMICA ID projections, MMF ControlNet) on IDZoom, tracked in MLflow."""
     from magicid.locks import output_lock
 
-    params = _params(ctx)
+    params = _with_device(ctx, device)
     try:
         # The lock first (train takes it too): a second run into train.out_dir stops before the heavy imports.
         with output_lock(params.train.out_dir, "magicid train", main_process_only=True):
-            from magicid.training.trainer import check_data_dir
-            from magicid.training.trainer import train as run_training
+            from magicid.training.register import train_and_register
 
-            data_dir = check_data_dir(data if data is not None else Path(params.data.out_dir))
-            result = run_training(params, data_dir, steps=steps, resume=resume, progress=progress)
+            trained = train_and_register(
+                params,
+                data if data is not None else Path(params.data.out_dir),
+                steps=steps,
+                resume=resume,
+                progress=progress,
+                register=register,
+            )
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     from magicid.locks import is_main_process
 
-    # Under `accelerate launch` the other ranks took part in rank 0's run: rank 0 alone reports and registers.
+    # Under `accelerate launch` the other ranks took part in rank 0's run: rank 0 alone reports (and registered).
     if not is_main_process():
         return
+    result, version = trained.result, trained.version
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     typer.echo(f"step: {result.step}")
     typer.echo(f"loss: {last:.6f}")
     typer.echo(f"adapter: {result.adapter_dir}")
     typer.echo(f"mlflow_run_id: {result.run_id}")
     typer.echo(f"dataset_version: {result.dataset_version}")
-    if register:
-        from magicid.registry import register_adapter
-
-        try:
-            version = register_adapter(params, result.adapter_dir, run_id=result.run_id)
-        except MagicIDError as error:
-            raise _fail(error) from error
+    if version is not None:
         typer.echo(f"model_version: models:/{version.name}/{version.version} (alias challenger)")
 
 
@@ -566,7 +490,7 @@ def fit_backbone(
                 progress=progress,
             )
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     typer.echo(f"backbone: {result.out_dir}")
     typer.echo(f"seconds: {result.seconds:.1f}")
     typer.echo(f"scaling_factor: {result.scaling_factor:.6f}")
@@ -575,10 +499,15 @@ def fit_backbone(
 
 
 def _with_device(ctx: typer.Context, device: str | None) -> Params:
-    """The params, with `--device` applied as `model.device` (validated like any override)."""
+    """The params, with `--device` applied as `model.device` (validated like any override, and `cuda` on a host
+    without CUDA stops here, before the command's work)."""
     if device is None:
-        return _params(ctx)
-    return load_params(ctx.obj["params_path"], [*ctx.obj["overrides"], f"model.device={device}"])
+        return params_of(ctx)
+    params = load_params(ctx.obj["params_path"], [*ctx.obj["overrides"], f"model.device={device}"])
+    from magicid.models.backbone import resolve_device
+
+    resolve_device(params.model.device)
+    return params
 
 
 @app.command("fit-world")
@@ -615,7 +544,7 @@ def fit_world(
             progress=progress,
         )
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     typer.echo(f"world: {result.out_dir}")
     if result.reused:
         typer.echo("up to date: fitted from the same dataset version and params (--refit fits again)")
@@ -647,12 +576,12 @@ def sample_data(
     from magicid.data.sample import build_sample_set
     from magicid.safety import check_output_folder
 
-    params = _params(ctx)
+    params = params_of(ctx)
     try:
         target = check_output_folder(out if out is not None else Path(params.data.raw_dir), "--out")
         path = build_sample_set(target, params)
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     typer.echo(f"wrote {path}")
 
 
@@ -672,7 +601,7 @@ def build_data(
     """Build (or resume) the IDZoom dataset: faces, crops, condition maps, manifests, quarantine, stats."""
     from magicid.data.remote import build_idzoom_at
 
-    params = _params(ctx)
+    params = params_of(ctx)
     try:
         report = build_idzoom_at(
             input_dir if input_dir is not None else params.data.raw_dir,
@@ -681,7 +610,7 @@ def build_data(
             progress=progress,
         )
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     for key, value in report.as_dict().items():
         typer.echo(f"{key}: {value}")
 
@@ -697,11 +626,11 @@ def validate(
     """Validate an IDZoom dataset with its Great Expectations suite; exits non-zero when it fails."""
     from magicid.data.validation import validate_idzoom
 
-    params = _params(ctx)
+    params = params_of(ctx)
     try:
         report = validate_idzoom(dataset if dataset is not None else Path(params.data.out_dir), report_dir)
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     typer.echo(report.summary())
 
 
@@ -717,12 +646,13 @@ def restore(
     faces: Annotated[str, typer.Option("--faces", help="small (below diir.max_face_ratio) | all")] = "small",
     progress: ProgressOption = True,
     untrained_adapter: UntrainedAdapterOption = False,
+    device: DeviceOption = None,
 ) -> None:
     """DIIR: restore face identities; writes OUT and OUT_compare (before | after). Background kept exactly."""
     from magicid.generate import restore_file, with_untrained_adapter
     from magicid.safety import check_output_file
 
-    params = with_untrained_adapter(_params(ctx), untrained_adapter)
+    params = with_untrained_adapter(_with_device(ctx, device), untrained_adapter)
     try:
         if faces not in ("small", "all"):
             raise MagicIDError(f"--faces {faces!r}: expected small (below diir.max_face_ratio) or all")
@@ -731,7 +661,7 @@ def restore(
             params, image, refs or [], out, prompt=prompt, faces=faces, progress=progress
         )
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     for i, face in enumerate(result.faces):
         who = face.identity_name or ("own embedding" if face.identity is None else str(face.identity))
         typer.echo(
@@ -755,9 +685,9 @@ def register(
     from magicid.registry import register_adapter
 
     try:
-        version = register_adapter(_params(ctx), adapter, run_id=run_id)
+        version = register_adapter(params_of(ctx), adapter, run_id=run_id)
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     typer.echo(f"model_version: models:/{version.name}/{version.version} (alias challenger)")
 
 
@@ -773,16 +703,17 @@ def evaluate(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: eval.out_dir).")] = None,
     progress: ProgressOption = True,
+    device: DeviceOption = None,
 ) -> None:
     """Generate the evaluation set with and without DIIR, score it, write the report, log it to MLflow."""
     from magicid.evaluation.run import evaluate_model
 
-    params = _params(ctx)
+    params = _with_device(ctx, device)
     model = model or f"models:/{params.promotion.model_name}@challenger"
     try:
         result = evaluate_model(params, model, data, out, progress=progress)
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     for key, value in result.metrics.items():
         if not isinstance(value, dict | list):
             typer.echo(f"{key}: {value}")
@@ -797,14 +728,14 @@ def promote(
     ] = False,
 ) -> None:
     """Apply the promotion gate (params.yaml promotion:) to the challenger; exit 1 when it fails."""
-    from magicid import registry
+    from magicid import promotion, registry
 
-    params = _params(ctx)
+    params = params_of(ctx)
     try:
-        decision = registry.rollback(params) if rollback else registry.promote(params)
+        decision = promotion.rollback(params) if rollback else promotion.promote(params)
     except MagicIDError as error:
-        raise _fail(error) from error
-    for key, value in registry.run_tags_for_decision(decision).items():
+        raise fail(error) from error
+    for key, value in promotion.run_tags_for_decision(decision).items():
         typer.echo(f"{key}: {value}")
     typer.echo(f"aliases: {registry.aliases(params)}")
     if not decision.passed:
@@ -832,11 +763,11 @@ def review_add_reviewer(
     """Add a review-dashboard reviewer (or set a new password): stores name -> scrypt hash."""
     from magicid.reviews import add_reviewer
 
-    path = reviewers if reviewers is not None else Path(_params(ctx).review.reviewers_file)
+    path = reviewers if reviewers is not None else Path(params_of(ctx).review.reviewers_file)
     try:
         add_reviewer(path, name, password)
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     typer.echo(f"reviewer {name} set in {path}")
 
 
@@ -851,9 +782,10 @@ def review_export(
     ] = None,
 ) -> None:
     """Write review aggregates (ratings, win rate vs champion) as MLflow model-version tags for the gate."""
-    from magicid.reviews import ReviewStore, export_review_tags, mlflow_client
+    from magicid.registry import open_client
+    from magicid.reviews import ReviewStore, export_review_tags
 
-    params = _params(ctx)
+    params = params_of(ctx)
     try:
         store = ReviewStore(params.review.db_url)
         written = export_review_tags(
@@ -861,10 +793,10 @@ def review_export(
             params.promotion.model_name,
             version,
             champion=champion,
-            client=mlflow_client(params.tracking.uri),
+            client=open_client(params, create=False),
         )
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     for model_version, tags in written.items():
         for key, value in sorted(tags.items()):
             typer.echo(f"version {model_version}: {key} = {value}")
@@ -887,7 +819,7 @@ def forget(
     from magicid.forget import forget as run_forget
     from magicid.forget import forget_cli_summary
 
-    params = _params(ctx)
+    params = params_of(ctx)
     try:
         report = run_forget(
             data if data is not None else Path(params.data.out_dir),
@@ -897,7 +829,7 @@ def forget(
             dvc=dvc,
         )
     except MagicIDError as error:
-        raise _fail(error) from error
+        raise fail(error) from error
     for line in forget_cli_summary(report):
         typer.echo(line)
 

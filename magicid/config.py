@@ -233,6 +233,12 @@ class ModelParams(_Section):
     untrained_adapter: bool = False
     num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float = Field(5.0, ge=0)
+    # The MMF ControlNet under classifier-free guidance: "both" runs it on both halves, each with its own text
+    # (the reference images); "conditional" runs it once a step on the conditional half and gives its residuals
+    # to the unconditional half too (its cost halved; images close to, not equal to, "both": README "On a GPU").
+    controlnet_cfg: Literal["both", "conditional"] = "both"
+    # UNet, VAE and ControlNet weights in channels_last memory format (faster convolutions on tensor-core GPUs).
+    channels_last: bool = False
 
     @field_validator("resolution")
     @classmethod

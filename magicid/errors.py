@@ -51,3 +51,8 @@ class OutputLocked(MagicIDError):
 class StoreError(MagicIDError):
     """A tracking store, database or server named in params cannot be used as given: an unknown URL scheme, a
     database driver that is not installed, a server that does not answer."""
+
+
+class ImageInputError(ModelInputError, DataError):
+    """An image argument that is not a PIL image or a uint8 (H, W, 3) RGB array (`imaging.images.as_uint8_image`):
+    a model input (pipeline) and a data input (DIIR) at once, so either family catches it."""

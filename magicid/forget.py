@@ -154,15 +154,16 @@ def _report(root: Path, params: Params, plan: dict | None, dvc: bool) -> ForgetR
 def models_trained_on(params: Params, versions: set[str], report: ForgetReport | None = None) -> list[str]:
     """Registered model versions (`name/version`) whose training run logged one of `versions` as its
     `dataset_version` param (the trainer logs it; the registry links a version to its run)."""
+    from mlflow.exceptions import MlflowException
+
+    from magicid.registry import open_client, tracking_store_exists
+
     uri = params.tracking.uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if not tracking_store_exists(uri):
         if report is not None:
             report.notes.append(f"no model registry at {uri}: no model versions to list")
         return []
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = open_client(params, create=False)
     found = []
     try:
         for version in client.search_model_versions(max_results=10000):

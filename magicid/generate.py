@@ -140,7 +140,7 @@ def check_generate_args(
         OutputPathError: `out` is a folder, unwritable, or not a .png; ModelInputError: malformed `--boxes`,
             a box outside the image, or a different number of boxes and `--ref`s.
     """
-    from magicid.models.pipeline import check_boxes
+    from magicid.imaging.boxes import check_boxes
     from magicid.safety import check_output_file
 
     check_output_file(out, "--out")
@@ -174,7 +174,7 @@ def generate_to_file(
 
     Every argument is checked (`check_generate_args`, image sizes from their headers) before a model loads.
     """
-    from magicid.models.pipeline import FaceLayout
+    from magicid.imaging.layout import FaceLayout
 
     parsed_boxes, _ = check_generate_args(params, refs, boxes, out)
     identities = [_read_image(path, "--ref", params.data.max_pixels) for path in refs or []]

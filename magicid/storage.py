@@ -183,14 +183,6 @@ def open_storage(location: str | Path, storage_params=None) -> Storage:
     return LocalStorage(Path(location))
 
 
-def use_s3_endpoint_for_mlflow(storage_params) -> None:
-    """Point MLflow's S3 artifact store at `storage.s3_endpoint_url` (MLflow reads `MLFLOW_S3_ENDPOINT_URL`);
-    an endpoint already set in the environment wins. Called where a run starts, never at import."""
-    endpoint = getattr(storage_params, "s3_endpoint_url", None)
-    if endpoint:
-        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
-
-
 def download_tree(storage: Storage, folder: Path) -> list[str]:
     """Mirror `storage` into `folder` (a staging folder this program owns): every object is copied (keys
     checked, so nothing lands outside `folder`), and files in `folder` that are not objects are removed.

@@ -1,4 +1,4 @@
-"""Kill `registry.promote` / `registry.rollback` before each of their registry writes, one process per kill.
+"""Kill `promotion.promote` / `promotion.rollback` before each of their registry writes, one process per kill.
 
 Run as a script: `python registry_kill_driver.py STORE_DIR KIND VARIANTS`. It imports MLflow and magicid once,
 then for each kill point N forks a child that builds its own registered model (named `<kind>-<N>-<variant>`, one
@@ -65,7 +65,7 @@ def _version(params, table: pd.DataFrame) -> str:
     one; `register_adapter` would cost seconds a version)."""
     from magicid import registry
 
-    client = registry._client(params)
+    client = registry.open_client(params)
     name = params.promotion.model_name
     run = client.create_run(registry.experiment_id(client, params))
     if not client.search_registered_models(f"name='{name}'"):
@@ -78,14 +78,14 @@ def _version(params, table: pd.DataFrame) -> str:
 
 def setup_model(params, kind: str) -> None:
     """promote: version 1 champion, version 2 (better) challenger. rollback: version 2 promoted over 1."""
-    from magicid import registry
+    from magicid import promotion
 
     base = np.random.default_rng(0).uniform(0.4, 0.8, size=30)
     _version(params, _items(base))
-    assert registry.promote(params).action == "first_champion"
+    assert promotion.promote(params).action == "first_champion"
     _version(params, _items(base + 0.1))
     if kind == "rollback":
-        assert registry.promote(params).action == "promoted"
+        assert promotion.promote(params).action == "promoted"
 
 
 def _count_writes(kill_at: int | None, counter: dict[str, int]) -> None:
@@ -105,16 +105,16 @@ def _count_writes(kill_at: int | None, counter: dict[str, int]) -> None:
 
 
 def _child(store: Path, kind: str, model_name: str, kill_at: int | None, count_file: Path) -> None:
-    from magicid import registry
+    from magicid import promotion
 
     params = params_for(store, model_name)
     setup_model(params, kind)
     counter = {"n": 0}
     _count_writes(kill_at, counter)
     if kind == "promote":
-        assert registry.promote(params).action == "promoted"
+        assert promotion.promote(params).action == "promoted"
     else:
-        assert registry.rollback(params).action == "rolled_back"
+        assert promotion.rollback(params).action == "rolled_back"
     count_file.write_text(str(counter["n"]))
 
 

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from magicid.cli import app
+from flows.cli import app  # the console script's app: the library's commands plus demo, serve-flows
 
 runner = CliRunner()
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from magicid.cli import app
+from flows.cli import app  # the console script's app: the library's commands plus demo, serve-flows
 
 runner = CliRunner()
 BOMB = "".join(

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magicid import registry
+from magicid import promotion, registry
 from magicid.config import load_params
 from magicid.evaluation.metrics import paired_bootstrap
 
@@ -81,7 +81,7 @@ def alias_map(params) -> dict[str, str]:
 
 
 def version_tags(params, version: str) -> dict[str, str]:
-    return dict(registry._client(params).get_model_version(params.promotion.model_name, version).tags)
+    return dict(registry.open_client(params).get_model_version(params.promotion.model_name, version).tags)
 
 
 def test_register_sets_challenger_and_first_model_needs_absolute_thresholds(params, adapter_dir):
@@ -89,14 +89,14 @@ def test_register_sets_challenger_and_first_model_needs_absolute_thresholds(para
     v1 = new_version(strict, adapter_dir, items(BASE))
     assert alias_map(strict) == {"challenger": str(v1.version)}
     assert v1.run_id
-    decision = registry.promote(strict)
+    decision = promotion.promote(strict)
     assert not decision.passed and decision.action == "kept"
     assert "champion" not in alias_map(strict)
     tags = version_tags(strict, str(v1.version))
     assert tags["promotion.decision"] == "fail" and "min_id_similarity" in tags["promotion.reasons"]
     # The same version passes once the absolute threshold is met: it becomes the first champion.
     lenient = params("promotion.min_id_similarity=0.3")
-    decision = registry.promote(lenient)
+    decision = promotion.promote(lenient)
     assert decision.passed and decision.action == "first_champion"
     assert alias_map(lenient) == {"challenger": str(v1.version), "champion": str(v1.version)}
 
@@ -104,9 +104,9 @@ def test_register_sets_challenger_and_first_model_needs_absolute_thresholds(para
 def test_pass_moves_champion_and_keeps_previous(params, adapter_dir):
     p = params()
     v1 = new_version(p, adapter_dir, items(BASE))
-    registry.promote(p)
+    promotion.promote(p)
     v2 = new_version(p, adapter_dir, items(BASE + 0.05 + np.random.default_rng(1).normal(0, 0.01, N_ITEMS)))
-    decision = registry.promote(p)
+    decision = promotion.promote(p)
     assert decision.passed and decision.action == "promoted" and decision.champion == str(v1.version)
     assert alias_map(p) == {
         "challenger": str(v2.version),
@@ -120,9 +120,9 @@ def test_pass_moves_champion_and_keeps_previous(params, adapter_dir):
 def test_fail_leaves_champion_untouched_and_records_reasons(params, adapter_dir):
     p = params()
     v1 = new_version(p, adapter_dir, items(BASE))
-    registry.promote(p)
+    promotion.promote(p)
     v2 = new_version(p, adapter_dir, items(BASE - 0.05, confusion=0.3))
-    decision = registry.promote(p)
+    decision = promotion.promote(p)
     assert not decision.passed and decision.action == "kept"
     assert alias_map(p) == {"challenger": str(v2.version), "champion": str(v1.version)}
     tags = version_tags(p, str(v2.version))
@@ -135,10 +135,10 @@ def test_fail_leaves_champion_untouched_and_records_reasons(params, adapter_dir)
 def test_bootstrap_figures_are_the_paired_interval_of_the_differences(params, adapter_dir):
     p = params("promotion.tolerance=0.02")
     new_version(p, adapter_dir, items(BASE))
-    registry.promote(p)
+    promotion.promote(p)
     challenger = BASE + np.random.default_rng(2).normal(0.0, 0.03, N_ITEMS)
     v2 = new_version(p, adapter_dir, items(challenger))
-    registry.promote(p)
+    promotion.promote(p)
     check = json.loads(version_tags(p, str(v2.version))["promotion.check.vs_champion_id_similarity"])
     expected = paired_bootstrap(challenger, BASE, n_resamples=1000, confidence=0.95, seed=0)
     for key in ("mean_diff", "ci_low", "ci_high", "n_items"):
@@ -149,12 +149,12 @@ def test_bootstrap_figures_are_the_paired_interval_of_the_differences(params, ad
 def test_better_on_mean_but_within_noise_is_not_promoted(params, adapter_dir):
     p = params()
     v1 = new_version(p, adapter_dir, items(BASE))
-    registry.promote(p)
+    promotion.promote(p)
     noise = np.random.default_rng(3).normal(0, 0.15, N_ITEMS)
     noisy = BASE + 0.01 + noise - noise.mean()  # exactly +0.01 better on the mean
     assert noisy.mean() > BASE.mean()
     v2 = new_version(p, adapter_dir, items(noisy))
-    decision = registry.promote(p)
+    decision = promotion.promote(p)
     assert not decision.passed
     assert alias_map(p)["champion"] == str(v1.version)
     check = json.loads(version_tags(p, str(v2.version))["promotion.check.vs_champion_id_similarity"])
@@ -164,16 +164,16 @@ def test_better_on_mean_but_within_noise_is_not_promoted(params, adapter_dir):
 def test_rerunning_promote_is_idempotent(params, adapter_dir):
     p = params()
     v1 = new_version(p, adapter_dir, items(BASE))
-    registry.promote(p)
+    promotion.promote(p)
     new_version(p, adapter_dir, items(BASE - 0.1))  # fails
-    registry.promote(p)
+    promotion.promote(p)
     before = (alias_map(p), version_tags(p, "2"))
-    registry.promote(p)
+    promotion.promote(p)
     assert (alias_map(p), version_tags(p, "2")) == before
     v3 = new_version(p, adapter_dir, items(BASE + 0.1))  # passes
-    registry.promote(p)
+    promotion.promote(p)
     after = alias_map(p)
-    again = registry.promote(p)
+    again = promotion.promote(p)
     assert again.action == "already_champion"
     assert (
         alias_map(p)
@@ -185,56 +185,56 @@ def test_rerunning_promote_is_idempotent(params, adapter_dir):
 def test_rollback_restores_previous_and_blocks_re_promotion(params, adapter_dir):
     p = params()
     v1 = new_version(p, adapter_dir, items(BASE))
-    registry.promote(p)
+    promotion.promote(p)
     v2 = new_version(p, adapter_dir, items(BASE + 0.1))
-    registry.promote(p)
-    decision = registry.rollback(p)
+    promotion.promote(p)
+    decision = promotion.rollback(p)
     assert decision.action == "rolled_back"
     assert alias_map(p) == {"challenger": str(v2.version), "champion": str(v1.version)}
-    assert version_tags(p, str(v2.version))[registry.ROLLED_BACK_TAG] == "true"
+    assert version_tags(p, str(v2.version))[promotion.ROLLED_BACK_TAG] == "true"
     with pytest.raises(registry.RegistryError, match="rolled back"):
-        registry.promote(p)
+        promotion.promote(p)
     with pytest.raises(registry.RegistryError, match="nothing to roll back"):
-        registry.rollback(p)
+        promotion.rollback(p)
 
 
 def test_reviewer_minimums_read_version_tags(params, adapter_dir):
     p = params("promotion.min_ratings=5", "promotion.min_rating=3.0", "promotion.min_win_rate=0.4")
     v1 = new_version(p, adapter_dir, items(BASE))
-    decision = registry.promote(p)
+    decision = promotion.promote(p)
     assert not decision.passed and {"min_ratings", "min_rating"} <= {
         c.name for c in decision.checks if not c.passed
     }
-    client = registry._client(p)
+    client = registry.open_client(p)
     for key, value in {"n_ratings": "6", "mean_score": "3.5"}.items():
         client.set_model_version_tag(
-            p.promotion.model_name, str(v1.version), registry.REVIEW_TAGS[key], value
+            p.promotion.model_name, str(v1.version), promotion.REVIEW_TAGS[key], value
         )
-    assert registry.promote(p).action == "first_champion"  # no champion: the win rate is not asked for
+    assert promotion.promote(p).action == "first_champion"  # no champion: the win rate is not asked for
     v2 = new_version(p, adapter_dir, items(BASE + 0.1))
     for key, value in {"n_ratings": "6", "mean_score": "4.0", "win_rate_low": "0.3", "n_comparisons": "20",
                        "win_rate_vs": str(v1.version)}.items():  # fmt: skip
         client.set_model_version_tag(
-            p.promotion.model_name, str(v2.version), registry.REVIEW_TAGS[key], value
+            p.promotion.model_name, str(v2.version), promotion.REVIEW_TAGS[key], value
         )
-    decision = registry.promote(p)
+    decision = promotion.promote(p)
     assert not decision.passed and [c.name for c in decision.checks if not c.passed] == ["min_win_rate"]
     client.set_model_version_tag(
-        p.promotion.model_name, str(v2.version), registry.REVIEW_TAGS["win_rate_low"], "0.45"
+        p.promotion.model_name, str(v2.version), promotion.REVIEW_TAGS["win_rate_low"], "0.45"
     )
-    assert registry.promote(p).action == "promoted"
+    assert promotion.promote(p).action == "promoted"
 
 
 def test_champion_without_the_same_eval_set_is_an_error(params, adapter_dir):
     p = params()
     new_version(p, adapter_dir, items(BASE))
-    registry.promote(p)
+    promotion.promote(p)
     v2 = registry.register_adapter(p, adapter_dir)
     with pytest.raises(registry.RegistryError, match="no evaluation"):
-        registry.promote(p)
+        promotion.promote(p)
     registry.log_eval_items(p, v2, "another-set", items(BASE + 0.1))
     with pytest.raises(registry.RegistryError, match="was not scored on eval set another-set"):
-        registry.promote(p)
+        promotion.promote(p)
 
 
 def test_the_shipped_world_is_registered_once_and_a_non_world_backbone_is_refused(params, repo_root):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from registry_kill_driver import KILLED, params_for
 
-from magicid import registry
+from magicid import promotion, registry
 
 DRIVER = Path(__file__).with_name("registry_kill_driver.py")
 
@@ -39,12 +39,12 @@ def _kill_each_write(store: Path, kind: str, variants: tuple[str, ...]) -> dict:
     return report
 
 
-def _state(params) -> tuple[dict[str, str], dict[str, dict[str, str]], registry.AliasMove | None]:
+def _state(params) -> tuple[dict[str, str], dict[str, dict[str, str]], promotion.AliasMove | None]:
     """Aliases, each version's tags, and the pending move of the model."""
-    client = registry._client(params)
+    client = registry.open_client(params)
     name = params.promotion.model_name
     tags = {str(v.version): dict(v.tags) for v in client.search_model_versions(f"name='{name}'")}
-    return registry.aliases(params), tags, registry.pending_move(client, name)
+    return registry.aliases(params), tags, promotion.pending_move(client, name)
 
 
 def _promoted(tags: dict[str, str]) -> bool:
@@ -66,33 +66,33 @@ def test_promote_killed_before_any_write_is_finished_by_a_rerun_of_promote_or_ro
             assert (move.kind, move.to, move.former) == ("promote", "2", "1"), name
             assert aliases["champion"] in ("1", "2") and aliases.get("previous") in (None, "1"), name
         if name.endswith("-promote"):
-            decision = registry.promote(params)
+            decision = promotion.promote(params)
             assert decision.action == ("promoted" if move is None else "already_champion"), name
             assert (decision.recovered is not None) == (move is not None), name
             aliases, tags, after = _state(params)
             assert after is None
             assert aliases == {"challenger": "2", "champion": "2", "previous": "1"}, name
             assert _promoted(tags["2"]) and tags["2"]["promotion.against"] == "1", name
-            assert registry.ROLLED_BACK_TAG not in tags["1"] and registry.ROLLED_BACK_TAG not in tags["2"], (
-                name
-            )
+            assert (
+                promotion.ROLLED_BACK_TAG not in tags["1"] and promotion.ROLLED_BACK_TAG not in tags["2"]
+            ), name
         else:
             # The user's next command is a rollback: a recorded promote is finished, then undone; a promote that
             # had not moved anything leaves nothing to roll back to.
             if move is None:
                 with pytest.raises(registry.RegistryError, match="nothing to roll back"):
-                    registry.rollback(params)
+                    promotion.rollback(params)
                 aliases, tags, _ = _state(params)
                 assert aliases == {"challenger": "2", "champion": "1"}, name
-                assert registry.ROLLED_BACK_TAG not in tags["1"], name
+                assert promotion.ROLLED_BACK_TAG not in tags["1"], name
                 continue
-            decision = registry.rollback(params)
+            decision = promotion.rollback(params)
             assert decision.action == "rolled_back" and decision.recovered is not None, name
             aliases, tags, after = _state(params)
             assert after is None
             assert aliases == {"challenger": "2", "champion": "1"}, name
-            assert tags["2"][registry.ROLLED_BACK_TAG] == "true", name
-            assert registry.ROLLED_BACK_TAG not in tags["1"], name  # never the champion itself
+            assert tags["2"][promotion.ROLLED_BACK_TAG] == "true", name
+            assert promotion.ROLLED_BACK_TAG not in tags["1"], name  # never the champion itself
 
 
 @pytest.mark.slow  # processes that import MLflow, or a new tracking store: seconds each
@@ -106,28 +106,28 @@ def test_rollback_killed_before_any_write_is_finished_by_a_rerun(tmp_path):
         aliases, tags, move = _state(params)
         if move is None:
             assert aliases == {"challenger": "2", "champion": "2", "previous": "1"}, name
-            assert registry.ROLLED_BACK_TAG not in tags["2"], name
+            assert promotion.ROLLED_BACK_TAG not in tags["2"], name
         else:
             assert (move.kind, move.to, move.former) == ("rollback", "1", "2"), name
         if name.endswith("-rollback"):
-            decision = registry.rollback(params)
+            decision = promotion.rollback(params)
             assert (decision.action, decision.version, decision.champion) == ("rolled_back", "2", "1"), name
         else:
             # A promote finishes the recorded rollback, then refuses the rolled-back challenger; without a record
             # nothing had moved: the challenger is champion already.
             if move is None:
-                assert registry.promote(params).action == "already_champion", name
+                assert promotion.promote(params).action == "already_champion", name
                 continue
             with pytest.raises(registry.RegistryError, match="was rolled back"):
-                registry.promote(params)
+                promotion.promote(params)
         aliases, tags, after = _state(params)
         assert after is None
         assert aliases == {"challenger": "2", "champion": "1"}, name
         assert (
-            tags["2"][registry.ROLLED_BACK_TAG] == "true"
+            tags["2"][promotion.ROLLED_BACK_TAG] == "true"
             and tags["2"]["promotion.action"] == "rolled_back_to_1"
         )
-        assert registry.ROLLED_BACK_TAG not in tags["1"], name
+        assert promotion.ROLLED_BACK_TAG not in tags["1"], name
 
 
 @pytest.mark.slow  # processes that import MLflow, or a new tracking store: seconds each
@@ -137,17 +137,17 @@ def test_rollback_refuses_a_champion_that_is_also_previous(tmp_path):
 
     params = params_for(tmp_path, "same-twice")
     setup_model(params, "promote")
-    registry._client(params).set_registered_model_alias("same-twice", registry.PREVIOUS, "1")
+    registry.open_client(params).set_registered_model_alias("same-twice", registry.PREVIOUS, "1")
     with pytest.raises(registry.RegistryError, match=r"nothing to roll back to \(champion 1, previous 1\)"):
-        registry.rollback(params)
-    assert registry.ROLLED_BACK_TAG not in _state(params)[1]["1"]
+        promotion.rollback(params)
+    assert promotion.ROLLED_BACK_TAG not in _state(params)[1]["1"]
 
 
 FIRST_USE = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from magicid import registry
+    from magicid import promotion, registry
     from magicid.config import load_params
     from magicid.training.tracking import RunTracker
 
@@ -226,7 +226,8 @@ def test_the_registry_itself_bounds_the_wait_on_a_server_that_stops_answering(tm
     """...and a server that goes away after that probe meets the registry's own bounded wait: one RegistryError
     naming it, not MLflow's minutes of retries and a misleading "no version with alias"."""
     from magicid.config import load_params
-    from magicid.registry import RegistryError, promote
+    from magicid.promotion import promote
+    from magicid.registry import RegistryError
 
     uri = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # what the CLI sets unless the user did

@@ -12,8 +12,9 @@ import yaml
 from review_fixtures import PASSWORDS, build_generation_set
 from scipy import stats
 
-from magicid import reviews
+from magicid import registry, reviews
 from magicid.errors import ReviewError
+from magicid.registry import RegistryError
 
 
 @pytest.fixture()
@@ -512,8 +513,8 @@ def test_concurrent_writers_in_processes_lose_nothing(store, tmp_path):
 def test_export_review_tags_to_mlflow_model_versions(store, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    with pytest.raises(ReviewError, match="no MLflow tracking database"):
-        reviews.mlflow_client(uri)
+    with pytest.raises(RegistryError, match="no MLflow tracking database"):
+        registry.tracking_client(uri, create=False)
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -522,9 +523,9 @@ def test_export_review_tags_to_mlflow_model_versions(store, tmp_path, monkeypatc
         client.create_model_version("magicid", source=str(tmp_path / "model"))
     client.set_registered_model_alias("magicid", "champion", "1")
     client.set_registered_model_alias("magicid", "challenger", "2")
-    client = reviews.mlflow_client(uri)
-    assert reviews.registry_roles(client, "magicid") == {"champion": "1", "challenger": "2"}
-    assert reviews.registry_roles(client, "absent") == {}
+    client = registry.tracking_client(uri, create=False)
+    assert registry.registry_roles(client, "magicid") == {"champion": "1", "challenger": "2"}
+    assert registry.registry_roles(client, "absent") == {}
 
     for name in ("alice", "bob"):
         for case in range(3):

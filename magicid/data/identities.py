@@ -74,7 +74,7 @@ def match_identities(faces: list[dict], labels: list[dict]) -> list[str | None]:
         faces: the image's face rows (`bbox` as 4 floats, pixels).
         labels: the image's sidecar entries.
     """
-    from magicid.faces.geometry import box_iou
+    from magicid.imaging.boxes import box_overlaps
 
     identities: list[str | None] = [None] * len(faces)
     if not faces:
@@ -85,7 +85,7 @@ def match_identities(faces: list[dict], labels: list[dict]) -> list[str | None]:
             if len(faces) == 1 and len(labels) == 1:
                 identities[0] = label["identity"]
             continue
-        iou, _ = box_iou(np.asarray(label["bbox"], np.float64), boxes)
+        iou, _ = box_overlaps(np.asarray(label["bbox"], np.float64), boxes)
         best = int(np.argmax(iou[0]))
         if iou[0, best] >= MIN_LABEL_IOU and identities[best] is None:
             identities[best] = label["identity"]

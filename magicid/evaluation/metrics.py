@@ -25,11 +25,15 @@ pixels; images are uint8 (H, W, 3).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from magicid.errors import MagicIDError
+from magicid.faces import matching
+from magicid.faces.matching import EmbeddingInputError
+from magicid.imaging.boxes import box_iou
 
 
 class MetricInputError(MagicIDError, ValueError):
@@ -52,33 +56,27 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 }
 
 
-def _unit_rows(array: np.ndarray | Sequence, what: str, dim: int | None = None) -> np.ndarray:
-    """(N, D) float64 with unit-norm rows; (0, D) allowed."""
-    rows = np.asarray(array, dtype=np.float64)
-    if rows.size == 0:
-        return rows.reshape(0, dim or 0)
-    if rows.ndim != 2 or (dim is not None and rows.shape[1] != dim):
-        raise MetricInputError(f"{what}: expected an (N, {dim or 'D'}) array, got shape {rows.shape}")
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    if not np.all(np.isfinite(rows)) or np.any(norms == 0):
-        raise MetricInputError(f"{what}: embeddings must be finite and non-zero")
-    return rows / norms
+@contextlib.contextmanager
+def _embedding_inputs(metric: str) -> Iterator[None]:
+    """Embedding problems found by `magicid.faces.matching` as this module's `MetricInputError`."""
+    try:
+        yield
+    except EmbeddingInputError as error:
+        raise MetricInputError(f"{metric}: {error}") from error
 
 
 def cosine_matrix(faces: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """(F, R) cosine similarities between face embeddings (F, D) and reference embeddings (R, D)."""
-    refs = _unit_rows(references, "references")
-    found = _unit_rows(faces, "faces", refs.shape[1] if refs.size else None)
-    if found.size == 0 or refs.size == 0:
-        return np.zeros((len(found), len(refs)))
-    return found @ refs.T
+    """(F, R) cosine similarities between face embeddings (F, D) and reference embeddings (R, D)
+    (`magicid.faces.matching.cosine_matrix`, its input errors as `MetricInputError`)."""
+    with _embedding_inputs("cosine"):
+        return matching.cosine_matrix(faces, references)
 
 
 def id_similarity(face_embeddings: np.ndarray, reference_embeddings: np.ndarray) -> dict[str, float]:
     """Identity similarity of one generated image with R reference identities.
 
-    Faces and references are matched one-to-one by the Hungarian algorithm (scipy `linear_sum_assignment`)
-    maximising total cosine similarity; each reference scores the cosine with its matched face, and a
+    Faces and references are matched one-to-one by the Hungarian algorithm maximising total cosine similarity
+    (`magicid.faces.matching.hungarian_match`, as DIIR assigns identities); each reference scores the cosine with its matched face, and a
     reference left without a face (the detector found fewer faces than identities) scores 0.
 
     Args:
@@ -88,35 +86,17 @@ def id_similarity(face_embeddings: np.ndarray, reference_embeddings: np.ndarray)
     Returns:
         `id_similarity` (mean over references, in [-1, 1]), `id_matched` (references with a face).
     """
-    from scipy.optimize import linear_sum_assignment
-
-    refs = _unit_rows(reference_embeddings, "reference_embeddings")
-    if len(refs) == 0:
+    if len(reference_embeddings) == 0:
         raise MetricInputError("id_similarity: needs at least one reference embedding")
-    similarity = cosine_matrix(face_embeddings, refs)  # (F, R)
-    per_reference = np.zeros(len(refs))
-    if similarity.size:
-        rows, cols = linear_sum_assignment(similarity, maximize=True)
-        per_reference[cols] = similarity[rows, cols]
-        matched = len(cols)
-    else:
-        matched = 0
+    with _embedding_inputs("id_similarity"):
+        similarity = matching.cosine_matrix(face_embeddings, reference_embeddings)  # (F, R)
+        assigned = matching.hungarian_match(face_embeddings, reference_embeddings)
+    per_reference = np.zeros(similarity.shape[1])
+    for face, reference in enumerate(assigned):
+        if reference is not None:
+            per_reference[reference] = similarity[face, reference]
+    matched = sum(reference is not None for reference in assigned)
     return {"id_similarity": float(per_reference.mean()), "id_matched": float(matched)}
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(A, B) intersection over union of boxes a (A, 4) and b (B, 4), `x0, y0, x1, y1`."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def match_boxes(detected: np.ndarray, expected: np.ndarray, min_iou: float) -> list[int | None]:

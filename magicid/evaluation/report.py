@@ -7,10 +7,11 @@ Layout of `out_dir` (`eval.out_dir`):
 - `plots/metrics_by_slice.png`, `plots/diir_before_after.png`, `grid.png`.
 Generations (`review.generations_dir/v<version>/`, written by `write_generations`): `<item_id>.png` (final,
 after DIIR), `<item_id>_before.png`, `references/<face_id>.png` (copies of the reference crops the items used),
-`manifest.jsonl` (the review app's contract, `magicid/reviews.py`) and `manifest.json` (the same generations
-with more detail: references with identity, eval set id, DIIR face counts). Both manifests follow one path rule:
-every path is relative to the folder holding the manifest and stays inside it, so the folder is
-self-contained (it does not point into the dataset, which may move, be forgotten or be on another machine).
+and one manifest, `manifest.jsonl`: the review app's contract (`magicid/reviews/manifest.py`) with evaluation's
+detail as extra keys on each record (item id, slice, references with face id and identity, eval set id, DIIR face
+count). Its path rule: every path is relative to the folder holding the manifest and stays inside it, so the
+folder is self-contained (it does not point into the dataset, which may move, be forgotten or be on another
+machine).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from magicid.config import Params
 from magicid.data import forgotten
-from magicid.reviews import write_generation_manifest
+from magicid.imaging.boxes import draw_boxes
+from magicid.reviews.manifest import write_generation_manifest
 from magicid.utils import atomic_save_image, atomic_write, atomic_write_text
 
 
@@ -46,14 +48,6 @@ def _clean(value: Any) -> Any:
 def generation_id(model_name: str, version: str, item_id: str) -> str:
     """The stable id of one model version's image for one eval item."""
     return f"{model_name}-v{version}-{item_id}"
-
-
-def draw_boxes(image: np.ndarray, boxes: np.ndarray, colour=(255, 64, 64)) -> Image.Image:
-    canvas = Image.fromarray(image).convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    for box in np.asarray(boxes):
-        draw.rectangle([float(v) for v in box], outline=colour, width=max(1, canvas.width // 128))
-    return canvas
 
 
 def image_grid(images: list[Image.Image], columns: int, thumb: int = 128, gutter: int = 2) -> Image.Image:
@@ -121,7 +115,7 @@ REFERENCES_DIR = forgotten.REFERENCES_DIR
 def write_generations(
     generations_dir: Path, model_name: str, version: str, generations: list, eval_set
 ) -> Path:
-    """Write one model version's generations, its reference crops and both manifests (module docstring).
+    """Write one model version's generations, its reference crops and its manifest (module docstring).
 
     Args:
         generations_dir: `review.generations_dir`; the version's folder `v<version>` is made under it.
@@ -133,7 +127,7 @@ def write_generations(
         The version's folder.
 
     Raises:
-        ReviewError: a record breaks the manifest contract (nothing is written to the manifests then).
+        ReviewError: a record breaks the manifest contract (the manifest is not written then).
     """
     folder = Path(generations_dir) / f"v{version}"
     references: dict[str, str] = {}  # face id -> its copy, relative to the folder
@@ -144,48 +138,42 @@ def write_generations(
                 with Image.open(eval_set.references[face_id].crop_path) as crop:
                     atomic_save_image(crop.convert("RGB"), folder / relative)
                 references[face_id] = relative
-    manifest = []
+    records = []
     for gen in generations:
         item = gen.item
         atomic_save_image(Image.fromarray(gen.after), folder / f"{item.item_id}.png")
         atomic_save_image(Image.fromarray(gen.before), folder / f"{item.item_id}_before.png")
-        manifest.append(
-            {
-                "generation_id": generation_id(model_name, version, item.item_id),
-                **item.manifest_row(),
-                "references": [
-                    {"face_id": f, "identity": eval_set.references[f].identity, "crop_path": references[f]}
-                    for f in item.references
-                ],
-                "image": f"{item.item_id}.png",
-                "image_before_diir": f"{item.item_id}_before.png",
-                "diir_faces": gen.diir_faces,
-                "model_name": model_name,
-                "model_version": version,
-                "eval_set_id": eval_set.set_id,
-            }
+        row = item.manifest_row()
+        records.append(
+            _clean(
+                {
+                    # The review app's contract (magicid/reviews/manifest.py); one case per eval item, so two
+                    # versions evaluated on the same set form the blind pairs of the compare page.
+                    "generation_id": generation_id(model_name, version, item.item_id),
+                    "model_version": str(version),
+                    "prompt": row["prompt"],
+                    "seed": row["seed"],
+                    "reference_paths": [references[f] for f in item.references],
+                    "boxes": row["boxes"],
+                    "image_path": f"{item.item_id}.png",
+                    "pre_diir_path": f"{item.item_id}_before.png",
+                    "case_id": f"{eval_set.set_id}-{item.item_id}",
+                    # Evaluation's own detail (other keys are allowed and ignored by the review app).
+                    "item_id": item.item_id,
+                    "n_people": row["n_people"],
+                    "face_size": row["face_size"],
+                    "layout_id": row["layout_id"],
+                    "references": [
+                        {"face_id": f, "identity": eval_set.references[f].identity} for f in item.references
+                    ],
+                    "diir_faces": gen.diir_faces,
+                    "model_name": model_name,
+                    "eval_set_id": eval_set.set_id,
+                }
+            )
         )
-    # The review app's contract (magicid/reviews.py): the same generations as `manifest.jsonl`; one case per
-    # eval item, so two versions evaluated on the same set form the blind pairs of the compare page. Written
-    # first: it validates every record and path, so a bad one leaves neither manifest written.
-    write_generation_manifest(
-        folder,
-        [
-            {
-                "generation_id": row["generation_id"],
-                "model_version": str(version),
-                "prompt": row["prompt"],
-                "seed": row["seed"],
-                "reference_paths": [ref["crop_path"] for ref in row["references"]],
-                "boxes": row["boxes"],
-                "image_path": row["image"],
-                "pre_diir_path": row["image_before_diir"],
-                "case_id": f"{eval_set.set_id}-{row['item_id']}",
-            }
-            for row in manifest
-        ],
-    )
-    atomic_write_text(folder / "manifest.json", json.dumps(_clean(manifest), indent=2) + "\n")
+    # Validates every record and path first: a bad one leaves the manifest unwritten.
+    write_generation_manifest(folder, records)
     return folder
 
 
@@ -198,7 +186,7 @@ def write_report(
     eval_set,
     params: Params,
 ) -> Path:
-    """Write metrics.json, items.csv, plots, the grid and the generations with their manifests.
+    """Write metrics.json, items.csv, plots, the grid and the generations with their manifest.
 
     Args:
         generations: `run.Generation`s (item, before, after, diir_mask), in eval-set order.
@@ -212,7 +200,9 @@ def write_report(
     atomic_write(out_dir / "items.csv", lambda tmp: items.to_csv(tmp, index=False))
     plot_slices(metrics, out_dir / "plots" / "metrics_by_slice.png")
     plot_before_after(items, out_dir / "plots" / "diir_before_after.png")
-    thumbs = [draw_boxes(g.after, g.item.boxes) for g in generations]
+    thumbs = [
+        draw_boxes(g.after, g.item.boxes, (255, 64, 64), max(1, g.after.shape[1] // 128)) for g in generations
+    ]
     atomic_save_image(image_grid(thumbs, params.eval.grid_columns), out_dir / "grid.png")
     path = out_dir / "metrics.json"
     atomic_write_text(path, json.dumps(_clean(metrics), indent=2, sort_keys=False) + "\n")

@@ -1,7 +1,7 @@
 """`magicid evaluate`: generate the evaluation set with a registered model, with and without DIIR, and score it.
 
 The one place that drives the model for evaluation (the pipeline and DIIR call sites are here only):
-1. resolve `--model` (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) and load it through MLflow pyfunc;
+1. resolve `--model` (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) and load it (`registry.load_pipeline`);
 2. build the evaluation set (`evalset.build_eval_set`) at the model's resolution;
 3. generate batched: the items sharing a layout (same people and boxes; they differ in seed and prompt) go
    through the pipeline together, timed (`eval_seconds_per_image`);
@@ -154,7 +154,7 @@ def generate_eval_images(
     from tqdm.auto import tqdm
 
     from magicid.imaging.conditions import render_landmark_map
-    from magicid.models.pipeline import FaceLayout
+    from magicid.imaging.layout import FaceLayout
 
     cfg, res = model_params.model, eval_set.resolution
     by_layout: dict[str, list[EvalItem]] = {}
@@ -240,7 +240,6 @@ def evaluate_model(
     Returns:
         `EvalResult`.
     """
-    import mlflow.pyfunc
     from PIL import Image
 
     from magicid import registry
@@ -248,12 +247,8 @@ def evaluate_model(
     from magicid.faces import get_analyzer
     from magicid.restore.diir import DIIR, ReferenceIdentity
 
-    version = registry.resolve_version(params, model_uri)
-    mlflow.set_tracking_uri(params.tracking.uri)
-    mlflow.set_registry_uri(params.tracking.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
-    wrapper = model.unwrap_python_model()
-    pipe, model_params = wrapper.pipe, wrapper.params
+    loaded = registry.load_pipeline(params, model_uri)
+    version, pipe, model_params = loaded.version, loaded.pipe, loaded.params
     pipe.set_progress_bar_config(disable=True)
 
     # 2. the evaluation set, at the model's resolution

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from magicid.imaging.boxes import box_overlaps
+
 
 def tile_grid(
     height: int, width: int, rows: int, cols: int, overlap: float
@@ -55,20 +57,6 @@ def fit_grid(height: int, width: int, rows: int, cols: int, overlap: float) -> t
     return fit_rows, fit_cols
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU and intersection-over-smaller of (N, 4) and (M, 4) boxes -> two (N, M) arrays."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ix * iy
-    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
-    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
-    union = np.maximum(area_a + area_b - inter, 1e-9)
-    smaller = np.maximum(np.minimum(area_a, area_b), 1e-9)
-    return inter / union, inter / smaller
-
-
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, containment: float = 0.7) -> list[int]:
     """Greedy non-maximum suppression.
 
@@ -83,7 +71,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, containment: float = 
     keep: list[int] = []
     for index in order:
         if keep:
-            overlap_iou, overlap_small = box_iou(boxes[index], boxes[keep])
+            overlap_iou, overlap_small = box_overlaps(boxes[index], boxes[keep])
             if (overlap_iou > iou).any() or (overlap_small > containment).any():
                 continue
         keep.append(int(index))

@@ -90,6 +90,8 @@ class MagicIDAdapter(nn.Module):
             )
         param = next(unet.parameters())
         id_encoder.to(device=param.device, dtype=param.dtype)
+        if model.channels_last:
+            controlnet.to(memory_format=torch.channels_last)
         config = {
             "format_version": FORMAT_VERSION,
             "id_embed_dim": model.id_embed_dim,

@@ -379,4 +379,8 @@ def load_backbone(params: Params, tiny: TinyBackboneConfig | None = None) -> Bac
         backbone = build_tiny_backbone(tiny or TinyBackboneConfig(seed=params.seed))
     else:
         backbone = load_sd_folder(params.model.backbone, torch_dtype=dtype)
-    return backbone.to(device=device, dtype=dtype)
+    backbone.to(device=device, dtype=dtype)
+    if params.model.channels_last:
+        for module in (backbone.unet, backbone.vae):
+            module.to(memory_format=torch.channels_last)
+    return backbone

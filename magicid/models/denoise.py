@@ -9,7 +9,10 @@ run twice,
 - conditional branch: the prompt's text embeddings + the identities' tokens,
 - unconditional branch: the unconditional text (negative or empty prompt) + the *null identity*: the ID
   encoder's tokens for a zero embedding and a blank crop (`null_identity`), at the same masks,
-and the output is u + g (c - u). Both halves get the same ControlNet condition and residual scale. The null
+and the output is u + g (c - u). Both halves get the same ControlNet condition and residual scale; by default
+the ControlNet runs on both halves, each with its own text (`control_branches="both"`); `"conditional"` runs it
+once, on the conditional half, and adds the same residuals to both (half the ControlNet's cost; the
+unconditional half then sees residuals computed with the prompt's text, so images are close, not equal). The null
 identity and the empty prompt are exactly what training's condition dropout feeds the model
 (`magicid.training.trainer`, `train.condition_dropout`), so the unconditional branch is one the model has seen.
 
@@ -99,6 +102,8 @@ class StepConditions:
         added_cond_kwargs: SDXL's added conditions for the conditional branch (`text_embeds` (B, 1280),
             `time_ids` (B, 6)), or None (SD 1.x).
         uncond_added_cond_kwargs: their unconditional counterpart for CFG (default: the conditional ones).
+        control_branches: with CFG, "both" (the ControlNet on both halves, each with its text) or "conditional"
+            (once, on the conditional half; its residuals serve both halves).
     """
 
     text: torch.Tensor
@@ -110,8 +115,13 @@ class StepConditions:
     identity: IdentityConditions | None = None
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
     uncond_added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    control_branches: str = "both"
 
     def __post_init__(self) -> None:
+        if self.control_branches not in ("both", "conditional"):
+            raise ModelInputError(
+                f"control_branches={self.control_branches!r}: use 'both' or 'conditional' (model.controlnet_cfg)"
+            )
         if self.use_cfg and self.uncond_text is None:
             raise ModelInputError(
                 f"guidance_scale={self.guidance_scale} runs classifier-free guidance: give uncond_text (the "
@@ -232,7 +242,25 @@ def guided_prediction(
     extra: dict[str, Any] = {}
     if inputs["added"] is not None:
         extra["added_cond_kwargs"] = inputs["added"]
-    if conditions.controlnet is not None:
+    if conditions.controlnet is not None and repeat == 2 and conditions.control_branches == "conditional":
+        # Once, on the conditional half (batch B); the same residuals for both halves.
+        once = (
+            {}
+            if conditions.added_cond_kwargs is None
+            else {"added_cond_kwargs": conditions.added_cond_kwargs}
+        )
+        down, mid = conditions.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=conditions.text,
+            controlnet_cond=conditions.control,
+            conditioning_scale=conditions.control_scale,
+            return_dict=False,
+            **once,
+        )
+        extra["down_block_additional_residuals"] = [torch.cat([d, d]) for d in down]
+        extra["mid_block_additional_residual"] = torch.cat([mid, mid])
+    elif conditions.controlnet is not None:
         down, mid = conditions.controlnet(
             model_in,
             t,

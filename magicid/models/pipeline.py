@@ -29,11 +29,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from magicid.errors import ConfigError, DataError, FaceBackendError, ModelInputError
+from magicid.imaging.boxes import Box, box_masks, default_boxes
+from magicid.imaging.images import as_uint8_image
+from magicid.imaging.layout import (
+    FaceLayout,
+    boxes_from_landmark_map,
+    boxes_from_skeleton_map,
+    render_box_landmarks,
+)
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.conditioning import embed_condition, make_condition
 from magicid.models.denoise import StepConditions, guided_prediction
+from magicid.models.text import encode_prompts
 
-Box = tuple[float, float, float, float]
 IdentityInput = PIL.Image.Image | np.ndarray
 
 
@@ -49,137 +57,6 @@ class MagicIDPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     face_masks: np.ndarray
-
-
-@dataclass
-class FaceLayout:
-    """Where faces go: boxes (x0, y0, x1, y1 px) and/or condition maps (uint8 (H, W, 3), black background).
-
-    Masks come from `boxes` when given, else from the landmark map, else from the skeleton map. The maps also
-    condition the ControlNet (both: `fused`); with boxes only, a template landmark map is drawn in the boxes.
-    """
-
-    boxes: Sequence[Box] | None = None
-    skeleton: np.ndarray | PIL.Image.Image | None = None
-    landmark: np.ndarray | PIL.Image.Image | None = None
-
-
-def _as_uint8_image(value, what: str) -> np.ndarray:
-    """PIL image or uint8 (H, W, 3) array -> uint8 (H, W, 3) RGB array."""
-    if isinstance(value, PIL.Image.Image):
-        return np.asarray(value.convert("RGB"))
-    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3 and value.shape[2] == 3:
-        return value
-    shape = getattr(value, "shape", None)
-    raise ModelInputError(
-        f"{what}: expected a PIL image or a uint8 (H, W, 3) array, got {type(value).__name__} {shape or ''} "
-        f"{getattr(value, 'dtype', '')}".rstrip()
-    )
-
-
-def check_boxes(boxes: Sequence[Box], height: int, width: int) -> np.ndarray:
-    """Boxes as a float32 (n, 4) array; each must satisfy 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height."""
-    array = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4), np.float32)
-    for i, (x0, y0, x1, y1) in enumerate(array):
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise ModelInputError(
-                f"layout box {i} = ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not inside the {width}x{height} image "
-                "with x0 < x1, y0 < y1 (pixels)"
-            )
-    return array
-
-
-def box_masks(boxes: Sequence[Box], height: int, width: int, feather: float = 0.0) -> np.ndarray:
-    """One mask a box: 1 inside, 0 outside, ramping linearly over `feather` x box side inside the box edges.
-
-    Returns:
-        (n, height, width) float32 in [0, 1]; zero everywhere outside each box.
-    """
-    array = check_boxes(boxes, height, width)
-    ys, xs = np.arange(height, dtype=np.float32) + 0.5, np.arange(width, dtype=np.float32) + 0.5
-    masks = np.zeros((len(array), height, width), np.float32)
-    for i, (x0, y0, x1, y1) in enumerate(array):
-        ramp_x = max(feather * (x1 - x0), 1e-6)
-        ramp_y = max(feather * (y1 - y0), 1e-6)
-        mx = np.clip(np.minimum(xs - x0, x1 - xs) / ramp_x, 0, 1)
-        my = np.clip(np.minimum(ys - y0, y1 - ys) / ramp_y, 0, 1)
-        masks[i] = my[:, None] * mx[None, :]
-    return masks
-
-
-def _component_boxes(binary: np.ndarray, join_px: int, min_area: int) -> list[Box]:
-    """Boxes of the connected regions of `binary` after joining pixels closer than `join_px`, left to right."""
-    from scipy import ndimage
-
-    joined = ndimage.binary_dilation(binary, iterations=join_px) if join_px > 0 else binary
-    labels, count = ndimage.label(joined)
-    boxes = []
-    for i, region in enumerate(ndimage.find_objects(labels), start=1):
-        inside = (labels[region] == i) & binary[region]
-        if inside.sum() < min_area:
-            continue
-        ys, xs = np.nonzero(inside)
-        y0, x0 = region[0].start + ys.min(), region[1].start + xs.min()
-        y1, x1 = region[0].start + ys.max() + 1, region[1].start + xs.max() + 1
-        boxes.append((float(x0), float(y0), float(x1), float(y1)))
-    return sorted(boxes, key=lambda b: (b[0] + b[2]) / 2)
-
-
-def _grow(box: Box, margin: float, height: int, width: int) -> Box:
-    x0, y0, x1, y1 = box
-    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
-    return (max(0.0, x0 - dx), max(0.0, y0 - dy), min(float(width), x1 + dx), min(float(height), y1 + dy))
-
-
-def boxes_from_landmark_map(landmark_map: np.ndarray, margin: float = 0.1) -> list[Box]:
-    """Face boxes of a landmark map (uint8 (H, W, 3), drawn on black): one a connected drawing, left to right."""
-    height, width = landmark_map.shape[:2]
-    drawn = landmark_map.max(axis=2) > 0
-    join = max(1, round(max(height, width) / 128))
-    boxes = _component_boxes(drawn, join, min_area=4)
-    # A drawing is a face mesh: its face box is the one whose mesh template spans the drawing.
-    from magicid.imaging.conditions import box_from_mesh_extent
-
-    return [_grow(box_from_mesh_extent(b), margin, height, width) for b in boxes]
-
-
-def boxes_from_skeleton_map(skeleton_map: np.ndarray, margin: float = 0.4) -> list[Box]:
-    """Face boxes of a skeleton map (`magicid.imaging.conditions.render_skeleton_map`), one per person, left to right.
-
-    MediaPipe's pose topology has no neck edge: a person's face (points 0-10: nose, eyes, ears, mouth) is drawn
-    as its own connected figure, and only in white and grey, while every body figure has coloured limb edges.
-    So a face is a connected drawing with (almost) no coloured pixels, grown by `margin`.
-    """
-    height, width = skeleton_map.shape[:2]
-    drawn = skeleton_map.max(axis=2) > 0
-    coloured = (skeleton_map.max(axis=2).astype(np.int16) - skeleton_map.min(axis=2)) > 60
-    join = max(1, round(max(height, width) / 256))
-    faces = []
-    for box in _component_boxes(drawn, join, min_area=8):
-        x0, y0, x1, y1 = (int(v) for v in box)
-        region_drawn = drawn[y0:y1, x0:x1].sum()
-        if coloured[y0:y1, x0:x1].sum() <= 0.02 * region_drawn:
-            faces.append(_grow(box, margin, height, width))
-    return sorted(faces, key=lambda b: (b[0] + b[2]) / 2)
-
-
-def render_box_landmarks(height: int, width: int, boxes: Sequence[Box]) -> np.ndarray:
-    """A landmark map with the 478-point face-mesh template drawn in each box, as training draws real meshes
-    (uint8 (height, width, 3), black background; `magicid.imaging.conditions.template_landmarks`)."""
-    from magicid.imaging.conditions import render_landmark_map, template_landmarks
-
-    array = check_boxes(boxes, height, width)
-    return render_landmark_map(height, width, [template_landmarks(box) for box in array])
-
-
-def default_boxes(n: int, height: int, width: int) -> list[Box]:
-    """n face boxes in a row across the upper middle of the image (the layout when none is given)."""
-    side = min(width / n, height / 2) * 0.6
-    cy = height * 0.4
-    return [
-        (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-        for cx in ((i + 0.5) * width / n for i in range(n))
-    ]
 
 
 class MagicIDPipeline(DiffusionPipeline):
@@ -209,6 +86,7 @@ class MagicIDPipeline(DiffusionPipeline):
         id_crop_size: int = 128,
         crop_margin: float = 0.4,
         mask_feather: float = 0.1,
+        controlnet_cfg: str = "both",
     ) -> None:
         super().__init__()
         if getattr(unet.config, "addition_embed_type", None) == "text_time":
@@ -225,7 +103,12 @@ class MagicIDPipeline(DiffusionPipeline):
             controlnet=controlnet,
             adapter=adapter,
         )
-        self.register_to_config(id_crop_size=id_crop_size, crop_margin=crop_margin, mask_feather=mask_feather)
+        self.register_to_config(
+            id_crop_size=id_crop_size,
+            crop_margin=crop_margin,
+            mask_feather=mask_feather,
+            controlnet_cfg=controlnet_cfg,  # `StepConditions.control_branches` (model.controlnet_cfg)
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.face_analyzer = None  # set by `from_backbone` or by hand; needed for reference images only
@@ -249,6 +132,7 @@ class MagicIDPipeline(DiffusionPipeline):
             id_crop_size=params.model.id_crop_size,
             crop_margin=params.data.crop_margin,
             mask_feather=params.model.mask_feather,
+            controlnet_cfg=params.model.controlnet_cfg,
         )
         pipe._faces_params = params.faces
         return pipe
@@ -313,7 +197,7 @@ class MagicIDPipeline(DiffusionPipeline):
                     )
                 crop = np.zeros((3, size, size), np.float32)
             else:
-                image = _as_uint8_image(item, f"identity {i}")
+                image = as_uint8_image(item, f"identity {i}")
                 faces = self._analyzer().analyze(image)
                 if not faces:
                     raise DataError(
@@ -347,7 +231,7 @@ class MagicIDPipeline(DiffusionPipeline):
         for name in ("skeleton", "landmark"):
             value = getattr(layout, name)
             if value is not None:
-                array = _as_uint8_image(value, f"layout.{name}")
+                array = as_uint8_image(value, f"layout.{name}")
                 if array.shape[:2] != (height, width):
                     raise ModelInputError(
                         f"layout.{name} is {array.shape[1]}x{array.shape[0]}, the image {width}x{height}; render "
@@ -385,15 +269,8 @@ class MagicIDPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: list[str], negative: list[str] | None) -> torch.Tensor:
         """Text embeddings (B, 77, C), or (2B, 77, C) as [negative; positive] when `negative` is given."""
 
-        def encode(texts):
-            ids = self.tokenizer(
-                texts,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        def encode(texts):  # the one prompt encoder: training and DIIR tokenise alike
+            return encode_prompts([(self.tokenizer, self.text_encoder)], texts)[0]
 
         embeds = encode(prompts)
         if negative is not None:
@@ -495,6 +372,7 @@ class MagicIDPipeline(DiffusionPipeline):
             control=control,
             control_scale=controlnet_conditioning_scale,
             identity=identity,
+            control_branches=self.config.controlnet_cfg,
         )
 
         # 5. Timesteps

@@ -6,9 +6,10 @@ MGMICA, UNet, CFG), `conditions` (text for SD 1.x and SDXL, landmarks, identity 
 returns), `diir` (the orchestrator).
 """
 
+from magicid.faces.matching import hungarian_match
 from magicid.restore.diir import DIIR
 from magicid.restore.inversion import InversionResult, ddim_invert, ddim_reconstruct
-from magicid.restore.matching import ReferenceIdentity, hungarian_assign
+from magicid.restore.matching import ReferenceIdentity
 from magicid.restore.noise import noise_function
 from magicid.restore.plan import choose_bucket, effective_buckets
 from magicid.restore.result import RestoredFace, RestoreResult
@@ -23,6 +24,6 @@ __all__ = [
     "ddim_invert",
     "ddim_reconstruct",
     "effective_buckets",
-    "hungarian_assign",
+    "hungarian_match",
     "noise_function",
 ]

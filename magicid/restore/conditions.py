@@ -1,6 +1,7 @@
 """DIIR's conditions for a batch of same-bucket face crops (DESIGN §4, steps 3-4).
 
-- Text (`PromptConditions`): SD 1.x, the text encoder's last hidden state; SDXL, as its pipeline does, both
+- Text (`PromptConditions`, over the one prompt encoder `models.text.encode_prompts`): SD 1.x, the text
+  encoder's last hidden state; SDXL, as its pipeline does, both
   encoders' penultimate hidden states concatenated on C plus `added_cond_kwargs` (the second encoder's
   pooled embedding and the six micro-conditioning time ids of the crop).
 - Landmarks (`landmark_condition`): the ControlNet's 6-channel condition with the landmark channels set.
@@ -11,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,40 +19,9 @@ import torch
 
 from magicid.errors import DataError, MagicIDError
 from magicid.imaging.crops import zoom_crop
+from magicid.models.text import encode_prompts
 from magicid.restore.matching import ReferenceIdentity
 from magicid.restore.plan import PlannedFace, face_mask_in_crop, resize_square, to_tensor
-
-
-def encode_prompt(
-    encoders: Sequence[tuple[Any, torch.nn.Module]], prompt: str, sdxl: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings (1, L, C) and SDXL's pooled text embedding (1, C_pool) (None for SD 1.x).
-
-    SD 1.x: the encoder's last hidden state. SDXL, as its pipeline does: both encoders' penultimate hidden
-    states concatenated on C, the pooled output of the second (a `CLIPTextModelWithProjection`).
-
-    Args:
-        encoders: `(tokenizer, text_encoder)` pairs: one for SD 1.x, two for SDXL.
-    """
-    hidden, pooled = [], None
-    with torch.no_grad():
-        for tokenizer, encoder in encoders:
-            ids = tokenizer(
-                prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)  # fmt: skip
-            if not sdxl:
-                hidden.append(encoder(ids)[0])
-                continue
-            output = encoder(ids, output_hidden_states=True)
-            hidden.append(output.hidden_states[-2])
-            if output[0].ndim == 2:  # text_embeds (1, C_pool) of the encoder with projection
-                pooled = output[0]
-    if sdxl and pooled is None:
-        raise MagicIDError(
-            "DIIR (SDXL): text_encoder_2 must be a CLIPTextModelWithProjection (pooled output)"
-        )
-    return torch.cat(hidden, dim=-1), pooled
 
 
 def sdxl_time_ids(bucket: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -85,8 +54,11 @@ class PromptConditions:
         """Text embeddings (1, L, C) and, for SDXL, the pooled embedding (1, C_pool) (else None); cached."""
         key = (prompt, device, dtype)
         if key not in self._cache:
-            hidden, pooled = encode_prompt(self.encoders, prompt, self.is_sdxl, device)
-            self._cache[key] = (hidden.to(dtype), None if pooled is None else pooled.to(dtype))
+            hidden, pooled = encode_prompts(self.encoders, [prompt], self.is_sdxl)
+            self._cache[key] = (
+                hidden.to(device=device, dtype=dtype),
+                None if pooled is None else pooled.to(device=device, dtype=dtype),
+            )
         return self._cache[key]
 
     def __call__(

@@ -1,7 +1,7 @@
 """Identity matching for DIIR (DESIGN §4): which reference identity each face gets.
 
 References are matched one-to-one to ALL detected faces, selected for restoring or not, by the Hungarian
-algorithm on cosine similarity of face-recognition embeddings: so a reference that belongs to a large,
+algorithm on cosine similarity of face-recognition embeddings (`magicid.faces.matching`, as evaluation scores): so a reference that belongs to a large,
 unselected person stays with that person instead of being pushed onto a small face. A selected face's best
 match below a similarity threshold (`diir.min_match_similarity`) is not forced: that face keeps its own
 embedding, and the note says so.
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from magicid.errors import MagicIDError
+from magicid.faces.matching import cosine_matrix, hungarian_match
 from magicid.restore.plan import PlannedFace
 
 
@@ -33,40 +34,6 @@ class ReferenceIdentity:
     embedding: np.ndarray
     crop: np.ndarray | None = None
     name: str = ""
-
-
-def hungarian_assign(face_embeddings: np.ndarray, reference_embeddings: np.ndarray) -> list[int | None]:
-    """Assign references to faces one-to-one, maximising total cosine similarity (Hungarian algorithm).
-
-    Args:
-        face_embeddings: (F, D) face embeddings (L2-normalised).
-        reference_embeddings: (R, D) reference embeddings (L2-normalised).
-
-    Returns:
-        Per face the reference index, or None for faces left over when F > R.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    similarity = cosine_similarities(face_embeddings, reference_embeddings)  # (F, R)
-    rows, cols = linear_sum_assignment(similarity, maximize=True)
-    assigned: list[int | None] = [None] * similarity.shape[0]
-    for row, col in zip(rows, cols, strict=True):
-        assigned[int(row)] = int(col)
-    return assigned
-
-
-def cosine_similarities(face_embeddings: np.ndarray, reference_embeddings: np.ndarray) -> np.ndarray:
-    """(F, R) cosine similarities of (F, D) faces and (R, D) references."""
-    faces = np.asarray(face_embeddings, dtype=np.float64)
-    refs = np.asarray(reference_embeddings, dtype=np.float64)
-    if faces.ndim != 2 or refs.ndim != 2 or faces.shape[1] != refs.shape[1]:
-        raise MagicIDError(
-            f"identity matching: face embeddings {faces.shape} and reference embeddings {refs.shape} must be "
-            "(N, D) with the same D (use one face backend for images and references)"
-        )
-    faces = faces / np.linalg.norm(faces, axis=1, keepdims=True).clip(1e-12)
-    refs = refs / np.linalg.norm(refs, axis=1, keepdims=True).clip(1e-12)
-    return faces @ refs.T
 
 
 def match_identities(
@@ -119,8 +86,8 @@ def match_identities(
     candidates = [p for p in planned if p.embedding is not None]
     faces = np.stack([c.embedding for c in candidates])
     ref_embeddings = np.stack([r.embedding for r in refs])
-    similarity = cosine_similarities(faces, ref_embeddings)
-    for row, (face, ref) in enumerate(zip(candidates, hungarian_assign(faces, ref_embeddings), strict=True)):
+    similarity = cosine_matrix(faces, ref_embeddings)
+    for row, (face, ref) in enumerate(zip(candidates, hungarian_match(faces, ref_embeddings), strict=True)):
         if ref is None:
             continue
         face.similarity = float(similarity[row, ref])

@@ -45,14 +45,18 @@ def predict_noise(
     """epsilon(x_t, t) for a batch: MagicID's denoising step (`guided_prediction`) as `conditions` say.
 
     Args:
-        sample: latents x_t (B, 4, h, w).
+        sample: latents x_t (B, 4, h, w), in the UNet's dtype or in float32 (DIIR's inversion runs its own
+            arithmetic in float32: the UNet then sees the sample cast to its dtype).
         timestep: the training timestep t (an int in [0, num_train_timesteps)).
         conditions: the batch's `StepConditions` (batch B).
 
     Returns:
-        The noise prediction (B, 4, h, w), converted to epsilon whatever the scheduler's prediction type.
+        The noise prediction (B, 4, h, w) in `sample`'s dtype, converted to epsilon whatever the scheduler's
+        prediction type.
     """
-    out = guided_prediction(unet, sample, torch.tensor(timestep, device=sample.device), conditions)
+    model_dtype = getattr(unet, "dtype", sample.dtype)
+    timestep_tensor = torch.tensor(timestep, device=sample.device)
+    out = guided_prediction(unet, sample.to(model_dtype), timestep_tensor, conditions).to(sample.dtype)
     alpha = alpha_prod(scheduler, timestep).to(sample.device, sample.dtype)
     return to_epsilon(out, sample, alpha, scheduler.config.prediction_type)
 

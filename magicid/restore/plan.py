@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
 from magicid.errors import DataError, MagicIDError
 from magicid.imaging.crops import expand_box
@@ -105,15 +104,6 @@ def compose(image: np.ndarray, patch: np.ndarray, alpha: np.ndarray, box: Sequen
     a = alpha.astype(np.uint32)[..., None]
     mixed = (region.astype(np.uint32) * (255 - a) + patch.astype(np.uint32) * a + 127) // 255
     image[y0:y1, x0:x1] = np.where(a > 0, mixed, region).astype(np.uint8)
-
-
-def as_uint8_image(image: Image.Image | np.ndarray, what: str = "image") -> np.ndarray:
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB")).copy()
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
-        return image.copy()
-    got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-    raise DataError(f"{what}: expected a PIL image or a uint8 (H, W, 3) RGB array, got {got}")
 
 
 def resize_square(image: np.ndarray, side: int) -> np.ndarray:

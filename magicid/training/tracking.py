@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from magicid.config import Params
-from magicid.storage import use_s3_endpoint_for_mlflow
 
 
 def flatten_params(params: Params) -> dict[str, str]:
@@ -58,11 +57,10 @@ class RunTracker:
         if not self.enabled:
             return False
         from magicid.registry import experiment_id as tracking_experiment
-        from magicid.registry import tracking_client
+        from magicid.registry import open_client
 
-        use_s3_endpoint_for_mlflow(self.params.storage)  # s3:// artifact roots on storage.s3_endpoint_url
-        # The registry's builder: a new SQLite database is created under its lock (two first runs at once).
-        self._client = client = tracking_client(self.params.tracking.uri)
+        # The registry's builder: the S3 endpoint applied, a new SQLite database created under its lock.
+        self._client = client = open_client(self.params)
         experiment_id = tracking_experiment(client, self.params)
         if run_id is not None:
             try:

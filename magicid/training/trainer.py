@@ -168,17 +168,12 @@ class TextEncoderCache:
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        tokenizer, encoder = self.backbone.tokenizer, self.backbone.text_encoder
+        from magicid.models.text import encode_prompts
+
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
-            ids = tokenizer(
-                missing,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(encoder.device)
-            hidden = encoder(ids)[0]
+            # The one prompt encoder: the pipeline and DIIR tokenise alike (one CFG rule).
+            hidden, _ = encode_prompts([(self.backbone.tokenizer, self.backbone.text_encoder)], missing)
             for caption, row in zip(missing, hidden, strict=True):
                 self._cache[caption] = row
         return torch.stack([self._cache[c] for c in captions])  # (B, 77, C)
@@ -371,6 +366,30 @@ def _lr_scheduler(params: Params, optimizer: torch.optim.Optimizer, total_steps:
     )
 
 
+def resolve_mixed_precision(params: Params, device: torch.device) -> str:
+    """The mixed precision a training run uses: `train.mixed_precision`, or `model.dtype`'s when that is "no"
+    (bfloat16 -> bf16, float16 -> fp16). Either way the trainable weights stay float32 and the frozen backbone runs
+    in the half dtype under autocast.
+
+    Raises:
+        ConfigError: the two settings name different precisions; fp16 on a CPU (no float16 autocast there).
+    """
+    implied = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[params.model.dtype]
+    chosen = params.train.mixed_precision
+    if "no" not in (chosen, implied) and chosen != implied:
+        raise ConfigError(
+            f"train.mixed_precision={chosen} but model.dtype={params.model.dtype} (= {implied}): set one of them, "
+            "or both to the same precision"
+        )
+    mixed = chosen if chosen != "no" else implied
+    if mixed == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"fp16 mixed precision (train.mixed_precision / model.dtype=float16) needs CUDA; the run is on "
+            f"{device}: use bf16 (model.dtype=bfloat16) or float32 there"
+        )
+    return mixed
+
+
 def train(
     params: Params,
     data_dir: str | Path,
@@ -461,8 +480,8 @@ def _train_locked(
             f"--resume: no checkpoint under {out_dir / 'checkpoints'}; train without --resume first"
         )
 
-    # 1. Accelerator: under `accelerate launch` its device and processes; else `model.device`. Mixed precision only
-    #    on GPU (on CPU it is "no": fp16 autocast is unsupported there). Checkpoints: accelerate's automatic
+    # 1. Accelerator: under `accelerate launch` its device and processes; else `model.device`. Mixed precision from
+    #    `train.mixed_precision` or `model.dtype` (`resolve_mixed_precision`). Checkpoints: accelerate's automatic
     #    naming (`checkpoints/checkpoint_<step>`) and pruning to `train.keep_checkpoints`.
     launched = launched_by_accelerate()
     if launched:
@@ -475,7 +494,13 @@ def _train_locked(
         device = PartialState(cpu=on_cpu).device
     else:
         device = resolve_device(params.model.device)
-    mixed_precision = cfg.mixed_precision if device.type == "cuda" else "no"
+    mixed_precision = resolve_mixed_precision(params, device)
+    if not launched:
+        # accelerate keeps one process-wide state and refuses another precision in the same process (a second
+        # train() call in Python, fit-world's phases, tests); a plain run owns the process, so start it afresh.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision,

@@ -70,6 +70,8 @@ _KEY_EXCLUDED_FIELDS = {
         "guidance_scale",
         "device",
         "dtype",
+        "controlnet_cfg",
+        "channels_last",
     ),
     "train": (
         "out_dir",

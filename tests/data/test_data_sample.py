@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from magicid.faces.geometry import box_iou
+from magicid.imaging.boxes import box_overlaps
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_composite_labels_match_detected_faces(sample_dir):
     image = np.asarray(Image.open(sample_dir / "group_s0.20.png").convert("RGB"))
     faces = get_analyzer(FacesParams()).analyze(image)
     assert len(faces) == len(labels)
-    iou, _ = box_iou(np.array([e["bbox"] for e in labels]), np.stack([f.bbox for f in faces]))
+    iou, _ = box_overlaps(np.array([e["bbox"] for e in labels]), np.stack([f.bbox for f in faces]))
     assert (iou.max(axis=1) > 0.5).all()
 
 

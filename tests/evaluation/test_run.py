@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from magicid import registry
+from magicid import promotion, registry
 from magicid.evaluation.evalset import build_eval_set
 from magicid.evaluation.run import evaluate_model
 
@@ -70,11 +70,13 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
     assert 0 <= metrics["face_detection_rate"] <= 1
     for name in ("plots/metrics_by_slice.png", "plots/diir_before_after.png", "grid.png"):
         assert Image.open(out / name).size[0] > 0
-    manifest = json.loads((out / "generations" / f"v{version.version}" / "manifest.json").read_text())
+    manifest_lines = (out / "generations" / f"v{version.version}" / "manifest.jsonl").read_text().splitlines()
+    # The one manifest: the review app's contract plus evaluation's detail.
+    manifest = [json.loads(line) for line in manifest_lines]
     assert [m["item_id"] for m in manifest] == [i.item_id for i in result.eval_set.items]
     first = manifest[0]
     assert {"generation_id", "prompt", "references", "seed", "boxes", "model_version"} <= set(first)
-    assert Image.open(out / "generations" / f"v{version.version}" / first["image"]).size == (64, 64)
+    assert Image.open(out / "generations" / f"v{version.version}" / first["image_path"]).size == (64, 64)
     # The review app reads the same generations through its own contract (manifest.jsonl).
     from magicid.reviews import read_generation_manifest
 
@@ -82,7 +84,7 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
     assert [r.generation_id for r in records] == [m["generation_id"] for m in manifest]
     assert all(Path(r.image_path).is_file() and Path(r.pre_diir_path).is_file() for r in records)
     assert {r.model_version for r in records} == {str(version.version)}
-    # One path rule (magicid/reviews.py contract 1): relative to the manifest's folder, inside it; the reference
+    # One path rule (magicid/reviews contract 1): relative to the manifest's folder, inside it; the reference
     # crops are copies there, never paths into the dataset, and the app's image check accepts every file.
     from magicid.reviews import load_review_image
 
@@ -98,17 +100,17 @@ def test_evaluate_writes_the_report_logs_it_and_keeps_backgrounds(
     logged = registry.load_eval_items(params, registry.resolve_version(params, f"models:/{version.name}/1"),
                                       result.eval_set.set_id)  # fmt: skip
     pd.testing.assert_frame_equal(logged, pd.read_csv(out / "items.csv"))
-    run = registry._client(params).get_run(version.run_id)
+    run = registry.open_client(params).get_run(version.run_id)
     assert run.data.metrics["eval.eval_seconds_per_image"] == pytest.approx(metrics["eval_seconds_per_image"])
     artifacts = [
         a.path
-        for a in registry._client(params).list_artifacts(
+        for a in registry.open_client(params).list_artifacts(
             version.run_id, f"eval/{result.eval_set.set_id}/report"
         )
     ]
     assert any(a.endswith("metrics.json") for a in artifacts)
     # The gate can now read it: the first model becomes champion at neutral thresholds.
-    assert registry.promote(params).action == "first_champion"
+    assert promotion.promote(params).action == "first_champion"
 
 
 def test_champion_loads_through_pyfunc_and_generates(registered_tiny_model):
@@ -116,7 +118,7 @@ def test_champion_loads_through_pyfunc_and_generates(registered_tiny_model):
     from skimage import data
 
     params, version = registered_tiny_model("eval-pyfunc")
-    registry._client(params).set_registered_model_alias(version.name, "champion", str(version.version))
+    registry.open_client(params).set_registered_model_alias(version.name, "champion", str(version.version))
     mlflow.set_tracking_uri(params.tracking.uri)
     mlflow.set_registry_uri(params.tracking.uri)
     model = mlflow.pyfunc.load_model(f"models:/{version.name}@champion")

@@ -7,7 +7,8 @@ import pytest
 
 from magicid.config import FacesParams
 from magicid.errors import FaceBackendError
-from magicid.faces.geometry import box_iou, nms, tile_grid
+from magicid.faces.geometry import nms, tile_grid
+from magicid.imaging.boxes import box_overlaps
 
 
 def test_insightface_without_root_names_the_setting():
@@ -56,5 +57,5 @@ def test_nms_keeps_best_and_drops_contained_partial_boxes():
     keep = nms(boxes, scores, iou=0.4)
     # Box 2 wins on score; box 0 overlaps it with IoU 0.5 > 0.4, box 1 has 72 % of box 2 inside it.
     assert keep == [2, 3]
-    iou, smaller = box_iou(boxes[:1], boxes)
+    iou, smaller = box_overlaps(boxes[:1], boxes)
     assert iou[0, 0] == pytest.approx(1.0) and smaller[0, 2] == pytest.approx(1.0)

@@ -68,14 +68,9 @@ def test_retrain_loads_params_once_and_passes_them_to_every_sub_flow(tmp_path, m
     monkeypatch.setattr(
         flows.retrain, "fit_backbone_flow", record("fit", {"out_dir": str(tmp_path / "fitted")})
     )
-    monkeypatch.setattr(flows.retrain, "train_flow", record("train", {"adapter_dir": "a", "run_id": "r"}))
-    monkeypatch.setattr(
-        flows.retrain,
-        "run_cached",
-        lambda task, here, params, *rest: (
-            calls.setdefault("register", {"params": params}) and {"name": "magicid", "version": "2"}
-        ),
-    )
+    # Training registers too (`train_and_register`, one cached task): its result names the model version.
+    trained = {"adapter_dir": "a", "run_id": "r", "model": {"name": "magicid", "version": "2", "run_id": "r"}}
+    monkeypatch.setattr(flows.retrain, "train_flow", record("train", trained))
     monkeypatch.setattr(flows.retrain, "evaluate_flow", record("evaluate", {}))
     monkeypatch.setattr(flows.retrain, "_champion_version", lambda params: "2")
     monkeypatch.setattr(flows.retrain, "promote_flow", record("promote", {}))
@@ -91,4 +86,4 @@ def test_retrain_loads_params_once_and_passes_them_to_every_sub_flow(tmp_path, m
     for name in ("train", "evaluate", "promote"):
         assert calls[name]["params"].seed == 6 and calls[name]["params"].model.backbone == fitted, name
         assert calls[name]["params_path"] is None and "overrides" not in calls[name], name
-    assert calls["register"]["params"].model.backbone == fitted
+    assert calls["train"]["register"] is True  # registered with the train params checked above

@@ -50,7 +50,7 @@ def _env(prefect_home: Path, **extra: str) -> dict[str, str]:
 def _serve_flows(tmp_path: Path, env: dict[str, str], *options: str) -> subprocess.Popen:
     """`magicid --params <copy of params.yaml> OPTIONS serve-flows --project tmp_path`, output to files."""
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    command = [sys.executable, "-m", "magicid.cli", "--params", str(tmp_path / "params.yaml"), *options]
+    command = [sys.executable, "-m", "flows.cli", "--params", str(tmp_path / "params.yaml"), *options]
     command += ["serve-flows", "--project", str(tmp_path)]
     return subprocess.Popen(
         command,

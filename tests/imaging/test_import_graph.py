@@ -187,11 +187,6 @@ def test_no_private_name_is_imported_from_another_module():
     assert found == [], "\n".join(found)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="magicid/cli.py's `demo` and `serve-flows` import flows/; issue 24 item 8 moves them to a command group "
-    "that lives with flows/ (this test then passes and the strict xfail fails: remove the mark)",
-)
 def test_the_library_never_imports_orchestration():
     found = orchestration_imports(PACKAGE)
     assert found == [], "\n".join(found)

@@ -65,7 +65,7 @@ def test_template_drawing_matches_a_real_mesh(astronaut_face):
 
 
 def test_box_layout_draws_the_mesh_template():
-    from magicid.models.pipeline import render_box_landmarks
+    from magicid.imaging.layout import render_box_landmarks
 
     boxes = [(20.0, 30.0, 80.0, 100.0), (130.0, 40.0, 170.0, 90.0)]
     expected = render_landmark_map(128, 192, [template_landmarks(b) for b in boxes])

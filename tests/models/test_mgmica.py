@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from magicid.errors import ModelInputError
 from magicid.models.mgmica import (
     MGMICAAttnProcessor,
     clear_identities,
+    dense_reference,
     grid_for_length,
     identities,
     install_mgmica,
@@ -52,21 +52,6 @@ def _box_masks(batch: int, h: int, w: int, boxes) -> torch.Tensor:
     return masks
 
 
-def _dense_reference(attn, proc, hidden, text, tokens, masks, grid):
-    """The formula computed densely: text_out + scale * to_out_W(Σ_i w_i * attn(Q, K(T_i), V(T_i)))."""
-    out = AttnProcessor2_0()(attn, hidden, text)
-    weights = overlap_weights(resize_masks(masks, grid)).flatten(2)  # (B, n, N)
-    b, n_ids = tokens.shape[:2]
-    q = attn.to_q(hidden).view(b, -1, HEADS, QUERY_DIM // HEADS).transpose(1, 2)
-    total = 0
-    for i in range(n_ids):  # a loop is fine in a reference
-        k = proc.to_k_id(tokens[:, i]).view(b, -1, HEADS, QUERY_DIM // HEADS).transpose(1, 2)
-        v = proc.to_v_id(tokens[:, i]).view(b, -1, HEADS, QUERY_DIM // HEADS).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, QUERY_DIM)
-        total = total + weights[:, i].unsqueeze(-1) * o
-    return out + proc.scale * F.linear(total, attn.to_out[0].weight)
-
-
 @torch.no_grad()
 def test_matches_dense_formula_with_soft_and_overlapping_masks():
     attn, proc = _layer()
@@ -77,7 +62,7 @@ def test_matches_dense_formula_with_soft_and_overlapping_masks():
     masks[1, 0] *= 0.3  # soft weight in the second sample
     proc.set_identities(tokens, masks, scale=0.7, latent_size=(h, w))
     got = attn(hidden, encoder_hidden_states=text)
-    want = _dense_reference(attn, proc, hidden, text, tokens, masks, (h, w))
+    want = dense_reference(attn, proc, hidden, text, tokens, masks, (h, w))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -321,15 +306,37 @@ def test_image_shaped_hidden_states_give_the_same_result_as_token_shaped_ones():
 
 
 @torch.no_grad()
-def test_cached_identity_keys_follow_weight_and_token_updates():
+def test_identity_keys_follow_weight_and_token_updates():
     attn, proc = _layer()
     hidden, text = _inputs(1, 4, 4)
     tokens, masks = torch.randn(1, 1, 4, CROSS_DIM), _box_masks(1, 4, 4, [(0, 2, 0, 2)])
     proc.set_identities(tokens, masks, latent_size=(4, 4))
     first = attn(hidden, encoder_hidden_states=text)
-    assert torch.equal(attn(hidden, encoder_hidden_states=text), first)  # cached K/V: same result
+    assert torch.equal(attn(hidden, encoder_hidden_states=text), first)  # same identities: same result
     proc.to_k_id.weight.mul_(2.0)  # e.g. an optimizer step or load_state_dict
     after_update = attn(hidden, encoder_hidden_states=text)
     assert not torch.equal(after_update, first)
     proc.set_identities(tokens.clone(), masks, latent_size=(4, 4))
     assert torch.equal(attn(hidden, encoder_hidden_states=text), after_update)
+
+
+@torch.no_grad()
+def test_fast_path_matches_dense_reference_with_cfg_halves_and_a_context_scale():
+    """Tokens and masks for half the batch (repeated to both CFG halves), the scale set on the context: the
+    gathered processor and the module's dense formula agree."""
+    attn, proc = _layer(seed=3)
+    h, w = 7, 5
+    hidden, text = _inputs(4, h, w, seed=4)
+    tokens = torch.randn(2, 2, 4, CROSS_DIM, generator=torch.Generator().manual_seed(5))
+    masks = torch.zeros(2, 2, 28, 20)  # pixel-sized masks, resized by area to the 7x5 grid
+    masks[:, 0, 2:15, 1:9] = 1.0
+    masks[:, 1, 10:26, 6:19] = 0.6
+    proc.context.set(tokens, masks, latent_size=(h, w), scale=0.4)
+    got = attn(hidden, encoder_hidden_states=text)
+    want = dense_reference(attn, proc, hidden, text, tokens, masks, (h, w))
+    assert proc.effective_scale == 0.4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # And the identity branch is really there: scale 0 in the reference differs from the layer.
+    assert not torch.allclose(
+        dense_reference(attn, proc, hidden, text, tokens, masks, (h, w), scale=0.0), got
+    )

@@ -13,16 +13,16 @@ import torch
 from magicid.config import load_params
 from magicid.errors import DataError, FaceBackendError, ModelInputError
 from magicid.faces import Face
-from magicid.models.adapter import MagicIDAdapter
-from magicid.models.backbone import load_backbone
-from magicid.models.pipeline import (
+from magicid.imaging.boxes import box_masks
+from magicid.imaging.layout import (
     FaceLayout,
-    MagicIDPipeline,
-    box_masks,
     boxes_from_landmark_map,
     boxes_from_skeleton_map,
     render_box_landmarks,
 )
+from magicid.models.adapter import MagicIDAdapter
+from magicid.models.backbone import load_backbone
+from magicid.models.pipeline import MagicIDPipeline
 
 SIZE, STEPS = 64, 2
 BOXES = [(4.0, 6.0, 28.0, 30.0), (36.0, 20.0, 60.0, 44.0)]

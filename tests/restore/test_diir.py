@@ -13,16 +13,19 @@ import torch
 from PIL import Image
 
 from magicid.config import load_params
+from magicid.faces.matching import hungarian_match
 from magicid.imaging.crops import expand_box, zoom_crop
 from magicid.restore.diir import DIIR
 from magicid.restore.inversion import (
     ddim_invert,
+    ddim_invert_plain,
+    ddim_reconstruct,
     ddim_step,
     inverse_step_noise_coefficient,
     round_trip_error,
     strength_timesteps,
 )
-from magicid.restore.matching import ReferenceIdentity, hungarian_assign
+from magicid.restore.matching import ReferenceIdentity
 from magicid.restore.noise import noise_function
 from magicid.restore.plan import blend_alpha, choose_bucket, compose
 from tests.restore.conftest import detected_face
@@ -76,6 +79,30 @@ def test_ddim_step_is_the_schedulers_denoising_step(tiny_backbone):
         theirs = scheduler.step(eps, t, x, eta=0.0).prev_sample
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert timesteps == [401, 301, 201, 101, 1]
+
+
+def test_plain_inversion_is_the_fixed_point_one_without_refinement_and_exact_for_constant_eps(tiny_backbone):
+    """`ddim_invert_plain` is `ddim_invert(max_iters=0)`, and where eps does not depend on x (the only case
+    where start and end of a step predict alike) it round-trips exactly; where eps does, it does not."""
+    scheduler = tiny_backbone.scheduler.__class__.from_config(tiny_backbone.scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    weight = torch.randn(4, 4, generator=generator) * 0.5
+
+    def depends_on_x(x, t, rows):  # a stand-in eps network: a channel mix scaled by the timestep
+        return torch.einsum("oc,bchw->bohw", weight, x) * (1 + t / 1000)
+
+    plain, timesteps = ddim_invert_plain(depends_on_x, scheduler, latents, 10, 0.5)
+    refined = ddim_invert(depends_on_x, scheduler, latents, 10, 0.5, max_iters=0)
+    assert timesteps == refined.timesteps == [401, 301, 201, 101, 1]
+    torch.testing.assert_close(plain, refined.latents, rtol=0, atol=0)
+    back = ddim_reconstruct(depends_on_x, scheduler, plain, timesteps)
+    assert float(((back - latents) ** 2).mean()) > 1e-6  # plain inversion does not round-trip
+
+    constant = torch.randn(2, 4, 8, 8, generator=generator)
+    inverted, timesteps = ddim_invert_plain(lambda x, t, rows: constant, scheduler, latents, 10, 0.5)
+    back = ddim_reconstruct(lambda x, t, rows: constant, scheduler, inverted, timesteps)
+    torch.testing.assert_close(back, latents, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -188,15 +215,15 @@ def test_hungarian_assignment_is_optimal_and_one_to_one():
     refs /= np.linalg.norm(refs, axis=1, keepdims=True)
     order = [2, 0, 1]
     faces = refs[order] + 0.05 * rng.standard_normal((3, 16))
-    assert hungarian_assign(faces, refs) == order
+    assert hungarian_match(faces, refs) == order
     # One more face than references: exactly one face is left without a reference.
     extra = np.vstack([faces, rng.standard_normal(16)])
-    assigned = hungarian_assign(extra, refs)
+    assigned = hungarian_match(extra, refs)
     assert sorted(a for a in assigned if a is not None) == [0, 1, 2] and assigned.count(None) == 1
     # Optimal against brute force where greedy matching would fail.
     sims_faces = rng.standard_normal((4, 8))
     sims_refs = rng.standard_normal((4, 8))
-    got = hungarian_assign(sims_faces, sims_refs)
+    got = hungarian_match(sims_faces, sims_refs)
     f = sims_faces / np.linalg.norm(sims_faces, axis=1, keepdims=True)
     r = sims_refs / np.linalg.norm(sims_refs, axis=1, keepdims=True)
     sim = f @ r.T
