@@ -17,6 +17,9 @@ import typer
 from magicid.cli import app, fail, params_of
 from magicid.errors import MagicIDError
 
+# `demo --random-backbone`: the demo without the shipped world, on the random tiny backbone and a fresh adapter.
+RANDOM_BACKBONE = ["model.backbone=tiny", "model.adapter_path=null", "train.init_from=null"]
+
 
 @app.command()
 def demo(
@@ -27,7 +30,9 @@ def demo(
     random_backbone: Annotated[
         bool,
         typer.Option(
-            "--random-backbone", help="Keep the random tiny backbone (default: fit it to the sample set)."
+            "--random-backbone",
+            help="The random tiny backbone with a fresh adapter instead of the shipped offline world (the "
+            "before picture: model.backbone=tiny, no fit, train.init_from=null).",
         ),
     ] = False,
     project: Annotated[
@@ -58,7 +63,7 @@ def demo(
                 out_dir=str(out_dir),
                 project_dir=str(project) if use_dvc else None,
                 params_path=str(params_path) if params_path else None,
-                overrides=ctx.obj["overrides"],
+                overrides=[*ctx.obj["overrides"], *(RANDOM_BACKBONE if random_backbone else [])],
                 fit=False if random_backbone else None,
             )
     except MagicIDError as error:

@@ -104,4 +104,4 @@ def test_info_reports_versions_backends_and_gpu(repo_root):
     assert result.exit_code == 0, result.output
     assert "version.torch: 2.13.0" in result.output
     assert "gpu:" in result.output
-    assert "config.model.backbone: tiny" in result.output
+    assert "config.model.backbone: local folder models/offline_world" in result.output

@@ -103,6 +103,9 @@ def test_resume_continues_exactly_and_the_run_is_tracked(tmp_path, idzoom_dir, t
         arg
         for o in [
             *common,
+            "model.backbone=tiny",  # as tiny_train_params: not params.yaml's shipped world
+            "model.adapter_path=null",
+            "train.init_from=null",
             "model.resolution=64",
             "model.id_crop_size=32",
             f"train.out_dir={tmp_path / 'resumed'}",
