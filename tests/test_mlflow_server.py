@@ -145,7 +145,7 @@ def test_train_register_evaluate_promote_against_a_postgresql_server_with_s3_art
 def test_two_concurrent_promotes_end_with_one_consistent_champion(backend, request, tmp_path):
     from registry_kill_driver import setup_model
 
-    from magicid import registry
+    from magicid import promotion, registry
     from magicid.config import load_params
 
     extra: dict[str, str] = {}
@@ -185,9 +185,9 @@ def test_two_concurrent_promotes_end_with_one_consistent_champion(backend, reque
             if code == 2:
                 print(f"\nthe losing promote ({backend}): {stderr.strip().splitlines()[-1]}")
                 assert "Traceback" not in stderr, stderr[-3000:]
-        client = registry._client(params)
+        client = registry.open_client(params)
         assert registry.aliases(params) == {"challenger": "2", "champion": "2", "previous": "1"}
-        assert registry.pending_move(client, name) is None
+        assert promotion.pending_move(client, name) is None
         actions = sorted(line for out, _ in outputs for line in out.splitlines() if "action" in line)
         assert any("promoted" in line for line in actions), actions
     finally:
