@@ -171,9 +171,8 @@ def retrain_deployment(
     )
 
 
-CODE_ROOT = (
-    Path(__file__).resolve().parents[1]
-)  # the checkout holding flows/ (a work-pool deployment's source)
+# The checkout holding flows/: a work-pool deployment's default code source.
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def deploy_to_work_pool(
