@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser demo test test-fast test-gpu gpu-check bench bench-quick repro offline-world lint format clean
+.PHONY: install browser postgres demo test test-fast test-gpu gpu-check bench bench-quick repro offline-world lint format clean
 
 # Installs the package with the whole pinned stack (requirements/constraints.txt: a set seen to install
 # together here). Re-runs only when the pins change.
@@ -27,10 +27,18 @@ browser:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 	@command -v chromium >/dev/null 2>&1 || { echo "chromium is still missing: install Debian's chromium package"; exit 1; }
 
+# The PostgreSQL tests (review store, MLflow server backend) start a throw-away cluster from Debian's server
+# binaries (initdb/pg_ctl under /usr/lib/postgresql/*/bin); installed only when missing, as chromium above.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing Debian's postgresql for the PostgreSQL tests"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "initdb is still missing: install Debian's postgresql package"; exit 1; }
+
 demo: install
 	$(VENV)/bin/magicid demo
 
-test: install browser
+test: install browser postgres
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -18,6 +18,11 @@ changed is mostly cache hits, and a run in another checkout or after deleting th
 `retrain_deployment(params)` is the deployment `retrain/<orchestration.deployment_name>` on the cron schedule
 `orchestration.retrain_cron`; `magicid serve-flows` serves it (flows/serve.py).
 
+`deploy_to_work_pool(params, pool)` makes the same deployment run by workers instead: it is registered with a Prefect
+process work pool (created when missing), its code taken from a source folder (default: this checkout) or a git URL,
+and any `prefect worker start --pool POOL` that reaches the API (on this machine or another with the same checkout
+path) picks its runs up: `python -m flows.retrain --deploy-to-pool POOL` (tests/flows/test_worker.py).
+
 Run once locally: `python -m flows.retrain` (Prefect without a server).
 """
 
@@ -166,6 +171,89 @@ def retrain_deployment(
     )
 
 
+# The checkout holding flows/: a work-pool deployment's default code source.
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def deploy_to_work_pool(
+    params: Params,
+    work_pool: str,
+    project_dir: str | Path | None = ".",
+    params_path: str | None = "params.yaml",
+    overrides: list[str] | None = None,
+    data_dir: str | None = None,
+    fit: bool | None = None,
+    report_dir: str = "reports/validation",
+    source: str | Path | None = None,
+):
+    """Register `retrain/<orchestration.deployment_name>` (cron `orchestration.retrain_cron`) with the Prefect process
+    work pool `work_pool`, for `prefect worker start --pool <work_pool>` to run; needs a Prefect server
+    (PREFECT_API_URL). The pool is created (process type, Prefect's default job template) when missing.
+
+    Args:
+        params: what `params_path` + `overrides` load to (deployment name and schedule).
+        work_pool: the pool's name.
+        project_dir, params_path, overrides, data_dir, fit, report_dir: the runs' parameters (`retrain_flow`); paths
+            are made absolute here, since a worker starts each run in a folder of its own.
+        source: where workers load the flow code from: a folder (default: this checkout; a worker on another machine
+            needs the same checkout at the same path) or a git URL the workers can clone.
+
+    Returns:
+        The deployment's id.
+
+    Raises:
+        ConfigError: `work_pool` exists with another worker type than `process`.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    from magicid.errors import ConfigError
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(work_pool)
+        except ObjectNotFound:
+            pool = client.create_work_pool(
+                WorkPoolCreate(
+                    name=work_pool,
+                    type=ProcessWorker.type,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                )
+            )
+    if pool.type != ProcessWorker.type:
+        raise ConfigError(
+            f"work pool {work_pool!r} has type {pool.type!r}: the retrain deployment runs in a 'process' pool; "
+            "name another pool (it is created) or delete this one"
+        )
+
+    def absolute(path: str | Path | None) -> str | None:
+        return str(Path(path).resolve()) if path else None
+
+    deployable = retrain_flow.from_source(
+        source=str(source or CODE_ROOT), entrypoint="flows/retrain.py:retrain_flow"
+    )
+    return deployable.deploy(
+        name=params.orchestration.deployment_name,
+        work_pool_name=work_pool,
+        cron=params.orchestration.retrain_cron,
+        parameters={
+            "project_dir": absolute(project_dir),
+            "params_path": absolute(params_path),
+            "overrides": list(overrides or []),
+            "data_dir": absolute(data_dir),
+            "fit": fit,
+            "report_dir": absolute(report_dir),
+        },
+        description="Retraining on a work pool: IDZoom (DVC) -> fit -> train -> evaluate -> promote.",
+        build=False,
+        push=False,
+        print_next_steps=False,
+        ignore_warnings=True,  # the process pool's "run `prefect worker start`" hint: the README says so
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -174,8 +262,58 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="an existing dataset version (skip building)")
     parser.add_argument("--dask", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--params",
+        default=DEFAULT_PARAMS_PATH,
+        help="params file (default: ./params.yaml when there is one, else the embedded defaults)",
+    )
+    parser.add_argument(
+        "--no-fit", dest="fit", action="store_false", default=None, help="skip fitting a backbone"
+    )
+    parser.add_argument("--report-dir", default="reports/validation")
+    parser.add_argument(
+        "--deploy-to-pool",
+        metavar="POOL",
+        default=None,
+        help="register the deployment with this Prefect process work pool (PREFECT_API_URL) instead of running",
+    )
+    parser.add_argument(
+        "--source", default=None, help="with --deploy-to-pool: the workers' code folder or git URL"
+    )
     args = parser.parse_args()
-    print(retrain_flow(args.project, overrides=args.overrides, data_dir=args.data, dask_address=args.dask))
+    params_path = args.params
+    if params_path == DEFAULT_PARAMS_PATH and not Path(params_path).exists():
+        params_path = (
+            None  # flow_params' rule for the default, made explicit: a worker runs in another folder
+        )
+    if args.deploy_to_pool:
+        params = flow_params(params_path, args.overrides)
+        deployment_id = deploy_to_work_pool(
+            params,
+            args.deploy_to_pool,
+            project_dir=args.project if args.data is None else None,
+            params_path=params_path,
+            overrides=args.overrides,
+            data_dir=args.data,
+            fit=args.fit,
+            report_dir=args.report_dir,
+            source=args.source,
+        )
+        print(
+            f"deployed retrain/{params.orchestration.deployment_name} to work pool {args.deploy_to_pool}: {deployment_id}"
+        )
+        return
+    print(
+        retrain_flow(
+            args.project,
+            params_path=params_path,
+            overrides=args.overrides,
+            data_dir=args.data,
+            fit=args.fit,
+            dask_address=args.dask,
+            report_dir=args.report_dir,
+        )
+    )
 
 
 if __name__ == "__main__":

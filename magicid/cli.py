@@ -439,6 +439,11 @@ def train(
             )
     except MagicIDError as error:
         raise fail(error) from error
+    from magicid.locks import is_main_process
+
+    # Under `accelerate launch` the other ranks took part in rank 0's run: rank 0 alone reports (and registered).
+    if not is_main_process():
+        return
     result, version = trained.result, trained.version
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     typer.echo(f"step: {result.step}")

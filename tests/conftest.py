@@ -55,3 +55,49 @@ def sample_world_dir(tmp_path_factory) -> Path:
     params = load_params(None, ["data.sample_scales=[1.0, 0.3]", "data.workers=1", "data.crop_size=128"])
     raw = build_sample_set(root / "raw", params)
     return Path(build_idzoom(raw, root / "idzoom", params, progress=False).out_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throw-away PostgreSQL cluster on loopback for the session (tests/pg_cluster.py), started on first use.
+
+    Skips only where Debian's server binaries are absent; `make test` (and so CI) installs them (`make postgres`).
+    """
+    from pg_cluster import PostgresCluster, server_bin_dir
+
+    if server_bin_dir() is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb) are absent: `make postgres` installs Debian's postgresql"
+        )
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def review_db_url(request, tmp_path) -> str:
+    """A fresh, empty database for a review store: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'reviews.db'}"
+    return request.getfixturevalue("postgres_cluster").create_database("reviews")
+
+
+@pytest.fixture(scope="session")
+def two_photo_idzoom(tmp_path_factory) -> Path:
+    """An IDZoom version of two package photos (astronaut, Tom Hanks) at the default crop size, once per session:
+    evaluation needs references with a face its detector finds (the synthetic versions have none). Read-only."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    from magicid.config import load_params
+    from magicid.data.builder import build_idzoom
+    from magicid.data.sample import package_photo
+
+    root = tmp_path_factory.mktemp("two-photos")
+    raw = root / "raw"
+    raw.mkdir()
+    Image.fromarray(np.ascontiguousarray(skdata.astronaut())).save(raw / "astronaut.png")
+    Image.open(package_photo("Tom_Hanks_54745.png")).save(raw / "tom_hanks.png")
+    params = load_params(None, ["data.workers=1"])
+    return Path(build_idzoom(raw, root / "idzoom", params, progress=False).out_dir)

@@ -23,8 +23,9 @@ def generation_set(tmp_path):
 
 
 @pytest.fixture()
-def store(tmp_path, generation_set):
-    store = reviews.ReviewStore(f"sqlite:///{tmp_path / 'reviews.db'}")
+def store(review_db_url, generation_set):
+    # Every store test runs on SQLite and on PostgreSQL (tests/conftest.py `review_db_url`).
+    store = reviews.ReviewStore(review_db_url)
     store.register_generations(reviews.read_generation_manifest(generation_set["generations_dir"]))
     for name in ("alice", "bob"):
         store.ensure_reviewer(name)

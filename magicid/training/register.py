@@ -35,7 +35,7 @@ def train_and_register(
         params: the params to train with (logged with the model).
         data_dir: an IDZoom dataset version directory.
         steps, resume, progress: as `training.trainer.train`.
-        register: False trains only.
+        register: False trains only (as do the ranks other than 0 of a multi-process launch).
 
     Returns:
         `TrainedModel`.
@@ -44,9 +44,12 @@ def train_and_register(
         MagicIDError: a data folder that is not a dataset version, a training or registry request that cannot be
             done as asked (the messages say which and what to do).
     """
+    from magicid.locks import is_main_process
     from magicid.registry import register_adapter
     from magicid.training.trainer import check_data_dir, train
 
     result = train(params, check_data_dir(data_dir), steps=steps, resume=resume, progress=progress)
+    # Under `accelerate launch` every rank trains, but only rank 0 registers: one run, one model version.
+    register = register and is_main_process()
     version = register_adapter(params, result.adapter_dir, run_id=result.run_id) if register else None
     return TrainedModel(result, version)

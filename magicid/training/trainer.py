@@ -14,8 +14,9 @@ What is frozen: the backbone's UNet, VAE and text encoder. One optimizer step:
    branch); the loss is the face-region weighted diffusion loss (`clone_face.weighted_diffusion_loss`),
    accumulated over `train.grad_accum` micro-batches, then AdamW steps.
 
-Exact resume: every random draw of step s (latent sample, noise, timesteps) comes from a generator seeded by
-(seed, s, micro-batch, process); the data order and Clone Face samples are functions of (seed, epoch, index);
+Exact resume: every random draw of step s for a sample (latent sample, noise, timestep, dropout) comes from a
+generator seeded by (seed, s, the sample's position in the step's data order) (`sample_generators`); the data order
+and Clone Face samples are functions of (seed, epoch, index);
 a checkpoint (`accelerator.save_state` into `train.out_dir/checkpoints/checkpoint_<step>`: adapter safetensors,
 optimizer, LR scheduler, grad scaler, RNG states, plus `trainer_state.json` with the step and MLflow run id) is
 written at step boundaries; accelerate's `ProjectConfiguration(total_limit=train.keep_checkpoints)` prunes old
@@ -23,6 +24,13 @@ ones. Resuming loads the newest complete one and skips the data consumed so far 
 step s+1 sees exactly what an uninterrupted run saw.
 
 Device: under `accelerate launch` the device (and process count) is accelerate's; otherwise `model.device`.
+
+Several processes (`accelerate launch --num_processes N`, DDP): accelerate's prepared loader shards the data order by
+batch (process p takes batches p, p+N, ... of `EpochShuffleSampler`'s order), the MMF mode is a function of the step,
+and Clone Face samples and every random draw follow the sample, not the process: N processes at `train.batch_size` B
+see the samples, draws and (gradients averaged by DDP) updates of one process at batch N*B, up to float summation
+order (tests/training/test_multiprocess.py). On a host without CUDA (or with ACCELERATE_USE_CPU=true) the processes
+run on CPU, joined by gloo.
 
 Tracking (main process only): MLflow run with all params, per-step metrics (`loss`, `loss_<mode>`, `lr`,
 `mmf_mode_id`), `val_loss` on the val split every `train.eval_every` steps (fixed noise, fused conditions, no
@@ -180,18 +188,47 @@ def step_generator(
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def sample_generators(
+    seed: int, step: int, first_position: int, count: int, device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per sample of a micro-batch: the draws of the sample at `position` (its place in the optimizer
+    step's data order, 0-based) of `step`, a pure function of (seed, step, position), on `device`.
+
+    Keyed by the sample's position rather than by process and micro-batch, so that N processes at batch B draw for
+    each sample exactly what one process at batch N*B draws (process p's micro-batch m of a step holds positions
+    `(m * N + p) * B ...`: accelerate deals the loader's batches to the processes in turn).
+    """
+    generators = []
+    for position in range(first_position, first_position + count):
+        state = np.random.SeedSequence([seed, step, position, 1]).generate_state(2, dtype=np.uint32)
+        generators.append(torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1])))
+    return generators
+
+
+Generators = torch.Generator | list[torch.Generator]
+
+
+def _draw(generator: Generators, batch_size: int, draw) -> torch.Tensor:
+    """`draw(rows, generator)` for a batch: from one generator, or row by row from one generator per sample."""
+    if isinstance(generator, torch.Generator):
+        return draw(batch_size, generator)
+    if len(generator) != batch_size:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch_size} samples")
+    return torch.cat([draw(1, g) for g in generator])
+
+
 def draw_condition_dropout(
-    batch_size: int, dropout: ConditionDropoutParams, generator: torch.Generator
+    batch_size: int, dropout: ConditionDropoutParams, generator: Generators
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which samples train without their text and which without their identities (disjoint cases).
 
     One uniform draw u per sample: u < p_text drops the text, the next p_identity the identities, the next
-    p_both both (IP-Adapter's scheme).
+    p_both both (IP-Adapter's scheme). `generator`: one for the batch, or one per sample (`sample_generators`).
 
     Returns:
         (drop_text, drop_identity): (B,) bool each.
     """
-    u = torch.rand(batch_size, generator=generator, device=generator.device)
+    u = _draw(generator, batch_size, lambda n, g: torch.rand(n, generator=g, device=g.device))
     text_only = u < dropout.text
     identity_only = (u >= dropout.text) & (u < dropout.text + dropout.identity)
     both = (u >= dropout.text + dropout.identity) & (u < dropout.text + dropout.identity + dropout.both)
@@ -232,7 +269,7 @@ def diffusion_loss(
     batch: dict[str, Any],
     condition: torch.Tensor,
     text: torch.Tensor,
-    generator: torch.Generator,
+    generator: Generators,
     face_loss_weight: float,
     dropout: ConditionDropoutParams | None = None,
     null_text: torch.Tensor | None = None,
@@ -245,7 +282,8 @@ def diffusion_loss(
         batch: a `collate_idzoom` batch on the training device.
         condition: (B, 6, H, W) ControlNet input for the step's MMF mode.
         text: (B, 77, C) text-encoder states.
-        generator: the generator of the latent sample, noise and timesteps (drawn on its device).
+        generator: the generator of the latent sample, noise and timesteps (drawn on its device), or one generator
+            per sample (`sample_generators`: each sample's draws come from its own, in the same order).
         face_loss_weight: `train.face_loss_weight`.
         dropout: `train.condition_dropout` (None: no dropout, e.g. the validation loss); needs `null_text`
             (1, 77, C), the empty prompt's embeddings. Drawn from `generator` after the noise and timesteps.
@@ -255,18 +293,21 @@ def diffusion_loss(
     with torch.no_grad():
         pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
         posterior = vae.encode(pixels).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator, device=generator.device).to(
-            device=device, dtype=posterior.mean.dtype
-        )
+        batch_size, sample_shape = posterior.mean.shape[0], tuple(posterior.mean.shape[1:])
+
+        def randn(n: int, g: torch.Generator) -> torch.Tensor:
+            return torch.randn((n, *sample_shape), generator=g, device=g.device)
+
+        eps = _draw(generator, batch_size, randn).to(device=device, dtype=posterior.mean.dtype)
         latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
     latents = latents.float()
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
-    timesteps = torch.randint(
-        0,
-        scheduler.config.num_train_timesteps,
-        (latents.shape[0],),
-        generator=generator,
-        device=generator.device,
+    noise = _draw(generator, batch_size, randn).to(device)
+    timesteps = _draw(
+        generator,
+        batch_size,
+        lambda n, g: torch.randint(
+            0, scheduler.config.num_train_timesteps, (n,), generator=g, device=g.device
+        ),
     )
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -445,8 +486,12 @@ def _train_locked(
     launched = launched_by_accelerate()
     if launched:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
-        device = PartialState().device
+        # The first PartialState fixes the distributed type: on CPU it must be told so (cpu=True), or each rank of a
+        # multi-process launch would see no accelerator, fall back to "no distribution" and train alone as rank 0.
+        on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+        device = PartialState(cpu=on_cpu).device
     else:
         device = resolve_device(params.model.device)
     mixed_precision = resolve_mixed_precision(params, device)
@@ -457,7 +502,7 @@ def _train_locked(
 
         AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
-        cpu=not launched and device.type == "cpu",
+        cpu=device.type == "cpu",
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.grad_accum, sync_with_dataloader=False
@@ -614,8 +659,11 @@ def _train_locked(
             last, overhead = time.perf_counter(), 0.0
             for batch in batches:
                 mode = schedule.mode_at(step)
-                generator = step_generator(
-                    params.seed, step, micro_in_step, accelerator.process_index, accelerator.device
+                first_position = (
+                    micro_in_step * accelerator.num_processes + accelerator.process_index
+                ) * cfg.batch_size
+                generator = sample_generators(
+                    params.seed, step, first_position, len(batch["caption"]), accelerator.device
                 )
                 condition = schedule.condition_at(step, batch["skeleton"], batch["landmark"])
                 compute_start = time.perf_counter()

@@ -16,9 +16,18 @@ APP = Path(__file__).resolve().parents[2] / "dashboards" / "review.py"
 
 
 @pytest.fixture()
-def review_env(tmp_path, monkeypatch):
+def review_env_db_url(request, tmp_path):
+    """The review store's database: SQLite, or a fresh PostgreSQL database where a test asks for
+    `postgresql` (indirect parametrisation)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return f"sqlite:///{tmp_path / 'reviews.db'}"
+    return request.getfixturevalue("postgres_cluster").create_database("review_app")
+
+
+@pytest.fixture()
+def review_env(tmp_path, monkeypatch, review_env_db_url):
     fixture = build_generation_set(tmp_path)
-    db_url = f"sqlite:///{tmp_path / 'reviews.db'}"
+    db_url = review_env_db_url
     params = {
         "review": {
             "db_url": db_url,
@@ -135,6 +144,7 @@ def test_comments_render_as_plain_text(review_env):
     assert not any("example.invalid" in m.value for m in app.markdown)
 
 
+@pytest.mark.parametrize("review_env_db_url", ["sqlite", "postgresql"], indirect=True)
 def test_blind_choice_is_saved_and_versions_revealed_only_after(review_env):
     app = _page(_signed_in("bob"), "Compare")
     blind = app.session_state["blind"]
