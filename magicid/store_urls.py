@@ -117,6 +117,43 @@ def _check_sqlite_file(database: Path, key: str, url: str) -> None:
         raise StoreError(f"{key}={url!r}: {existing} is a file, not a folder; put the database in a folder")
 
 
+# Default ports of the database servers a SQLAlchemy URL may name without one.
+DEFAULT_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
+
+
+def check_database_server(url: str, key: str, timeout_s: float) -> None:
+    """A database server named by host (not a file, not a unix socket) accepts a TCP connection within
+    `timeout_s`. Without this, MLflow retries creating its engine with back-off for minutes before it fails.
+
+    Raises:
+        StoreError: refused, unresolvable or silent, naming `key` and the URL.
+    """
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" or not parsed.host or "host" in parsed.query:
+        return  # a file, or a unix socket: nothing to reach over TCP
+    port = parsed.port or DEFAULT_DB_PORTS.get(backend)
+    if port is None:
+        return
+    try:
+        with socket.create_connection((parsed.host, port), timeout=timeout_s):
+            pass
+    except OSError as error:
+        reason = (
+            f"no answer within {timeout_s:g} s"
+            if isinstance(error, TimeoutError)
+            else error.strerror or error
+        )
+        raise StoreError(
+            f"{key}={parsed.render_as_string(hide_password=True)!r}: the database server at {parsed.host}:{port} "
+            f"does not answer ({reason}); start it or point {key} at a reachable server (or sqlite:///file.db)"
+        ) from error
+
+
 def check_http_server(url: str, key: str, timeout_s: float) -> None:
     """An HTTP(S) tracking server answers within `timeout_s` (any HTTP status counts: it is there).
 
@@ -155,7 +192,9 @@ def check_stores(params, stores: tuple[str, ...], timeout_s: float = 5.0) -> Non
         scheme = url_scheme(uri)
         if scheme in TRACKING_DB_SCHEMES:
             check_database_url(uri, "tracking.uri")
+            check_database_server(uri, "tracking.uri", timeout_s)
         elif scheme in ("http", "https"):
             check_http_server(uri, "tracking.uri", timeout_s)
     if "review" in stores:
         check_database_url(params.review.db_url, "review.db_url")
+        check_database_server(params.review.db_url, "review.db_url", timeout_s)

@@ -17,6 +17,7 @@ from magicid.store_urls import (
     ARTIFACT_SCHEMES,
     REVIEW_DB_SCHEMES,
     TRACKING_SCHEMES,
+    check_database_server,
     check_database_url,
     check_http_server,
     scheme_problem,
@@ -112,3 +113,18 @@ def test_http_server_that_answers_any_status_passes():
         check_http_server(f"http://127.0.0.1:{server.server_address[1]}", "tracking.uri", timeout_s=5)
     finally:
         server.shutdown()
+
+
+def test_a_database_server_that_refuses_is_one_error_at_once_and_one_that_listens_passes():
+    """MLflow would retry creating its engine with back-off for minutes; the probe answers in a connect."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        port = listening.getsockname()[1]
+        check_database_server(f"postgresql://u:pw@127.0.0.1:{port}/db", "tracking.uri", 2.0)
+    started = time.perf_counter()
+    with pytest.raises(StoreError, match=r"tracking.uri=.*u:\*\*\*@127.0.0.1.*does not answer") as raised:
+        check_database_server(f"postgresql://u:pw@127.0.0.1:{port}/db", "tracking.uri", 2.0)
+    assert "pw" not in str(raised.value) and time.perf_counter() - started < 2.0
+    check_database_server("sqlite:///x.db", "review.db_url", 2.0)  # files and unix sockets: nothing to reach
+    check_database_server("postgresql://u@/db?host=/run/postgresql", "review.db_url", 2.0)
