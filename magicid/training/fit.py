@@ -62,7 +62,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
@@ -73,6 +72,7 @@ from magicid.locks import output_lock
 from magicid.models.backbone import Backbone, resolve_device, resolve_dtype
 from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from magicid.training.fit_data import FACE_CROP_CAPTION, FitData, to_signed
+from magicid.training.generators import step_generator
 from magicid.utils import atomic_write_dir, atomic_write_text
 
 __all__ = ["FACE_CROP_CAPTION", "BackboneFitter", "FitResult", "fit_backbone"]
@@ -107,10 +107,10 @@ class FitResult:
     timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
-def step_generator(seed: int, phase: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of every random draw of (phase, step), on `device`: a pure function, so resume is exact."""
-    state = np.random.SeedSequence([seed, _PHASES.index(phase), step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+def phase_generator(seed: int, phase: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of every random draw of (phase, step), on `device`: the one `step_generator` on the stream
+    (phase number, step), a pure function, so resume is exact."""
+    return step_generator(seed, _PHASES.index(phase), step, device=device)
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -245,7 +245,7 @@ def encode_latent_bank(
     pictures = torch.cat([data.whole, data.crops])
     means, stds = [], []
     for variant in range(fit.latent_variants if fit.unet_augment_prob > 0 else 1):
-        generator = step_generator(seed, "latents", variant, device) if variant else None
+        generator = phase_generator(seed, "latents", variant, device) if variant else None
         mean_parts, std_parts = [], []
         for part in pictures.split(chunk):
             views = to_signed(part.to(device))
@@ -508,7 +508,7 @@ class BackboneFitter:
         self.losses: dict[str, dict[int, float]] = {"vae": {}, "unet": {}}
         self.timer = StepTimer()
         self.caption_table, _ = data.captions()
-        from magicid.training.trainer import TextEncoderCache
+        from magicid.training.train_data import TextEncoderCache
 
         # (K, 77, C) on the device: the trainer's encoder, so fit and training tokenise captions alike.
         self.text_states = TextEncoderCache(self.backbone)(self.caption_table)
@@ -664,7 +664,7 @@ class BackboneFitter:
         vae.train().requires_grad_(True)
         while self.step < fit.vae_steps:
             t0 = time.perf_counter()
-            generator = step_generator(self.params.seed, "vae", self.step, device)
+            generator = phase_generator(self.params.seed, "vae", self.step, device)
             pictures, _ = sample_batch(self.data, fit.vae_batch, fit.face_prob, generator)
             pictures = augment(pictures, fit, fit.vae_resolution, generator)
             pictures = random_patches(pictures, fit.vae_patch, generator)
@@ -712,7 +712,7 @@ class BackboneFitter:
         unet.train().requires_grad_(True)
         while self.step < fit.unet_steps:
             t0 = time.perf_counter()
-            generator = step_generator(self.params.seed, "unet", self.step, device)
+            generator = phase_generator(self.params.seed, "unet", self.step, device)
             latents, picture = bank.sample(
                 fit.unet_batch, fit.face_prob, scaling_factor, generator, fit.unet_augment_prob
             )
