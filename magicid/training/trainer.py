@@ -14,6 +14,11 @@ What is frozen: the backbone's UNet, VAE and text encoder. One optimizer step:
    branch); the loss is the face-region weighted diffusion loss (`clone_face.weighted_diffusion_loss`),
    accumulated over `train.grad_accum` micro-batches, then AdamW steps.
 
+Layout (accelerate's examples): the data in `train_data.py` (`build_train_data`: samples, loaders, dataset
+version; `TextEncoderCache`), the loop in `run_steps` (the optimizer steps on the prepared objects, `TrainRun`),
+and `train` a thin driver wiring accelerator, models, data, optimizer, resume and tracking, then the final adapter.
+Checkpoint checks and listing live in `checkpoints.py`; the seeded generators in `generators.py`.
+
 Exact resume: every random draw of step s for a sample (latent sample, noise, timestep, dropout) comes from a
 generator seeded by (seed, s, the sample's position in the step's data order) (`sample_generators`); the data order
 and Clone Face samples are functions of (seed, epoch, index);
