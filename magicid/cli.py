@@ -326,6 +326,15 @@ def _database_urls(params: Params | None, command: str, sqlite: bool) -> list[tu
     return [(key, url) for key, url in urls if url_scheme(url) not in skip]
 
 
+def tracking_uri_from_env(overrides: list[str]) -> list[str]:
+    """`MLFLOW_TRACKING_URI`, as MLflow's own commands read it, as the first override of `tracking.uri` (the
+    params file's value gives way to it; an explicit `--set tracking.uri=...` still wins)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri or any(o.split("=", 1)[0].strip() == "tracking.uri" for o in overrides):
+        return []
+    return [f"tracking.uri={uri}"]
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -345,10 +354,11 @@ def main(
     try:
         # Without a params.yaml in the working directory the embedded defaults apply (demo on a bare machine).
         path = params_file if (params_file.exists() or params_file != Path("params.yaml")) else None
+        overrides = [*tracking_uri_from_env(overrides or []), *(overrides or [])]
         ctx.obj = {
-            "params": load_params(path, overrides or []),
+            "params": load_params(path, overrides),
             "params_path": path,
-            "overrides": overrides or [],
+            "overrides": overrides,
         }
     except MagicIDError as error:
         raise fail(error) from error

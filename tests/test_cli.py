@@ -105,3 +105,17 @@ def test_info_reports_versions_backends_and_gpu(repo_root):
     assert "version.torch: 2.13.0" in result.output
     assert "gpu:" in result.output
     assert "config.model.backbone: local folder models/offline_world" in result.output
+
+
+def test_mlflow_tracking_uri_from_the_environment_gives_way_to_an_explicit_set(
+    repo_root, monkeypatch, tmp_path
+):
+    """`MLFLOW_TRACKING_URI` names the tracking store as for MLflow's own tools; `--set tracking.uri` still wins."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'from-env.db'}")
+    shown = runner.invoke(app, ["--params", str(repo_root / "params.yaml"), "info"])
+    assert shown.exit_code == 0 and "from-env.db" in shown.output, shown.output
+    explicit = runner.invoke(
+        app,
+        ["--params", str(repo_root / "params.yaml"), "--set", "tracking.uri=sqlite:///explicit.db", "info"],
+    )
+    assert "explicit.db" in explicit.output and "from-env.db" not in explicit.output, explicit.output

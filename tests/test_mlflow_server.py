@@ -1,7 +1,7 @@
 """An `mlflow server` backed by PostgreSQL, its artifacts in S3 (moto's server), all on loopback, used by the CLI.
 
 - `magicid train` (which registers its adapter), `evaluate` and `promote` run against it with
-  `tracking.uri=http://127.0.0.1:PORT` and `tracking.artifact_root=s3://...`: the runs, versions and aliases land in
+  `MLFLOW_TRACKING_URI=http://127.0.0.1:PORT` in their environment and `tracking.artifact_root=s3://...`: the runs, versions and aliases land in
   the PostgreSQL database, the artifacts in the bucket.
 - Two `magicid promote` processes started at once over the same challenger end with one consistent champion (and
   `previous`, and no half-done move), on a SQLite tracking database and on the server alike.
@@ -89,9 +89,8 @@ def test_train_register_evaluate_promote_against_a_postgresql_server_with_s3_art
     from mlflow import MlflowClient
 
     url, backend, s3 = mlflow_server
-    env = _env(s3)
+    env = _env({**s3, "MLFLOW_TRACKING_URI": url})  # the server is named as MLflow's own tools take it
     overrides = [
-        f"tracking.uri={url}",
         f"tracking.artifact_root=s3://{BUCKET}/magicid",
         "tracking.experiment=server-test",
         "promotion.model_name=server-test",
