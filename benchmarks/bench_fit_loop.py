@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from magicid.config import load_params
-from magicid.training.fit import BackboneFitter, _autocast, step_generator, unet_loss
+from magicid.training.fit import BackboneFitter, _autocast, phase_generator, unet_loss
 from magicid.training.fit_data import load_fit_data
 from magicid.training.synthetic import write_synthetic_idzoom
 from magicid.training.tracking import RunTracker
@@ -60,7 +60,7 @@ def fit_loop(
 def bare_unet_step_s(fitter: BackboneFitter, batch: int, steps: int, warmup: int) -> float:
     """Median seconds of forward/backward/optimizer (+ EMA) on one fixed batch (synchronised on CUDA)."""
     device, backbone, fit = fitter.device, fitter.backbone, fitter.fit
-    generator = step_generator(0, "unet", 0, device)
+    generator = phase_generator(0, "unet", 0, device)
     latents = torch.randn(batch, 4, fit.resolution // 8, fit.resolution // 8, device=device)
     text = fitter.text_states[torch.zeros(batch, dtype=torch.long, device=device)]
     backbone.unet.train().requires_grad_(True)

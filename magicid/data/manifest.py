@@ -126,3 +126,14 @@ def read_manifest(root: str | Path, arrays: bool = True) -> tuple[pd.DataFrame, 
 
 def read_quarantine(root: str | Path) -> pd.DataFrame:
     return read_table(Path(root) / QUARANTINE)
+
+
+def check_data_dir(data_dir: str | Path) -> Path:
+    """The dataset version directory `data_dir` once its manifests read, or `DataError` saying how to make one."""
+    path = Path(data_dir)
+    if not (path / IMAGES).is_file():
+        raise DataError(
+            f"--data {path}: no images.parquet there; build a dataset version with `magicid build-data`"
+        )
+    read_manifest(path, arrays=False)  # unreadable manifests fail here, before any model loads
+    return path

@@ -53,6 +53,11 @@ def checkpoint_folders(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `out_dir/checkpoints` (those holding `trainer_state.json`), oldest first."""
+    return [path for path in checkpoint_folders(out_dir) if (path / STATE_FILE).is_file()]
+
+
 def _safetensors_problem(path: Path) -> str | None:
     from safetensors import safe_open
 

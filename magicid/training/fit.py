@@ -46,6 +46,11 @@ to `<out>.checkpoint/` as safetensors + JSON (`checkpoints.save_tensor_state`: n
 continues from it and reaches bit-identical weights. Tracking: an MLflow run like training's (all params,
 losses every `fit.log_every` steps, the dataset as input, the folder as artifacts).
 
+Layout (accelerate's examples): the data in `fit_data.py` (`load_fit_data`; `prepare_fit` adds the settings and
+key), the loop in `BackboneFitter` (both phases, checkpoints; also phase 1 of `world_fit.py`'s `fit-world`), and
+`fit_backbone` a thin driver (tracking, then the folder). The step generators are `generators.step_generator`'s
+(`phase_generator`).
+
 What it is not: a model of people in general. It is fitted to about ten people; it shows the mechanisms
 working and lets the platform measure them offline, and it does not generalise to new faces.
 """
@@ -62,7 +67,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
@@ -73,6 +77,7 @@ from magicid.locks import output_lock
 from magicid.models.backbone import Backbone, resolve_device, resolve_dtype
 from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from magicid.training.fit_data import FACE_CROP_CAPTION, FitData, to_signed
+from magicid.training.generators import step_generator
 from magicid.utils import atomic_write_dir, atomic_write_text
 
 __all__ = ["FACE_CROP_CAPTION", "BackboneFitter", "FitResult", "fit_backbone"]
@@ -107,10 +112,10 @@ class FitResult:
     timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
-def step_generator(seed: int, phase: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of every random draw of (phase, step), on `device`: a pure function, so resume is exact."""
-    state = np.random.SeedSequence([seed, _PHASES.index(phase), step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+def phase_generator(seed: int, phase: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of every random draw of (phase, step), on `device`: the one `step_generator` on the stream
+    (phase number, step), a pure function, so resume is exact."""
+    return step_generator(seed, _PHASES.index(phase), step, device=device)
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -245,7 +250,7 @@ def encode_latent_bank(
     pictures = torch.cat([data.whole, data.crops])
     means, stds = [], []
     for variant in range(fit.latent_variants if fit.unet_augment_prob > 0 else 1):
-        generator = step_generator(seed, "latents", variant, device) if variant else None
+        generator = phase_generator(seed, "latents", variant, device) if variant else None
         mean_parts, std_parts = [], []
         for part in pictures.split(chunk):
             views = to_signed(part.to(device))
@@ -508,7 +513,7 @@ class BackboneFitter:
         self.losses: dict[str, dict[int, float]] = {"vae": {}, "unet": {}}
         self.timer = StepTimer()
         self.caption_table, _ = data.captions()
-        from magicid.training.trainer import TextEncoderCache
+        from magicid.training.train_data import TextEncoderCache
 
         # (K, 77, C) on the device: the trainer's encoder, so fit and training tokenise captions alike.
         self.text_states = TextEncoderCache(self.backbone)(self.caption_table)
@@ -664,7 +669,7 @@ class BackboneFitter:
         vae.train().requires_grad_(True)
         while self.step < fit.vae_steps:
             t0 = time.perf_counter()
-            generator = step_generator(self.params.seed, "vae", self.step, device)
+            generator = phase_generator(self.params.seed, "vae", self.step, device)
             pictures, _ = sample_batch(self.data, fit.vae_batch, fit.face_prob, generator)
             pictures = augment(pictures, fit, fit.vae_resolution, generator)
             pictures = random_patches(pictures, fit.vae_patch, generator)
@@ -712,7 +717,7 @@ class BackboneFitter:
         unet.train().requires_grad_(True)
         while self.step < fit.unet_steps:
             t0 = time.perf_counter()
-            generator = step_generator(self.params.seed, "unet", self.step, device)
+            generator = phase_generator(self.params.seed, "unet", self.step, device)
             latents, picture = bank.sample(
                 fit.unet_batch, fit.face_prob, scaling_factor, generator, fit.unet_augment_prob
             )
@@ -808,6 +813,43 @@ def fit_backbone(
         return _fit_backbone_locked(params, data_dir, out_dir, quality, resume, progress, track, stop_after)
 
 
+@dataclasses.dataclass
+class FitInputs:
+    """What a `fit-backbone` run fits on (`prepare_fit`).
+
+    Attributes:
+        fit: the fit's settings (`fit_settings`).
+        data: the pictures (None once handed to the `BackboneFitter`, which releases them after its latent bank).
+        key: `fit_key`'s dict (`key`: the hash; `inputs`: what it hashes).
+        version: the dataset version; identities: the identities of the face crops, sorted.
+        counts: whole images, face crops and identities (logged as params).
+    """
+
+    fit: FitParams
+    data: FitData | None
+    key: dict[str, Any]
+    version: str
+    identities: list[str]
+    counts: dict[str, int]
+
+
+def prepare_fit(params: Params, data_dir: str | Path, quality: bool) -> FitInputs:
+    """The settings, pictures (`fit_data.load_fit_data`) and key of a fit of `data_dir`; a bad `model.device` or
+    `model.dtype` fails before the data loads."""
+    from magicid.training.fit_data import load_fit_data
+
+    fit = fit_settings(params, quality)
+    resolve_dtype(params.model.dtype, resolve_device(params.model.device))
+    data = load_fit_data(data_dir, fit)
+    identities = sorted({i for i in data.crop_identities if i})
+    counts = {
+        "n_whole_images": data.whole.shape[0],
+        "n_face_crops": data.crops.shape[0],
+        "n_identities": len(identities),
+    }
+    return FitInputs(fit, data, fit_key(params, fit, data.version), data.version, identities, counts)
+
+
 def _fit_backbone_locked(
     params: Params,
     data_dir: str | Path,
@@ -818,28 +860,18 @@ def _fit_backbone_locked(
     track: bool,
     stop_after: int | None,
 ) -> FitResult:
-    from magicid.training.fit_data import load_fit_data
+    """The driver: inputs (`prepare_fit`), the fitter (`BackboneFitter`: the loop) and tracking, then the folder."""
     from magicid.training.tracking import RunTracker
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    fit = fit_settings(params, quality)
-    resolve_dtype(
-        params.model.dtype, resolve_device(params.model.device)
-    )  # a bad device fails before the data loads
-    data = load_fit_data(data_dir, fit)
-    key = fit_key(params, fit, data.version)
-    counts = {
-        "n_whole_images": data.whole.shape[0],
-        "n_face_crops": data.crops.shape[0],
-        "n_identities": len({i for i in data.crop_identities if i}),
-    }
-    version, identities = data.version, sorted({i for i in data.crop_identities if i})
+    inputs = prepare_fit(params, data_dir, quality)
+    fit, key = inputs.fit, inputs.key["key"]
     tracker = RunTracker(params, enabled=track)
     fitter = BackboneFitter(
-        params, fit, data, key["key"], checkpoint_dir(out_dir), tracker, progress=progress
+        params, fit, inputs.data, key, checkpoint_dir(out_dir), tracker, progress=progress
     )
-    del data  # the fitter holds the pictures until its latent bank is built
+    inputs.data = None  # the fitter holds the pictures until its latent bank is built
     run_id = fitter.restore() if resume else None
     if tracker.start(
         run_id, run_name=f"fit-backbone-{Path(data_dir).name}", source_name="magicid fit-backbone"
@@ -847,10 +879,10 @@ def _fit_backbone_locked(
         tracker.log_params(
             {
                 "data_dir": str(data_dir),
-                "dataset_version": version,
-                "fit_key": key["key"],
+                "dataset_version": inputs.version,
+                "fit_key": key,
                 "fit_quality": quality,
-                **counts,
+                **inputs.counts,
                 "fit_vae_steps_effective": fit.vae_steps,
                 "fit_unet_steps_effective": fit.unet_steps,
                 "fit_device": str(fitter.device),
@@ -861,28 +893,35 @@ def _fit_backbone_locked(
         if not fitter.run(stop_after):
             status = "KILLED"
             return _result(out_dir, tracker, start, fitter)
-        seconds = time.perf_counter() - start
-        report = {
-            "dataset_version": version,
-            "seconds_this_call": round(seconds, 2),
-            "resumed": resume,
-            **fitter.report(),
-            "identities": identities,
-        }
-
-        def write(tmp: Path) -> None:
-            fitter.backbone.save_pretrained(tmp)
-            atomic_write_text(tmp / KEY_FILE, json.dumps(key, indent=2, sort_keys=True) + "\n")
-            atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
-
-        atomic_write_dir(out_dir, write)
-        tracker.metrics({"fit_seconds": seconds}, fitter.total)
-        tracker.artifacts(out_dir, "backbone")
-        shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
+        _write_fitted(out_dir, fitter, inputs, tracker, time.perf_counter() - start, resume)
         status = "FINISHED"
     finally:
         tracker.end(status)
     return _result(out_dir, tracker, start, fitter)
+
+
+def _write_fitted(
+    out_dir: Path, fitter: BackboneFitter, inputs: FitInputs, tracker, seconds: float, resumed: bool
+) -> None:
+    """Write the fitted folder atomically (components, `fit_key.json`, `fit_report.json`), log it, and delete the
+    checkpoint it no longer needs."""
+    report = {
+        "dataset_version": inputs.version,
+        "seconds_this_call": round(seconds, 2),
+        "resumed": resumed,
+        **fitter.report(),
+        "identities": inputs.identities,
+    }
+
+    def write(tmp: Path) -> None:
+        fitter.backbone.save_pretrained(tmp)
+        atomic_write_text(tmp / KEY_FILE, json.dumps(inputs.key, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+
+    atomic_write_dir(out_dir, write)
+    tracker.metrics({"fit_seconds": seconds}, fitter.total)
+    tracker.artifacts(out_dir, "backbone")
+    shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
 
 
 def _result(out_dir: Path, tracker, start: float, fitter: BackboneFitter) -> FitResult:

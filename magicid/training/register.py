@@ -44,9 +44,10 @@ def train_and_register(
         MagicIDError: a data folder that is not a dataset version, a training or registry request that cannot be
             done as asked (the messages say which and what to do).
     """
+    from magicid.data.manifest import check_data_dir
     from magicid.locks import is_main_process
     from magicid.registry import register_adapter
-    from magicid.training.trainer import check_data_dir, train
+    from magicid.training.trainer import train
 
     result = train(params, check_data_dir(data_dir), steps=steps, resume=resume, progress=progress)
     # Under `accelerate launch` every rank trains, but only rank 0 registers: one run, one model version.

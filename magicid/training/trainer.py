@@ -14,6 +14,11 @@ What is frozen: the backbone's UNet, VAE and text encoder. One optimizer step:
    branch); the loss is the face-region weighted diffusion loss (`clone_face.weighted_diffusion_loss`),
    accumulated over `train.grad_accum` micro-batches, then AdamW steps.
 
+Layout (accelerate's examples): the data in `train_data.py` (`build_train_data`: samples, loaders, dataset
+version; `TextEncoderCache`), the loop in `run_steps` (the optimizer steps on the prepared objects, `TrainRun`),
+and `train` a thin driver wiring accelerator, models, data, optimizer, resume and tracking, then the final adapter.
+Checkpoint checks and listing live in `checkpoints.py`; the seeded generators in `generators.py`.
+
 Exact resume: every random draw of step s for a sample (latent sample, noise, timestep, dropout) comes from a
 generator seeded by (seed, s, the sample's position in the step's data order) (`sample_generators`); the data order
 and Clone Face samples are functions of (seed, epoch, index);
@@ -56,22 +61,28 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from magicid.config import ConditionDropoutParams, Params
-from magicid.data.version import dataset_version
-from magicid.errors import ConfigError, DataError
+from magicid.errors import ConfigError
 from magicid.locks import output_lock
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
 from magicid.models.conditioning import MODE_IDS
 from magicid.models.denoise import IdentityConditions, StepConditions, guided_prediction, null_identity
-from magicid.training.checkpoints import CHECKPOINT_PREFIX, check_resume_checkpoint, load_checkpoint_state
+from magicid.training.checkpoints import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    check_resume_checkpoint,
+    load_checkpoint_state,
+)
 from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
-from magicid.training.dataset import EpochShuffleSampler, IDZoomDataset, collate_idzoom
+from magicid.training.generators import step_generator
 from magicid.training.mmf import MMFSchedule
 from magicid.training.tracking import RunTracker
+from magicid.training.train_data import TextEncoderCache, TrainData, build_train_data
 from magicid.utils import atomic_write_dir, atomic_write_text, set_seed
 
-STATE_FILE = "trainer_state.json"
-VALIDATION_STREAM = 2**31  # the "step" of validation draws in `step_generator`: never a training step
+VALIDATION_STREAM = (
+    2**31
+)  # the "step" of validation draws (`generators.step_generator`): never a training step
 _METRICS_FLUSH_EVERY = 50  # steps between MLflow metric flushes (also flushed at checkpoints and the end)
 
 
@@ -159,35 +170,6 @@ class MagicIDTrainingModule(nn.Module):
         return guided_prediction(self.unet, noisy_latents, timesteps, conditions)
 
 
-class TextEncoderCache:
-    """Caption -> text-encoder hidden states (77, C), computed once per caption (captions are few and fixed)."""
-
-    def __init__(self, backbone: Backbone) -> None:
-        self.backbone = backbone
-        self._cache: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        from magicid.models.text import encode_prompts
-
-        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
-        if missing:
-            # The one prompt encoder: the pipeline and DIIR tokenise alike (one CFG rule).
-            hidden, _ = encode_prompts([(self.backbone.tokenizer, self.backbone.text_encoder)], missing)
-            for caption, row in zip(missing, hidden, strict=True):
-                self._cache[caption] = row
-        return torch.stack([self._cache[c] for c in captions])  # (B, 77, C)
-
-
-def step_generator(
-    seed: int, step: int, micro: int, process: int = 0, device: torch.device | str = "cpu"
-) -> torch.Generator:
-    """The generator of every random draw of (optimizer step, micro-batch, process), on `device` (the training
-    device: the draws are made where they are used): a pure function of its arguments."""
-    state = np.random.SeedSequence([seed, step, micro, process]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 def sample_generators(
     seed: int, step: int, first_position: int, count: int, device: torch.device | str = "cpu"
 ) -> list[torch.Generator]:
@@ -198,11 +180,10 @@ def sample_generators(
     each sample exactly what one process at batch N*B draws (process p's micro-batch m of a step holds positions
     `(m * N + p) * B ...`: accelerate deals the loader's batches to the processes in turn).
     """
-    generators = []
-    for position in range(first_position, first_position + count):
-        state = np.random.SeedSequence([seed, step, position, 1]).generate_state(2, dtype=np.uint32)
-        generators.append(torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1])))
-    return generators
+    return [
+        step_generator(seed, step, position, 1, device=device)
+        for position in range(first_position, first_position + count)
+    ]
 
 
 Generators = torch.Generator | list[torch.Generator]
@@ -335,22 +316,6 @@ def diffusion_loss(
     return weighted_diffusion_loss(prediction, target, weight)
 
 
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under `out_dir/checkpoints`, oldest first."""
-    folder = Path(out_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [
-        path
-        for path in folder.iterdir()
-        if path.is_dir()
-        and path.name.startswith(CHECKPOINT_PREFIX)
-        and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
-        and (path / STATE_FILE).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
 def _lr_scheduler(params: Params, optimizer: torch.optim.Optimizer, total_steps: int, processes: int):
     from diffusers.optimization import get_scheduler
 
@@ -459,10 +424,8 @@ def _train_locked(
     run_tags: dict[str, str] | None,
     source_name: str,
 ) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
-    from tqdm.auto import tqdm
-
+    """The driver: settings, accelerator, models, data (`train_data.build_train_data`), optimizer, resume, tracking,
+    then the loop (`run_steps`) and the final adapter. The order of the set-up is the order of its random draws."""
     cfg = params.train
     total_steps = int(steps or cfg.steps)
     if total_steps < 1:
@@ -480,9 +443,94 @@ def _train_locked(
             f"--resume: no checkpoint under {out_dir / 'checkpoints'}; train without --resume first"
         )
 
-    # 1. Accelerator: under `accelerate launch` its device and processes; else `model.device`. Mixed precision from
-    #    `train.mixed_precision` or `model.dtype` (`resolve_mixed_precision`). Checkpoints: accelerate's automatic
-    #    naming (`checkpoints/checkpoint_<step>`) and pruning to `train.keep_checkpoints`.
+    # 1. Accelerator, then the seed; 2. models; 3. data.
+    accelerator, mixed_precision = _make_accelerator(params, out_dir)
+    set_seed(params.seed)
+    backbone, module, unet_weights, init_label = _build_models(
+        params, backbone, accelerator.device, mixed_precision, init=not checkpoints
+    )
+    adapter_weights = [p for p in module.adapter.parameters() if p.requires_grad]
+    trainable = adapter_weights + unet_weights
+    data = build_train_data(params, data_dir, dataset, val_dataset, log=accelerator.print)
+
+    groups = [{"params": adapter_weights, "lr": cfg.lr}]
+    if unet_weights:
+        groups.append({"params": unet_weights, "lr": cfg.unet_lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The LR schedule spans the configured run (`train.steps`), not this call's `--steps`: stopping early and
+    # resuming later must follow the same schedule as one uninterrupted run.
+    horizon = max(cfg.steps, total_steps)
+    lr_scheduler = _lr_scheduler(params, optimizer, horizon, accelerator.num_processes)
+    module, optimizer, data.loader, lr_scheduler = accelerator.prepare(
+        module, optimizer, data.loader, lr_scheduler
+    )
+    run = TrainRun(
+        params, accelerator, backbone, module, trainable, optimizer, lr_scheduler, out_dir, horizon, data
+    )
+
+    # 4. Resume: weights, optimizer, scheduler, scaler, RNG, accumulation counter; then the data position.
+    step, run_id = 0, None
+    if checkpoints:
+        step, run_id = _resume(run, checkpoints[-1], total_steps)
+
+    tracker = RunTracker(params, enabled=track and accelerator.is_main_process)
+    new_run = tracker.start(run_id, run_name=f"train-{data_dir.name}", source_name=source_name, tags=run_tags)
+    if new_run:
+        tracker.log_params(
+            {
+                "data_dir": str(data_dir),
+                "dataset_version": data.version,
+                "n_train_samples": len(data.dataset),
+                "n_trainable_params": sum(p.numel() for p in trainable),
+                "backbone_source": backbone.source,
+                "effective_mixed_precision": mixed_precision,
+                "num_processes": accelerator.num_processes,
+                "init_from_resolved": init_label or "none",
+                "train_samples": type(data.dataset).__name__,
+            }
+        )
+        tracker.log_dataset(data.images_df, data_dir, data.version, data.origin)
+        if cfg.eval_every > 0 and data.val_loader is None:
+            reason = (
+                "no validation samples given" if data.custom_dataset else f"{data_dir.name} has no val split"
+            )
+            tracker.tag("val_loss", f"none: {reason}")
+
+    status = "FAILED"
+    try:
+        # 5. The loop, then the final adapter (what inference and the registry load).
+        done = run_steps(run, tracker, step, total_steps, progress)
+        adapter_dir, unet_dir = _save_final(run, tracker, done.step, done.checkpointed_at, bool(unet_weights))
+        accelerator.wait_for_everyone()
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+        accelerator.end_training()
+    return TrainResult(
+        run_id=tracker.run_id,
+        out_dir=out_dir,
+        adapter_dir=adapter_dir,
+        step=done.step,
+        losses=done.losses,
+        modes=done.modes,
+        dataset_version=data.version,
+        steps_per_s=(done.step - step) / done.seconds if done.seconds > 0 else float("nan"),
+        step_times=done.step_times,
+        val_losses=done.val_losses,
+        unet_dir=unet_dir,
+        step_overhead_ms=1000 * statistics.median(done.overheads) if done.overheads else float("nan"),
+    )
+
+
+def _make_accelerator(params: Params, out_dir: Path):
+    """The run's `Accelerator` and mixed precision: under `accelerate launch` its device and processes, else
+    `model.device`; mixed precision from `train.mixed_precision` or `model.dtype` (`resolve_mixed_precision`);
+    checkpoints by accelerate's automatic naming (`checkpoints/checkpoint_<step>`), pruned to
+    `train.keep_checkpoints`."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    cfg = params.train
     launched = launched_by_accelerate()
     if launched:
         from accelerate import PartialState
@@ -516,20 +564,27 @@ def _train_locked(
             f"accelerate launch: training on {accelerator.device} ({accelerator.num_processes} process(es)); "
             f"model.device={params.model.device} applies to runs without accelerate launch"
         )
-    set_seed(params.seed)
+    return accelerator, mixed_precision
 
-    # 2. Models: frozen backbone in the compute dtype, trainable adapter in float32 (and the UNet, when it trains).
+
+def _build_models(
+    params: Params, backbone: Backbone | None, device: torch.device, mixed_precision: str, init: bool
+) -> tuple[Backbone, MagicIDTrainingModule, list[nn.Parameter], str | None]:
+    """The frozen backbone in the compute dtype and the trainable adapter in float32 (and the UNet's own weights,
+    when `train.unet_lr` trains it), wrapped in `MagicIDTrainingModule`; `init`: load `train.init_from` (a resumed
+    run takes its weights from the checkpoint). Returns (backbone, module, UNet weights, what init loaded)."""
+    cfg = params.train
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     backbone = backbone or load_backbone(params)
     backbone.require_sd1("training (magicid train)")
-    backbone.to(device=accelerator.device, dtype=weight_dtype)
+    backbone.to(device=device, dtype=weight_dtype)
     for frozen in (backbone.unet, backbone.vae, backbone.text_encoder):
         frozen.requires_grad_(False).eval()
     adapter = MagicIDAdapter.create(backbone, params)
     init_label = None
-    if cfg.init_from is not None and not checkpoints:
+    if cfg.init_from is not None and init:
         init_label = _init_adapter_weights(adapter, params, backbone)
-    adapter.to(device=accelerator.device, dtype=torch.float32).train()
+    adapter.to(device=device, dtype=torch.float32).train()
     unet_weights: list[nn.Parameter] = []
     if cfg.unet_lr is not None:
         if backbone.unet.dtype != torch.float32:  # (diffusers warns on every .to(dtype), even a no-op one)
@@ -540,120 +595,90 @@ def _train_locked(
         for weight in unet_weights:
             weight.requires_grad_(True)
     module = MagicIDTrainingModule(adapter, backbone.unet, unet_weights or None)
-    adapter_weights = [p for p in adapter.parameters() if p.requires_grad]
-    trainable = adapter_weights + unet_weights
+    return backbone, module, unet_weights, init_label
 
-    # 3. Data: a deterministic order (seed, epoch) that resume can replay.
-    custom_dataset = dataset is not None
-    if dataset is None:
-        dataset = IDZoomDataset(data_dir, params, split="train")
-        images_df = dataset.images_df
-        has_val = "split" in images_df and bool((images_df["split"] == "val").any())
-        if cfg.eval_every > 0 and has_val:
-            val_dataset = IDZoomDataset(data_dir, params, split="val", clone_prob=0.0)
-    else:
-        from magicid.data.manifest import read_manifest
 
-        images_df = read_manifest(data_dir, arrays=False)[0]
-    sampler = EpochShuffleSampler(len(dataset), params.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        collate_fn=collate_idzoom,
-        num_workers=cfg.loader_workers,  # workers start each epoch after set_epoch, so they see its epoch
-    )
-    version, origin = dataset_version(data_dir)
-    # The val samples (clean, no Clone Face): their loss every `train.eval_every` steps.
-    val_loader = None
-    if cfg.eval_every > 0 and val_dataset is not None:
-        val_loader = DataLoader(
-            val_dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_idzoom
-        )
-    elif cfg.eval_every > 0 and custom_dataset:
+@dataclasses.dataclass
+class TrainRun:
+    """The prepared objects the loop runs (the driver builds them; `accelerator.prepare` has wrapped module,
+    optimizer, `data.loader` and scheduler)."""
+
+    params: Params
+    accelerator: Any
+    backbone: Backbone
+    module: nn.Module
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    out_dir: Path
+    horizon: int  # the LR schedule's length (`max(train.steps, steps)`)
+    data: TrainData
+
+
+def _resume(run: TrainRun, checkpoint: Path, total_steps: int) -> tuple[int, str | None]:
+    """Load `checkpoint` into the prepared objects; its (step, MLflow run id). Warns when the LR horizon or the
+    dataset version changed since."""
+    accelerator = run.accelerator
+    load_checkpoint_state(accelerator, checkpoint)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    step, run_id = int(state["step"]), state.get("run_id")
+    if state.get("lr_horizon") not in (None, run.horizon):
         accelerator.print(
-            f"warning: no validation samples were given with the training dataset: no validation loss "
-            f"(train.eval_every={cfg.eval_every})"
+            f"warning: the LR schedule now spans {run.horizon} steps, the checkpoint's spanned {state['lr_horizon']}; "
+            "set train.steps to the run's total length to resume on the same schedule"
         )
-    elif cfg.eval_every > 0:
+    if state.get("dataset_version") not in (None, run.data.version):
         accelerator.print(
-            f"warning: {data_dir} has no val split: no validation loss (train.eval_every={cfg.eval_every}); "
-            "build the dataset with data.split.val > 0 or set train.eval_every=0"
+            f"warning: resuming on dataset version {run.data.version}, the checkpoint was trained on "
+            f"{state['dataset_version']}"
         )
-
-    groups = [{"params": adapter_weights, "lr": cfg.lr}]
-    if unet_weights:
-        groups.append({"params": unet_weights, "lr": cfg.unet_lr})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # The LR schedule spans the configured run (`train.steps`), not this call's `--steps`: stopping early and
-    # resuming later must follow the same schedule as one uninterrupted run.
-    horizon = max(cfg.steps, total_steps)
-    lr_scheduler = _lr_scheduler(params, optimizer, horizon, accelerator.num_processes)
-    module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
-
-    # 4. Resume: weights, optimizer, scheduler, scaler, RNG, accumulation counter; then the data position.
-    step, run_id = 0, None
-    if checkpoints:
-        load_checkpoint_state(accelerator, checkpoints[-1])
-        state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
-        step, run_id = int(state["step"]), state.get("run_id")
-        if state.get("lr_horizon") not in (None, horizon):
-            accelerator.print(
-                f"warning: the LR schedule now spans {horizon} steps, the checkpoint's spanned {state['lr_horizon']}; "
-                "set train.steps to the run's total length to resume on the same schedule"
-            )
-        if state.get("dataset_version") not in (None, version):
-            accelerator.print(
-                f"warning: resuming on dataset version {version}, the checkpoint was trained on {state['dataset_version']}"
-            )
-        if step >= total_steps:
-            raise ConfigError(
-                f"--resume: checkpoint {checkpoints[-1].name} is at step {step} >= --steps {total_steps}"
-            )
-
-    tracker = RunTracker(params, enabled=track and accelerator.is_main_process)
-    new_run = tracker.start(run_id, run_name=f"train-{data_dir.name}", source_name=source_name, tags=run_tags)
-    if new_run:
-        tracker.log_params(
-            {
-                "data_dir": str(data_dir),
-                "dataset_version": version,
-                "n_train_samples": len(dataset),
-                "n_trainable_params": sum(p.numel() for p in trainable),
-                "backbone_source": backbone.source,
-                "effective_mixed_precision": mixed_precision,
-                "num_processes": accelerator.num_processes,
-                "init_from_resolved": init_label or "none",
-                "train_samples": type(dataset).__name__,
-            }
+    if step >= total_steps:
+        raise ConfigError(
+            f"--resume: checkpoint {checkpoint.name} is at step {step} >= --steps {total_steps}"
         )
-        tracker.log_dataset(images_df, data_dir, version, origin)
-        if cfg.eval_every > 0 and val_loader is None:
-            reason = "no validation samples given" if custom_dataset else f"{data_dir.name} has no val split"
-            tracker.tag("val_loss", f"none: {reason}")
+    return step, run_id
 
+
+@dataclasses.dataclass
+class LoopResult:
+    """What `run_steps` did: the step reached, per-step records of this call, where it last checkpointed, and its
+    seconds (set-up excluded)."""
+
+    step: int
+    losses: dict[int, float]
+    modes: dict[int, str]
+    step_times: dict[int, float]
+    val_losses: dict[int, float]
+    overheads: list[float]
+    checkpointed_at: int | None
+    seconds: float
+
+
+def run_steps(run: TrainRun, tracker: RunTracker, step: int, total_steps: int, progress: bool) -> LoopResult:
+    """The optimizer steps from `step` (0, or a resumed checkpoint's) to `total_steps`: the data position follows
+    from the step (checkpoints sit on step boundaries), each micro-batch's draws from `sample_generators`; metrics,
+    validation loss and checkpoints on their schedules."""
+    from tqdm.auto import tqdm
+
+    params, accelerator, module, data = run.params, run.accelerator, run.module, run.data
+    cfg = params.train
     schedule = MMFSchedule.from_params(params)
-    texts = TextEncoderCache(backbone)
+    texts = TextEncoderCache(run.backbone)
     null_text = texts([""])  # (1, 77, C): what text dropout and CFG's unconditional branch both use
-    val_losses: dict[int, float] = {}
+    loader = data.loader
+    done = LoopResult(step, {}, {}, {}, {}, [], None, float("nan"))
     per_epoch = len(loader)
     micro = step * cfg.grad_accum  # micro-batches consumed so far (checkpoints sit on step boundaries)
     epoch, skip = divmod(micro, per_epoch)
-    losses: dict[int, float] = {}
-    modes: dict[int, str] = {}
-    step_times: dict[int, float] = {}
-    overheads: list[float] = []
     bar = tqdm(
         total=total_steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process)
     )
     running, micro_in_step = torch.zeros((), device=accelerator.device), 0
-    start_time, start_step = time.perf_counter(), step
-    checkpointed_at = None
-    status = "FAILED"
+    start_time = time.perf_counter()
     try:
         while step < total_steps:
             loader.set_epoch(epoch)
-            dataset.set_epoch(epoch)
+            data.dataset.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             skip = 0
             last, overhead = time.perf_counter(), 0.0
@@ -670,7 +695,7 @@ def _train_locked(
                 with accelerator.accumulate(module):
                     loss = diffusion_loss(
                         module,
-                        backbone,
+                        run.backbone,
                         batch,
                         condition,
                         texts(batch["caption"]),
@@ -681,10 +706,10 @@ def _train_locked(
                     )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
                 compute_end = time.perf_counter()
                 running += loss.detach() / cfg.grad_accum
                 micro_in_step += 1
@@ -694,13 +719,18 @@ def _train_locked(
                     overhead += last - compute_end
                     continue
                 step += 1
+                done.step = step
                 step_loss = accelerator.reduce(running, reduction="mean").item()
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(
                         f"loss is {step_loss} at step {step}; lower train.lr or check the data"
                     )
                 running, micro_in_step = torch.zeros((), device=accelerator.device), 0
-                losses[step], modes[step], step_times[step] = step_loss, mode, time.perf_counter()
+                done.losses[step], done.modes[step], done.step_times[step] = (
+                    step_loss,
+                    mode,
+                    time.perf_counter(),
+                )
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", mode=mode)
                 if step % cfg.log_every == 0 or step == total_steps:
@@ -708,74 +738,64 @@ def _train_locked(
                         {
                             "loss": step_loss,
                             f"loss_{mode}": step_loss,
-                            "lr": lr_scheduler.get_last_lr()[0],
+                            "lr": run.lr_scheduler.get_last_lr()[0],
                             "mmf_mode_id": MODE_IDS[mode],
                         },
                         step,
                     )
-                overheads.append(overhead + time.perf_counter() - compute_end)
-                if val_loader is not None and (step % cfg.eval_every == 0 or step == total_steps):
-                    val_losses[step] = validation_loss(
+                done.overheads.append(overhead + time.perf_counter() - compute_end)
+                if data.val_loader is not None and (step % cfg.eval_every == 0 or step == total_steps):
+                    done.val_losses[step] = validation_loss(
                         module,
-                        backbone,
-                        val_loader,
+                        run.backbone,
+                        data.val_loader,
                         texts,
                         params.seed,
                         cfg.face_loss_weight,
                         accelerator.device,
                     )
-                    tracker.metrics({"val_loss": val_losses[step]}, step)
+                    tracker.metrics({"val_loss": done.val_losses[step]}, step)
                 if step % _METRICS_FLUSH_EVERY == 0:
                     tracker.flush()
                 # A checkpoint on `train.checkpoint_every`'s schedule, and at the end of a call that stops before
                 # the configured run's end (`--steps` < train.steps: it is meant to be resumed); a finished run
                 # gets no extra one (its adapter is the result).
-                if step % cfg.checkpoint_every == 0 or (step == total_steps and total_steps < horizon):
-                    extra = {"dataset_version": version, "lr_horizon": horizon}
-                    _save_checkpoint(accelerator, module, out_dir, step, tracker, extra, params)
-                    checkpointed_at = step
+                if step % cfg.checkpoint_every == 0 or (step == total_steps and total_steps < run.horizon):
+                    extra = {"dataset_version": data.version, "lr_horizon": run.horizon}
+                    _save_checkpoint(accelerator, module, run.out_dir, step, tracker, extra, params)
+                    done.checkpointed_at = step
                 last, overhead = time.perf_counter(), 0.0
                 if step >= total_steps:
                     break
             epoch += 1
-        elapsed = time.perf_counter() - start_time
-        # 5. The final adapter (what inference and the registry load), each file written once: hard links to the
-        #    final checkpoint's adapter when the last step was checkpointed, else saved here.
-        adapter_dir = out_dir / "adapter"
-        unet_dir = out_dir / "unet" if unet_weights else None
-        if accelerator.is_main_process:
-            final_checkpoint = (
-                out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}" / "adapter"
-                if checkpointed_at == step
-                else None
-            )
-            if final_checkpoint is not None and final_checkpoint.is_dir():
-                atomic_write_dir(adapter_dir, lambda tmp: _link_files(final_checkpoint, tmp))
-            else:
-                atomic_write_dir(adapter_dir, lambda tmp: accelerator.unwrap_model(module).adapter.save(tmp))
-            tracker.artifacts(adapter_dir, "adapter")
-            if unet_dir is not None:
-                atomic_write_dir(unet_dir, lambda tmp: save_unet(backbone.unet, tmp))
-        accelerator.wait_for_everyone()
-        status = "FINISHED"
+        done.seconds = time.perf_counter() - start_time
     finally:
         bar.close()
-        tracker.end(status)
-        accelerator.end_training()
-    return TrainResult(
-        run_id=tracker.run_id,
-        out_dir=out_dir,
-        adapter_dir=adapter_dir,
-        step=step,
-        losses=losses,
-        modes=modes,
-        dataset_version=version,
-        steps_per_s=(step - start_step) / elapsed if elapsed > 0 else float("nan"),
-        step_times=step_times,
-        val_losses=val_losses,
-        unet_dir=unet_dir,
-        step_overhead_ms=1000 * statistics.median(overheads) if overheads else float("nan"),
-    )
+    return done
+
+
+def _save_final(
+    run: TrainRun, tracker: RunTracker, step: int, checkpointed_at: int | None, train_unet: bool
+) -> tuple[Path, Path | None]:
+    """Write the final adapter (and the UNet when it trained), each file once: hard links to the final checkpoint's
+    adapter when the last step was checkpointed, else saved here. Returns (adapter_dir, unet_dir or None)."""
+    accelerator, out_dir = run.accelerator, run.out_dir
+    adapter_dir = out_dir / "adapter"
+    unet_dir = out_dir / "unet" if train_unet else None
+    if accelerator.is_main_process:
+        final_checkpoint = (
+            out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}" / "adapter"
+            if checkpointed_at == step
+            else None
+        )
+        if final_checkpoint is not None and final_checkpoint.is_dir():
+            atomic_write_dir(adapter_dir, lambda tmp: _link_files(final_checkpoint, tmp))
+        else:
+            atomic_write_dir(adapter_dir, lambda tmp: accelerator.unwrap_model(run.module).adapter.save(tmp))
+        tracker.artifacts(adapter_dir, "adapter")
+        if unet_dir is not None:
+            atomic_write_dir(unet_dir, lambda tmp: save_unet(run.backbone.unet, tmp))
+    return adapter_dir, unet_dir
 
 
 def save_unet(unet: nn.Module, folder: Path) -> None:
@@ -865,7 +885,7 @@ def validation_loss(
     for index, batch in enumerate(loader):
         batch = send_to_device(batch, device)
         condition = make_condition(batch["skeleton"], batch["landmark"], "fused")
-        generator = step_generator(seed, VALIDATION_STREAM, index, device=device)
+        generator = step_generator(seed, VALIDATION_STREAM, index, 0, device=device)
         loss = diffusion_loss(
             module, backbone, batch, condition, texts(batch["caption"]), generator, face_loss_weight
         )
@@ -878,16 +898,3 @@ def launched_by_accelerate() -> bool:
     """Whether this process was started by `accelerate launch` (which sets ACCELERATE_* variables, e.g.
     ACCELERATE_MIXED_PRECISION) or by a distributed launcher accelerate follows (torchrun: WORLD_SIZE > 1)."""
     return "ACCELERATE_MIXED_PRECISION" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def check_data_dir(data_dir: str | Path) -> Path:
-    """The dataset directory, or `DataError` saying how to make one."""
-    path = Path(data_dir)
-    if not (path / "images.parquet").is_file():
-        raise DataError(
-            f"--data {path}: no images.parquet there; build a dataset version with `magicid build-data`"
-        )
-    from magicid.data.manifest import read_manifest
-
-    read_manifest(path, arrays=False)  # unreadable manifests fail here, before any model loads
-    return path

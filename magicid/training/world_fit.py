@@ -346,8 +346,8 @@ def _fit_world_locked(
     world_factory: WorldFactory,
     dataset_factory: DatasetFactory,
 ) -> WorldFitResult:
+    from magicid.data.manifest import check_data_dir
     from magicid.data.version import dataset_version
-    from magicid.training.trainer import check_data_dir
 
     start = time.perf_counter()
     world_cfg = params.fit_world
@@ -528,7 +528,8 @@ def _adapter_phase(
     """Phase 2 through `trainer.train`: world samples (Clone Face at `train.clone_face.prob`), held-out world scenes
     (another seed, no Clone Face) for the validation loss, the run nested under the fit's."""
     from magicid.models.backbone import load_backbone
-    from magicid.training.trainer import list_checkpoints, train
+    from magicid.training.checkpoints import list_checkpoints
+    from magicid.training.trainer import train
 
     world_cfg = phase2.fit_world
     dataset = dataset_factory(world, world_cfg.epoch_samples, phase2.train.clone_face, phase2.seed)

@@ -7,7 +7,7 @@ from transformers import CLIPTextModel
 
 from magicid.models.text import encode_prompts
 from magicid.restore.conditions import PromptConditions
-from magicid.training.trainer import TextEncoderCache
+from magicid.training.train_data import TextEncoderCache
 
 PROMPTS = ["a photo of two friends at the beach", "", "x " * 200]  # the last one is truncated at 77 tokens
 

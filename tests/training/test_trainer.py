@@ -22,13 +22,10 @@ def _fixed_noise_loss(params, root, adapter_dir=None) -> float:
     from magicid.models.adapter import MagicIDAdapter
     from magicid.models.tiny import build_tiny_backbone
     from magicid.training.dataset import IDZoomDataset, collate_idzoom
+    from magicid.training.generators import step_generator
     from magicid.training.mmf import MMFSchedule
-    from magicid.training.trainer import (
-        MagicIDTrainingModule,
-        TextEncoderCache,
-        diffusion_loss,
-        step_generator,
-    )
+    from magicid.training.train_data import TextEncoderCache
+    from magicid.training.trainer import MagicIDTrainingModule, diffusion_loss
 
     backbone = build_tiny_backbone()
     adapter = (
@@ -43,7 +40,7 @@ def _fixed_noise_loss(params, root, adapter_dir=None) -> float:
     with torch.no_grad():
         losses = [
             diffusion_loss(
-                module, backbone, batch, condition, texts(batch["caption"]), step_generator(99, s, 0), 2.0
+                module, backbone, batch, condition, texts(batch["caption"]), step_generator(99, s, 0, 0), 2.0
             )
             for s in range(12)
         ]
@@ -211,14 +208,14 @@ def test_condition_dropout_feeds_exactly_cfgs_unconditional_inputs(idzoom_dir, t
     from magicid.models.denoise import null_identity
     from magicid.models.tiny import build_tiny_backbone
     from magicid.training.dataset import IDZoomDataset, collate_idzoom
+    from magicid.training.generators import step_generator
     from magicid.training.mmf import MMFSchedule
+    from magicid.training.train_data import TextEncoderCache
     from magicid.training.trainer import (
         MagicIDTrainingModule,
-        TextEncoderCache,
         apply_condition_dropout,
         diffusion_loss,
         draw_condition_dropout,
-        step_generator,
     )
 
     # The draws: disjoint cases at the configured rates.
@@ -267,12 +264,12 @@ def test_condition_dropout_feeds_exactly_cfgs_unconditional_inputs(idzoom_dir, t
     nulled = dict(batch, id_embeddings=torch.zeros_like(embeddings), id_crops=torch.zeros_like(crops))
     with torch.no_grad():
         dropped = diffusion_loss(
-            module, backbone, batch, condition, text, step_generator(1, 0, 0), 2.0, always, null_text
+            module, backbone, batch, condition, text, step_generator(1, 0, 0, 0), 2.0, always, null_text
         )
         by_hand = diffusion_loss(
-            module, backbone, nulled, condition, null_text.expand_as(text), step_generator(1, 0, 0), 2.0
+            module, backbone, nulled, condition, null_text.expand_as(text), step_generator(1, 0, 0, 0), 2.0
         )
-        kept = diffusion_loss(module, backbone, batch, condition, text, step_generator(1, 0, 0), 2.0)
+        kept = diffusion_loss(module, backbone, batch, condition, text, step_generator(1, 0, 0, 0), 2.0)
     assert float(dropped) == float(by_hand) and float(dropped) != float(kept)
 
 
