@@ -160,22 +160,9 @@ def _package_cycles() -> tuple[tuple[str, ...], ...]:
 
 
 AREAS = sorted({_area(name) for name in package_modules(PACKAGE)})
-# models/backbone.py <-> models/tiny.py: tiny builds a `Backbone` (top-level import) and `load_backbone("tiny")`
-# calls tiny (lazy import). Outside the data side of issue 24; the mark goes when that cycle is broken.
-KNOWN_CYCLES = {
-    "models": "models/backbone.py <-> models/tiny.py (Backbone and the tiny builder import each other)"
-}
 
 
-@pytest.mark.parametrize(
-    "area",
-    [
-        pytest.param(area, marks=pytest.mark.xfail(strict=True, reason=KNOWN_CYCLES[area]))
-        if area in KNOWN_CYCLES
-        else area
-        for area in AREAS
-    ],
-)
+@pytest.mark.parametrize("area", AREAS)
 def test_no_import_cycle_inside_the_package(area):
     """Per area (subpackage or top-level module), so a known cycle in one does not hide a new one elsewhere."""
     found = [cycle for cycle in _package_cycles() if any(_area(m) == area for m in cycle)]
