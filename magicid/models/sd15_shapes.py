@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from magicid.models.backbone import SD_SCHEDULER_KWARGS, Backbone
+from magicid.models.components import SD_SCHEDULER_KWARGS, Backbone
 from magicid.models.tiny import fit_vae_scaling_factor
 from magicid.models.tokenizer import build_tiny_tokenizer
 

@@ -25,7 +25,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from magicid.models.backbone import SD_SCHEDULER_KWARGS, Backbone
+from magicid.models.components import SD_SCHEDULER_KWARGS, Backbone
 from magicid.models.tokenizer import build_tiny_tokenizer
 
 # SDXL's added time ids: original size (2), crop top-left (2), target size (2).

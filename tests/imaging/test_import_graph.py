@@ -160,22 +160,9 @@ def _package_cycles() -> tuple[tuple[str, ...], ...]:
 
 
 AREAS = sorted({_area(name) for name in package_modules(PACKAGE)})
-# models/backbone.py <-> models/tiny.py: tiny builds a `Backbone` (top-level import) and `load_backbone("tiny")`
-# calls tiny (lazy import). Outside the data side of issue 24; the mark goes when that cycle is broken.
-KNOWN_CYCLES = {
-    "models": "models/backbone.py <-> models/tiny.py (Backbone and the tiny builder import each other)"
-}
 
 
-@pytest.mark.parametrize(
-    "area",
-    [
-        pytest.param(area, marks=pytest.mark.xfail(strict=True, reason=KNOWN_CYCLES[area]))
-        if area in KNOWN_CYCLES
-        else area
-        for area in AREAS
-    ],
-)
+@pytest.mark.parametrize("area", AREAS)
 def test_no_import_cycle_inside_the_package(area):
     """Per area (subpackage or top-level module), so a known cycle in one does not hide a new one elsewhere."""
     found = [cycle for cycle in _package_cycles() if any(_area(m) == area for m in cycle)]
@@ -212,3 +199,20 @@ def test_the_checks_see_planted_cycles_private_names_and_orchestration(tmp_path)
         "magicid/data/c.py:5 imports flows.common",
         "magicid/data/c.py:6 imports prefect",
     ]
+
+
+if __name__ == "__main__":
+    # `python tests/imaging/test_import_graph.py`: the structure figures these tests check, and the largest files.
+    graph = import_graph(PACKAGE)
+    found = cycles(graph)
+    print(f"modules: {len(graph)}, import arrows: {sum(len(targets) for targets in graph.values())}")
+    print(f"import cycles: {len(found)}" + "".join(f"\n  {' <-> '.join(c)}" for c in found))
+    private = private_imports(PACKAGE)
+    print(f"_private names imported across modules: {len(private)}" + "".join(f"\n  {p}" for p in private))
+    orchestration = orchestration_imports(PACKAGE)
+    print(
+        f"imports of {'/'.join(ORCHESTRATION)}: {len(orchestration)}"
+        + "".join(f"\n  {o}" for o in orchestration)
+    )
+    sizes = sorted(((len(p.read_text().splitlines()), p) for p in PACKAGE.rglob("*.py")), reverse=True)[:8]
+    print("largest files: " + ", ".join(f"{p.relative_to(PACKAGE.parent)} {n}" for n, p in sizes))
