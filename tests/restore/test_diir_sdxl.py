@@ -240,7 +240,7 @@ def test_magicid_restore_runs_on_an_sdxl_folder(sdxl, astronaut, tmp_path):
     Image.fromarray(astronaut).save(tmp_path / "in.png")
     out = tmp_path / "out.png"
     result = CliRunner().invoke(
-        app, ["--set", f"model.backbone={folder}", "restore", str(tmp_path / "in.png"), "--out", str(out),
+        app, ["--set", f"model.backbone={folder}", "--set", "model.adapter_path=null", "restore", str(tmp_path / "in.png"), "--out", str(out),
               "--faces", "all", "--untrained-adapter", "--no-progress"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -443,6 +443,8 @@ def test_adapter_trains_on_the_fitted_backbone_through_the_cli(fit_data, fit_par
     fit_backbone(params, fit_data, tmp_path / "fitted", progress=False, track=False)
     overrides = [
         f"model.backbone={tmp_path / 'fitted'}",
+        "model.adapter_path=null",  # a fresh adapter on the fitted folder, not params.yaml's shipped world
+        "train.init_from=null",
         "model.resolution=64",
         "model.id_crop_size=32",
         "train.batch_size=2",

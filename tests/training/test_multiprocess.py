@@ -157,7 +157,9 @@ def test_two_processes_follow_one_at_the_same_global_batch_and_resume_exactly(
     two_process_s = time.perf_counter() - started
     run_ids = [line.split(": ")[1] for line in output.splitlines() if line.startswith("mlflow_run_id: ")]
     assert len(run_ids) == 1, output[-4000:]  # rank 1 reports nothing
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'track' / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'track' / 'mlflow.db'}"
+    # The registry too: MlflowClient's registry defaults to the process-wide mlflow.set_registry_uri of an earlier test.
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     experiment = client.get_experiment_by_name("magicid-ddp")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == run_ids and runs[0].info.status == "FINISHED"
