@@ -326,12 +326,19 @@ def _database_urls(params: Params | None, command: str, sqlite: bool) -> list[tu
     return [(key, url) for key, url in urls if url_scheme(url) not in skip]
 
 
+# `MLFLOW_TRACKING_URI` as this process was started with it. Read once at import: `mlflow.set_tracking_uri` writes
+# the variable into the process's own environment (for its subprocesses), so a later read would see whatever
+# store the process last used, not what the user asked for.
+MLFLOW_TRACKING_URI_AT_START = os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
 def tracking_uri_from_env(overrides: list[str]) -> list[str]:
     """`MLFLOW_TRACKING_URI`, as MLflow's own commands read it, as the first override of `tracking.uri` (the
-    params file's value gives way to it; an explicit `--set tracking.uri=...` still wins)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    params file's value gives way to it, with a note on stderr; an explicit `--set tracking.uri=...` still wins)."""
+    uri = MLFLOW_TRACKING_URI_AT_START
     if not uri or any(o.split("=", 1)[0].strip() == "tracking.uri" for o in overrides):
         return []
+    typer.echo(f"note: tracking.uri={uri} (from MLFLOW_TRACKING_URI)", err=True)
     return [f"tracking.uri={uri}"]
 
 

@@ -101,3 +101,11 @@ def two_photo_idzoom(tmp_path_factory) -> Path:
     Image.open(package_photo("Tom_Hanks_54745.png")).save(raw / "tom_hanks.png")
     params = load_params(None, ["data.workers=1"])
     return Path(build_idzoom(raw, root / "idzoom", params, progress=False).out_dir)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_tracking_uri(monkeypatch):
+    """`mlflow.set_tracking_uri` writes MLFLOW_TRACKING_URI into this process's environment for its subprocesses,
+    and the CLI takes that variable as the tracking store: without this, one test's store would reach the CLI
+    subprocesses of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

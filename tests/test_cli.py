@@ -107,15 +107,20 @@ def test_info_reports_versions_backends_and_gpu(repo_root):
     assert "config.model.backbone: local folder models/offline_world" in result.output
 
 
-def test_mlflow_tracking_uri_from_the_environment_gives_way_to_an_explicit_set(
-    repo_root, monkeypatch, tmp_path
-):
-    """`MLFLOW_TRACKING_URI` names the tracking store as for MLflow's own tools; `--set tracking.uri` still wins."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'from-env.db'}")
-    shown = runner.invoke(app, ["--params", str(repo_root / "params.yaml"), "info"])
-    assert shown.exit_code == 0 and "from-env.db" in shown.output, shown.output
-    explicit = runner.invoke(
-        app,
-        ["--params", str(repo_root / "params.yaml"), "--set", "tracking.uri=sqlite:///explicit.db", "info"],
-    )
-    assert "explicit.db" in explicit.output and "from-env.db" not in explicit.output, explicit.output
+def test_mlflow_tracking_uri_from_the_environment_gives_way_to_an_explicit_set(repo_root, tmp_path):
+    """`MLFLOW_TRACKING_URI` names the tracking store as for MLflow's own tools (with a note); `--set tracking.uri`
+    still wins. As processes: the variable is read as the process started (mlflow rewrites it in-process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'from-env.db'}"}
+    command = [sys.executable, "-m", "magicid", "--params", str(repo_root / "params.yaml")]
+    shown = subprocess.run([*command, "info"], env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "from-env.db" in shown.stdout, shown.stderr
+    assert "from MLFLOW_TRACKING_URI" in shown.stderr
+    explicit = subprocess.run(
+        [*command, "--set", "tracking.uri=sqlite:///explicit.db", "info"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "explicit.db" in explicit.stdout and "from-env.db" not in explicit.stdout, explicit.stdout
