@@ -361,10 +361,13 @@ def register_offline_world(params: Params):
     needed = [world / "fit_report.json", world / CHECKSUMS_FILE, world / "adapter"]
     missing = [str(path) for path in needed if not path.exists()]
     if params.model.backbone == "tiny" or missing:
+        what = (
+            "the random tiny backbone" if params.model.backbone == "tiny" else f"missing {', '.join(missing)}"
+        )
         raise RegistryError(
-            f"model.backbone={params.model.backbone!r} is not a fitted world folder ({', '.join(missing) or 'tiny'}"
-            f" missing); set model.backbone to one (models/offline_world, `make offline-world` refits it) or "
-            f"train from a fresh adapter (train.init_from=null)"
+            f"model.backbone={params.model.backbone!r} is not a fitted world folder ({what}); set model.backbone "
+            f"to one (models/offline_world; `make offline-world` refits it) or train from a fresh adapter "
+            f"(train.init_from=null)"
         )
     world_sha = hashlib.sha256((world / CHECKSUMS_FILE).read_bytes()).hexdigest()
     name = params.promotion.model_name
