@@ -6,16 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_settings import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tests never reach a hub: any attempted download fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-# params.yaml with the random tiny backbone instead of the shipped offline world, training from a fresh adapter.
-TINY_OVERRIDES = ["model.backbone=tiny", "model.adapter_path=null", "train.init_from=null"]
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +26,7 @@ def default_params():
 
     # The mechanisms are tested on the random tiny backbone with fresh adapters; the shipped world that
     # params.yaml names (model.backbone, adapter_path, train.init_from: champion) has its own tests.
-    return load_params(ROOT / "params.yaml", TINY_OVERRIDES)
+    return load_params(ROOT / "params.yaml", TINY_BACKBONE)
 
 
 @pytest.fixture(scope="session")

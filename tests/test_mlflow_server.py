@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from s3_helpers import S3_ENV, _bucket, s3_server  # noqa: F401 - s3_server is a fixture
+from tiny_settings import TINY_BACKBONE
 
 pytestmark = pytest.mark.slow
 
@@ -97,9 +98,7 @@ def test_train_register_evaluate_promote_against_a_postgresql_server_with_s3_art
         "model.resolution=64",
         "model.device=cpu",
         "model.id_crop_size=32",
-        "model.backbone=tiny",  # the random tiny backbone and a fresh adapter, not params.yaml's shipped world
-        "model.adapter_path=null",
-        "train.init_from=null",
+        *TINY_BACKBONE,  # not params.yaml's shipped world
         "train.batch_size=2",
         "train.steps=2",
         "train.checkpoint_every=2",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_settings import TINY_WORLD_FIT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,19 +38,7 @@ def test_every_figure_is_computed_for_the_three_subjects_and_the_gate(sample_wor
         sys.path.remove(str(ROOT / "benchmarks"))
 
     tiny = [
-        "model.resolution=64",
-        "model.id_crop_size=32",
-        "fit.vae_resolution=64",
-        "fit.vae_patch=32",
-        "fit.vae_batch=2",
-        "fit.warmup_steps=1",
-        "fit_world.pool_images=4",
-        "fit_world.vae_steps=2",
-        "fit_world.unet_steps=2",
-        "fit_world.unet_batch=2",
-        "fit_world.adapter_steps=2",
-        "fit_world.adapter_batch=2",
-        "fit_world.epoch_samples=3",
+        *TINY_WORLD_FIT,
         "fit_world.val_samples=0",
         "fit_world.eval_every=0",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_settings import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,9 +26,7 @@ def _tiny(tmp_path: Path, *extra: str) -> list[str]:
         "model.resolution=64",
         "model.device=cpu",
         "model.id_crop_size=32",
-        "model.backbone=tiny",  # the random tiny backbone and a fresh adapter, not params.yaml's shipped world
-        "model.adapter_path=null",
-        "train.init_from=null",
+        *TINY_BACKBONE,  # not params.yaml's shipped world
         "train.batch_size=2",
         "train.steps=2",
         "train.checkpoint_every=2",

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_settings import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "magicid-test-pool"
@@ -86,9 +87,7 @@ def test_a_worker_in_another_process_runs_the_retrain_deployment_from_a_process_
             "model.resolution=64",
             "model.device=cpu",
             "model.id_crop_size=32",
-            "model.backbone=tiny",  # the random tiny backbone and a fresh adapter, not params.yaml's shipped world
-            "model.adapter_path=null",
-            "train.init_from=null",
+            *TINY_BACKBONE,  # not params.yaml's shipped world
             "train.batch_size=2",
             "train.steps=2",
             "train.checkpoint_every=2",

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_settings import TINY_BACKBONE
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +47,7 @@ def _overrides(out_dir: Path, tracking_dir: Path, batch_size: int) -> list[str]:
         "model.resolution=64",
         "model.device=cpu",
         "model.id_crop_size=32",
-        "model.backbone=tiny",  # the random tiny backbone and a fresh adapter, not params.yaml's shipped world
-        "model.adapter_path=null",
-        "train.init_from=null",
+        *TINY_BACKBONE,  # not params.yaml's shipped world
         f"train.batch_size={batch_size}",
         f"train.steps={STEPS}",
         "train.checkpoint_every=2",

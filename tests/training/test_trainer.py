@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_settings import TINY_BACKBONE
 from typer.testing import CliRunner
 
 from magicid.data.version import dataset_version
@@ -100,9 +101,7 @@ def test_resume_continues_exactly_and_the_run_is_tracked(tmp_path, idzoom_dir, t
         arg
         for o in [
             *common,
-            "model.backbone=tiny",  # as tiny_train_params: not params.yaml's shipped world
-            "model.adapter_path=null",
-            "train.init_from=null",
+            *TINY_BACKBONE,  # as tiny_train_params: not params.yaml's shipped world
             "model.resolution=64",
             "model.id_crop_size=32",
             f"train.out_dir={tmp_path / 'resumed'}",

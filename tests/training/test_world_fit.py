@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_settings import TINY_WORLD_FIT
 
 from magicid.errors import ConfigError
 
@@ -40,19 +41,7 @@ def _params(tmp: Path, *overrides: str):
     from magicid.config import load_params
 
     base = [
-        "model.resolution=64",
-        "model.id_crop_size=32",
-        "fit.vae_resolution=64",
-        "fit.vae_patch=32",
-        "fit.vae_batch=2",
-        "fit.warmup_steps=1",
-        "fit_world.pool_images=4",
-        "fit_world.vae_steps=2",
-        "fit_world.unet_steps=2",
-        "fit_world.unet_batch=2",
-        "fit_world.adapter_steps=2",
-        "fit_world.adapter_batch=2",
-        "fit_world.epoch_samples=3",
+        *TINY_WORLD_FIT,
         "fit_world.val_samples=2",
         "fit_world.eval_every=2",
         "fit_world.checkpoint_every=1",
