@@ -35,18 +35,28 @@ from magicid.models.mgmica import MGMICAAttnProcessor
 IMAGE, LATENT, WIDTH, HEADS, TEXT_WIDTH, TEXT_TOKENS, ID_TOKENS, BATCH = 512, 64, 320, 8, 768, 77, 4, 2
 FACE_FRACTION = 0.10
 ID_COUNTS = (1, 2, 4, 8)
+AREAS = (0.05, 0.15, 0.40, 0.80)  # the path sweep: all faces together cover this fraction of the image
+PATHS = ("gather", "dense")
 
 
 def face_masks(n: int, size: int = IMAGE, fraction: float = FACE_FRACTION) -> np.ndarray:
-    """n non-overlapping square faces (side a multiple of 8 px) covering `fraction` of the image: (n, size, size)."""
-    side = int(round(math.sqrt(fraction * size * size / n) / 8)) * 8
+    """n non-overlapping faces covering `fraction` of the image together: (n, size, size).
+
+    The image is cut into a grid of ceil(sqrt(n)) columns and as many rows as needed; face i is a rectangle of the
+    cell's aspect centred in cell i (sides multiples of 8 px), so up to 80 % of the image fits at any n.
+    """
     cols = math.ceil(math.sqrt(n))
-    gap = (size - cols * side) // (cols + 1)
+    rows = math.ceil(n / cols)
+    cell_h, cell_w = size // rows, size // cols
+    shrink = math.sqrt(fraction * size * size / n / (cell_h * cell_w))
+    if shrink > 1:
+        raise ValueError(f"{n} faces covering {fraction:.0%} of the image do not fit in {rows}x{cols} cells")
+    face_h, face_w = (max(8, int(round(side * shrink / 8)) * 8) for side in (cell_h, cell_w))
     masks = np.zeros((n, size, size), np.float32)
     for i in range(n):
         row, col = divmod(i, cols)
-        y0, x0 = gap + row * (side + gap), gap + col * (side + gap)
-        masks[i, y0 : y0 + side, x0 : x0 + side] = 1.0
+        y0, x0 = row * cell_h + (cell_h - face_h) // 2, col * cell_w + (cell_w - face_w) // 2
+        masks[i, y0 : y0 + face_h, x0 : x0 + face_w] = 1.0
     return masks
 
 
@@ -61,6 +71,71 @@ def timed(fn, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def path_figures(
+    attn: Attention,
+    hidden: torch.Tensor,
+    text: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int,
+    warmup: int,
+) -> dict[str, float]:
+    """MGMICA's two paths against the stock processor on the same layer, faces covering `AREAS` of the image at
+    `ID_COUNTS` identities: per (identities, area) the paired-ratio medians `mgmica_{path}_vs_stock_{n}ids_area{pct}`
+    and `mgmica_dense_vs_gather_...`, the load `auto` decides on (`mgmica_load_...`: gathered slots per row of the
+    dense band at this 64x64 grid), and `mgmica_dense_above_measured`: the smallest load from which on the dense
+    path was faster in every configuration (what `model.mgmica_dense_above` should be on this machine; nan when
+    the dense path never won at the highest load)."""
+    stock = AttnProcessor2_0()
+    g = torch.Generator(device).manual_seed(1)
+    configs = []
+    for area in AREAS:
+        for n in ID_COUNTS:
+            tokens = torch.randn(BATCH, n, ID_TOKENS, TEXT_WIDTH, generator=g, device=device, dtype=dtype)
+            masks = torch.from_numpy(face_masks(n, fraction=area))[None].to(device)
+            processors = {}
+            for path in PATHS:
+                torch.manual_seed(0)  # the same ID projections for both paths
+                proc = MGMICAAttnProcessor(WIDTH, TEXT_WIDTH).eval().to(device=device, dtype=dtype)
+                proc.context.set_path(path)
+                proc.set_identities(tokens, masks, latent_size=(LATENT, LATENT))
+                processors[path] = proc
+            load = processors["gather"].context.pairs((LATENT, LATENT), BATCH, device).load
+            configs.append((f"{n}ids_area{round(area * 100)}", load, processors))
+
+    def call(proc):
+        return lambda: proc(attn, hidden, text)
+
+    def run_stock():
+        return stock(attn, hidden, text)
+
+    for _ in range(warmup):
+        for _, _, processors in configs:
+            run_stock()
+            for proc in processors.values():
+                proc(attn, hidden, text)
+    ratios: dict[str, list[float]] = {}
+    for _ in range(reps):  # interleaved and paired: stock, gather, dense for one configuration, then the next
+        for name, _, processors in configs:
+            ms = {"stock": timed(run_stock, device)}
+            for path, proc in processors.items():
+                ms[path] = timed(call(proc), device)
+            for path in PATHS:
+                ratios.setdefault(f"mgmica_{path}_vs_stock_{name}", []).append(ms[path] / ms["stock"])
+            ratios.setdefault(f"mgmica_dense_vs_gather_{name}", []).append(ms["dense"] / ms["gather"])
+    figures = {key: statistics.median(values) for key, values in ratios.items()}
+    by_load = sorted((load, figures[f"mgmica_dense_vs_gather_{name}"]) for name, load, _ in configs)
+    crossover = math.nan
+    for load, _ in reversed(by_load):  # walk down while dense wins everywhere at and above this load
+        if any(ratio > 1 for other, ratio in by_load if other >= load):
+            break
+        crossover = load
+    for name, load, _ in configs:
+        figures[f"mgmica_load_{name}"] = load
+    figures["mgmica_dense_above_measured"] = crossover
+    return figures
+
+
 def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: int) -> dict[str, float]:
     """A whole UNet call (CFG batch 2) with MGMICA at 4 identities vs the same UNet with stock processors.
 
@@ -69,7 +144,7 @@ def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: in
     """
     from magicid.config import load_params
     from magicid.models.adapter import MagicIDAdapter
-    from magicid.models.mgmica import mgmica_context
+    from magicid.models.mgmica import install_mgmica, mgmica_context
 
     if device.type == "cuda":
         from magicid.models.sd15_shapes import build_sd15_shaped_backbone
@@ -82,9 +157,11 @@ def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: in
     unet = backbone.unet
     stock_processors = unet.attn_processors
     params = load_params(None, [])
-    adapter = MagicIDAdapter.create(backbone, params)  # installs MGMICA on the UNet
-    mgmica_processors_ = unet.attn_processors
-    context = mgmica_context(unet)
+    adapter = MagicIDAdapter.create(backbone, params)  # installs MGMICA on the UNet, model.mgmica_path (auto)
+    installed = {"auto": (unet.attn_processors, mgmica_context(unet))}
+    for path in PATHS:  # the same initial ID projections (copies of to_k / to_v), one context a path
+        install_mgmica(unet, scale=params.model.id_scale, path=path)
+        installed[path] = (unet.attn_processors, mgmica_context(unet))
     g = torch.Generator(device).manual_seed(0)
     width = backbone.cross_attention_dim
     latents = torch.randn(BATCH, 4, latent, latent, generator=g, device=device, dtype=dtype)
@@ -97,26 +174,35 @@ def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: in
         unet.set_attn_processor(dict(stock_processors))
         unet(latents, t, text)
 
-    def mgmica() -> None:
-        unet.set_attn_processor(dict(mgmica_processors_))
-        context.set(tokens, masks, (latent, latent))
-        unet(latents, t, text)
-        context.set(None, None)
+    def mgmica(path: str):
+        processors, context = installed[path]
 
-    times: dict[str, list[float]] = {"stock": [], "mgmica": []}
+        def run() -> None:
+            unet.set_attn_processor(dict(processors))
+            context.set(tokens, masks, (latent, latent))  # the same tensors: the per-grid plans are kept
+            unet(latents, t, text)
+            context.set(None, None)
+
+        return run
+
+    runs = {"stock": stock, **{path: mgmica(path) for path in installed}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(warmup + reps):
-        for name, fn in (("stock", stock), ("mgmica", mgmica)):
+        for name, fn in runs.items():
             ms = timed(fn, device)
             if i >= warmup:
                 times[name].append(ms)
-    unet.set_attn_processor(dict(mgmica_processors_))
+    adapter.attach(unet)
     del adapter
-    stock_ms, mgmica_ms = statistics.median(times["stock"]), statistics.median(times["mgmica"])
-    return {
-        "unet_stock_ms": stock_ms,
-        "unet_mgmica_4ids_ms": mgmica_ms,
-        "unet_mgmica_vs_stock_4ids": mgmica_ms / stock_ms,
+    median = {name: statistics.median(values) for name, values in times.items()}
+    figures = {
+        "unet_stock_ms": median["stock"],
+        "unet_mgmica_4ids_ms": median["auto"],
+        "unet_mgmica_vs_stock_4ids": median["auto"] / median["stock"],
     }
+    for path in PATHS:
+        figures[f"unet_mgmica_{path}_vs_stock_4ids"] = median[path] / median["stock"]
+    return figures
 
 
 @torch.inference_mode()
@@ -196,6 +282,7 @@ def main() -> None:
         figures[f"mgmica_vs_stock_{n}ids"] = mg / median["stock"]
         figures[f"mgmica_vs_ipadapter_masked_{n}ids"] = mg / ip
         figures[f"ipadapter_masked_vs_stock_{n}ids"] = ip / median["stock"]
+    figures.update(path_figures(attn, hidden, text, device, dtype, reps, warmup))
     figures.update(unet_figures(device, dtype, max(10, reps // 3), warmup))
     print(f"{prefix}device: {device}")
     print(f"{prefix}dtype: {dtype_name}")

@@ -81,7 +81,9 @@ class MagicIDAdapter(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(params.seed)
             controlnet = build_controlnet(unet)  # before MGMICA: copies the UNet's encoder weights
-            projections = install_mgmica(unet, scale=model.id_scale)
+            projections = install_mgmica(
+                unet, scale=model.id_scale, path=model.mgmica_path, dense_above=model.mgmica_dense_above
+            )
             id_encoder = IDEncoder(
                 embed_dim=model.id_embed_dim,
                 cross_attention_dim=backbone.cross_attention_dim,

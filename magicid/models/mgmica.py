@@ -80,6 +80,8 @@ class MGMICAMissingError(ModelInputError):
 
 
 __all__ = [
+    "DENSE_ABOVE",
+    "MGMICA_PATHS",
     "MGMICAAttnProcessor",
     "dense_reference",
     "MGMICAContext",
@@ -240,20 +242,8 @@ class MGMICAAttnProcessor(nn.Module):
 
         def add_identities(module, args):
             (attended,) = args  # (B, N, inner): text attention output, before the output projection
-            found = self._identity_attention(attn, captured.pop("query"), scale)
-            if found is None:
-                return None
-            positions, delta = found
-            flat = attended.reshape(
-                -1, attended.shape[-1]
-            )  # a view or a copy: the hook returns what it wrote
-            if torch.is_grad_enabled() and (flat.requires_grad or delta.requires_grad):
-                flat = flat.index_put((positions,), delta.to(flat.dtype), accumulate=True)
-            else:
-                # In place into the text attention's fresh output (no autograd here); index_put_(accumulate)
-                # rather than index_add_: on CPU the latter is ~10x slower into a large tensor.
-                flat.index_put_((positions,), delta.to(flat.dtype), accumulate=True)
-            return (flat.view(attended.shape),)
+            summed = self._add_identity_attention(attn, captured.pop("query"), attended, scale)
+            return None if summed is None else (summed,)
 
         query_hook = attn.to_q.register_forward_hook(keep_query)
         out_hook = attn.to_out[0].register_forward_pre_hook(add_identities)
@@ -268,26 +258,46 @@ class MGMICAAttnProcessor(nn.Module):
         """The identity scale in force: the context's while identities set with a scale, else `scale`."""
         return self.scale if self.context.scale is None else self.context.scale
 
-    def _identity_attention(
-        self, attn: Attention, query: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Masked ID attention from the layer's query (B, N, inner).
+    def _add_identity_attention(
+        self, attn: Attention, query: torch.Tensor, attended: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        """`attended` (B, N, inner) plus the masked ID attention from the layer's query (B, N, inner), on the path
+        the context chose for this grid (`MGMICAContext.pairs`); None when every mask is empty at this grid.
+
+        In place into `attended` (the text attention's fresh output) when no autograd is recording; a new tensor
+        otherwise.
+        """
+        batch, length, _ = query.shape
+        grid = self.context.grid(length)
+        self.last_grid = grid
+        plan = self.context.pairs(grid, batch, query.device)
+        if plan is None:
+            return None
+        if isinstance(plan, _Dense):
+            return self._dense(attn, plan, query, attended, scale)
+        positions, delta = self._gathered(attn, plan, query, scale)
+        flat = attended.reshape(-1, attended.shape[-1])  # a view or a copy: the hook returns what it wrote
+        if torch.is_grad_enabled() and (flat.requires_grad or delta.requires_grad):
+            flat = flat.index_put((positions,), delta.to(flat.dtype), accumulate=True)
+        else:
+            # In place into the text attention's fresh output (no autograd here); index_put_(accumulate)
+            # rather than index_add_: on CPU the latter is ~10x slower into a large tensor.
+            flat.index_put_((positions,), delta.to(flat.dtype), accumulate=True)
+        return flat.view(attended.shape)
+
+    def _gathered(
+        self, attn: Attention, pairs: _Pairs, query: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather -> attend: the masked ID attention at the query rows inside the masks.
 
         Gathers, for every (sample, identity), the query rows inside that identity's mask (padded to the
         longest mask L with weight-0 slots), attends them to the identity's K/V in one SDPA over
         (B * n, heads, L, d), and weights them by the overlap-ruled mask values times `scale`.
 
         Returns:
-            (flat query rows (B * n * L,) into B * N, their ID terms (B * n * L, inner)) to scatter-add, or None
-            when every mask is empty at this layer's grid.
+            (flat query rows (B * n * L,) into B * N, their ID terms (B * n * L, inner)) to scatter-add.
         """
-        context = self.context
         batch, length, inner = query.shape
-        grid = context.grid(length)
-        self.last_grid = grid
-        pairs = context.pairs(grid, batch, query.device)
-        if pairs is None:
-            return None
         heads = attn.heads
         head_dim = inner // heads
         groups, slots = pairs.positions.shape  # B * n, L
@@ -303,6 +313,57 @@ class MGMICAAttnProcessor(nn.Module):
         attended = F.scaled_dot_product_attention(q, key, value, dropout_p=0.0, is_causal=False)
         attended = attended.transpose(1, 2).reshape(groups * slots, inner)
         return pairs.flat_positions, attended * pairs.scaled_weight(attended.dtype, scale)
+
+    def _dense(
+        self, attn: Attention, plan: _Dense, query: torch.Tensor, attended: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Dense masked: every identity at every query row of the band `plan.rows` (the rows from the first to
+        the last masked row, a slice: no gather, no scatter), in one batched attention over (B x heads).
+
+        Each identity's softmax runs over its own T tokens, so all identities' keys fit in one score matrix
+        (rows x n * T): one matmul, a softmax over each T-slice, the overlap weights x scale folded into the
+        probabilities, and one matmul with the stacked values does the n attentions and the weighted sum at once
+        (the query is read once, not once per identity as an SDPA over (B * n) would). A row outside mask i has
+        weight exactly 0 for identity i, so identity i adds exactly 0 there: the locality is the gather path's.
+        """
+        batch, length, inner = query.shape
+        heads, n_ids = attn.heads, self.context.tokens.shape[1]
+        head_dim = inner // heads
+        start, stop = plan.rows
+        rows = stop - start
+
+        # The band's query rows, heads split: (B * heads, rows, d) (the reshape is the one copy).
+        q = query[:, start:stop].view(batch, rows, heads, head_dim)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        q = q.transpose(1, 2).reshape(batch * heads, rows, head_dim)
+        # Identity keys and values with the tokens ordered (T, n), identities innermost: the softmax over each
+        # identity's T tokens then runs over dim -2 with n contiguous lanes, which on CPU is 3-5x faster than
+        # over a last dim of T = 4 (measured at SD 1.5's 64x64 layer: 3.3 vs 14 ms at 4 identities).
+        tokens = self.context.tokens.to(device=query.device, dtype=query.dtype)
+        key = _expand_batch(self.to_k_id(tokens), batch, "id_tokens")  # (B, n, T, inner)
+        value = _expand_batch(self.to_v_id(tokens), batch, "id_tokens")
+        key = key.view(batch, n_ids, -1, heads, head_dim)  # (B, n, T, heads, d)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        key = key.permute(0, 3, 4, 2, 1).reshape(batch * heads, head_dim, -1)  # (B * heads, d, T * n)
+        value = value.view(batch, n_ids, -1, heads, head_dim).permute(0, 3, 2, 1, 4)  # (B, heads, T, n, d)
+        value = value.reshape(batch * heads, -1, head_dim)  # (B * heads, T * n, d)
+
+        # Scores of all identities' tokens at once, SDPA's default softmax scale.  (B * heads, rows, T * n)
+        scores = torch.baddbmm(plan.no_bias(query.dtype), q, key, beta=0.0, alpha=head_dim**-0.5)
+        probs = scores.view(batch, heads, rows, -1, n_ids).softmax(dim=-2)  # each identity's own softmax
+        probs = probs * plan.scaled_weight(query.dtype, scale)  # (B, 1, rows, 1, n): w_i x scale
+        delta = torch.bmm(probs.view(batch * heads, rows, -1), value)  # (B * heads, rows, d): Σ_i w_i attn_i
+        delta = delta.view(batch, heads, rows, head_dim).transpose(1, 2)  # (B, rows, heads, d), a view
+
+        attended = attended.contiguous()  # (B, N, inner); a no-op for AttnProcessor2_0's fresh output
+        if torch.is_grad_enabled() and (attended.requires_grad or delta.requires_grad):
+            band = attended[:, start:stop] + delta.reshape(batch, rows, inner)
+            return band if rows == length else attended.slice_scatter(band, dim=1, start=start, end=stop)
+        # In place, the head merge fused into the add: one kernel writes the band.
+        attended.view(batch, length, heads, head_dim)[:, start:stop].add_(delta.to(attended.dtype))
+        return attended
 
     def _identity_kv(self, attn: Attention, batch: int, dtype: torch.dtype, device: torch.device):
         """Identity keys and values (B * n, heads, T, d), projected at every call (module docstring: no cache)."""
@@ -330,6 +391,7 @@ class _Pairs:
     positions: torch.Tensor  # (B * n, L) long: flat query row (into B * N) of each (sample, identity) slot
     pair_weight: torch.Tensor  # (B * n, L) float32: overlap-ruled mask weight; 0 on padding slots
     n_rows: int  # distinct query rows inside some mask (the gathered area)
+    load: float  # the largest mask's cells per row of the dense band (`_Dense.load`)
     flat_positions: torch.Tensor | None = None  # positions.flatten(), made once
     scaled: dict = field(default_factory=dict)  # (dtype, scale) -> (B * n * L, 1) weight x scale, made once
 
@@ -340,6 +402,37 @@ class _Pairs:
         if key not in self.scaled:
             self.scaled[key] = self.pair_weight.to(dtype).view(-1, 1) * scale
         return self.scaled[key]
+
+
+@dataclass
+class _Dense:
+    """The dense masked plan of one (grid, batch): every identity at every query row of a band of rows."""
+
+    rows: tuple[int, int]  # [start, stop): query positions from the first to the last inside some mask
+    weight: torch.Tensor  # (B, 1, rows, 1, n) float32: overlap-ruled mask weights on the band
+    load: float  # the largest mask's cells per row of the band: what `auto` compares with `dense_above`
+    scaled: dict = field(default_factory=dict)  # (dtype, scale) -> weight x scale in dtype, made once
+    empty: dict = field(default_factory=dict)  # dtype -> (1, 1, 1): baddbmm's unread input (beta=0)
+
+    def scaled_weight(self, dtype: torch.dtype, scale: float) -> torch.Tensor:
+        """`weight` times `scale` in `dtype`, cached as `_Pairs.scaled_weight`."""
+        key = (dtype, scale)
+        if key not in self.scaled:
+            self.scaled[key] = self.weight.to(dtype) * scale
+        return self.scaled[key]
+
+    def no_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """A (1, 1, 1) tensor for `torch.baddbmm(..., beta=0)`, which never reads it (made once a dtype)."""
+        if dtype not in self.empty:
+            self.empty[dtype] = torch.zeros(1, 1, 1, dtype=dtype, device=self.weight.device)
+        return self.empty[dtype]
+
+
+MGMICA_PATHS = ("auto", "gather", "dense")
+# `auto`: the dense path where the gathered slots (identities x the largest mask, in cells) are at least this
+# fraction of the dense band's rows. Set from the CPU crossover of benchmarks/bench_attention.py (module docstring);
+# the GPU crossover is unmeasured. `model.mgmica_dense_above` in params.yaml.
+DENSE_ABOVE = 0.5
 
 
 @dataclass
@@ -362,6 +455,8 @@ class MGMICAContext:
     fixed_latent_size: bool = False
     scale: float | None = None
     calls: int = 0
+    path: str = "auto"  # gather | dense | auto (per grid, from the mask areas: `set_path`)
+    dense_above: float = DENSE_ABOVE  # auto's threshold (`set_path`)
     hook: object | None = field(default=None, repr=False)  # the UNet pre-hook handle (`install_mgmica`)
     _cache: dict = field(default_factory=dict, repr=False)
     _cached_for: tuple | None = field(default=None, repr=False)  # (tokens, masks, latent_size) of `_cache`
@@ -425,6 +520,23 @@ class MGMICAContext:
         self._cache.clear()
         self._cached_for = (tokens, original_masks, latent, masks)
 
+    def set_path(self, path: str, dense_above: float | None = None) -> None:
+        """Choose how the processors compute the ID attention: `gather` (gather -> attend -> scatter over the
+        rows inside the masks), `dense` (every identity at every row of the masked band) or `auto` (per layer
+        grid: dense where the gathered slots are at least `dense_above` of the band's rows, else gather).
+
+        Raises:
+            ModelInputError: an unknown path or a threshold <= 0.
+        """
+        if path not in MGMICA_PATHS:
+            raise ModelInputError(f"MGMICA: path {path!r} is not one of {', '.join(MGMICA_PATHS)}")
+        if dense_above is not None and not dense_above > 0:
+            raise ModelInputError(f"MGMICA: dense_above must be > 0, got {dense_above}")
+        self.path = path
+        if dense_above is not None:
+            self.dense_above = float(dense_above)
+        self._cache.clear()  # the plans depend on the path
+
     def holds(self, tokens: torch.Tensor, masks: torch.Tensor) -> bool:
         """Whether the caches were built for these very tensors (setting them again is then free)."""
         cached = self._cached_for
@@ -438,22 +550,34 @@ class MGMICAContext:
         base = self.latent_size or tuple(self.masks.shape[-2:])
         return grid_for_length(length, base)
 
-    def pairs(self, grid: tuple[int, int], batch: int, device: torch.device) -> _Pairs | None:
-        """Gather/scatter indices for one layer grid and hidden-states batch (cached until identities change)."""
+    def pairs(self, grid: tuple[int, int], batch: int, device: torch.device) -> _Pairs | _Dense | None:
+        """The plan of one layer grid and hidden-states batch: gather/scatter indices (`_Pairs`) or the dense
+        band (`_Dense`), cached until identities or path change; None when every mask is empty at this grid."""
         key = (grid, batch, device)
         if key not in self._cache:
             self._cache[key] = self._build_pairs(grid, batch, device)
         return self._cache[key]
 
-    def _build_pairs(self, grid: tuple[int, int], batch: int, device: torch.device) -> _Pairs | None:
+    def _build_pairs(self, grid: tuple[int, int], batch: int, device: torch.device) -> _Pairs | _Dense | None:
+        """Build one grid's plan. Reads sizes back to the host (mask extents), once per identities and grid:
+        the path is chosen here, so a steady-state call makes no host synchronisation."""
         masks = _expand_batch(self.masks, batch, "id_masks").to(device)
         weights = overlap_weights(resize_masks(masks, grid)).flatten(2)  # (B, n, N) float32
-        n_tokens = weights.shape[-1]
+        n_ids, n_tokens = weights.shape[1:]
         active = weights > 0  # (B, n, N)
         counts = active.sum(-1)  # (B, n)
-        longest = int(counts.max())
-        if longest == 0:
+        masked_rows = active.any(dim=1).any(dim=0).nonzero()  # query rows inside some mask, any sample
+        if masked_rows.numel() == 0:
             return None
+        start, stop = int(masked_rows[0]), int(masked_rows[-1]) + 1
+        longest = int(counts.max())
+        # Work of each path a sample: gather attends n * L slots (each identity padded to the largest mask L)
+        # and moves them through a gather and a scatter; dense attends all n identities at each of the band's
+        # rows (no gather, no scatter). So dense pays where L fills most of the band: load = L / band <= 1.
+        load = longest / (stop - start)
+        if self.path == "dense" or (self.path == "auto" and load >= self.dense_above):
+            band = weights[:, :, start:stop].transpose(1, 2)  # (B, rows, n)
+            return _Dense((start, stop), band.reshape(batch, 1, stop - start, 1, n_ids).contiguous(), load)
         # Each (b, i) row's active positions first (stable: in raster order), truncated to the longest row.
         order = torch.sort(active.to(torch.uint8), dim=-1, descending=True, stable=True).indices[
             ..., :longest
@@ -465,7 +589,7 @@ class MGMICAContext:
         pair_weight = torch.where(valid, weights.gather(-1, order), 0.0)
         n_rows = int(active.any(dim=1).sum())
         positions = positions.flatten(0, 1)
-        return _Pairs(positions, pair_weight.flatten(0, 1), n_rows, positions.flatten())
+        return _Pairs(positions, pair_weight.flatten(0, 1), n_rows, load, positions.flatten())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -561,7 +685,9 @@ def _cross_attention_processor_names(unet: nn.Module) -> list[str]:
     return names
 
 
-def install_mgmica(unet: nn.Module, scale: float = 1.0) -> nn.ModuleDict:
+def install_mgmica(
+    unet: nn.Module, scale: float = 1.0, path: str = "auto", dense_above: float = DENSE_ABOVE
+) -> nn.ModuleDict:
     """Put new `MGMICAAttnProcessor`s on every cross-attention layer (`attn2`), stock `AttnProcessor2_0` elsewhere.
 
     The new `to_k_id` / `to_v_id` start as copies of the layer's text `to_k` / `to_v` (IP-Adapter's
@@ -572,6 +698,8 @@ def install_mgmica(unet: nn.Module, scale: float = 1.0) -> nn.ModuleDict:
     Args:
         unet: a diffusers `UNet2DConditionModel` (or any model with `attn_processors` / `set_attn_processor`).
         scale: identity-branch scale of every layer.
+        path: `gather`, `dense` or `auto` (per layer grid from the mask areas; `MGMICAContext.set_path`).
+        dense_above: `auto`'s threshold (`model.mgmica_dense_above`).
 
     Returns:
         The processors (the trainable ID projections) as an `nn.ModuleDict` keyed by layer name with `.` -> `-`.
@@ -582,6 +710,7 @@ def install_mgmica(unet: nn.Module, scale: float = 1.0) -> nn.ModuleDict:
             "install_mgmica: the UNet has no cross-attention (attn2) layer to install MGMICA on"
         )
     context = MGMICAContext()
+    context.set_path(path, dense_above)
     param = next(unet.parameters())
     installed: dict[str, MGMICAAttnProcessor] = {}
     for name in names:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from magicid.config import load_params
-from magicid.errors import BackboneError
+from magicid.errors import BackboneError, ConfigError
 from magicid.models.adapter import CONFIG_NAME, WEIGHTS_NAME, MagicIDAdapter
 from magicid.models.mgmica import mgmica_processors
 
@@ -60,3 +60,22 @@ def test_load_refuses_missing_files_and_another_unet(tmp_path, params, tiny_back
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(BackboneError, match="built for a UNet"):
         MagicIDAdapter.load(tmp_path, copy.deepcopy(tiny_backbone), params)
+
+
+def test_mgmica_path_from_params_reaches_the_processors_on_create_and_load(tmp_path, tiny_backbone):
+    """`model.mgmica_path` / `model.mgmica_dense_above` set how every MGMICA layer computes (pipeline, trainer and
+    DIIR all build their adapter with `create` or `load`); the saved adapter does not fix them."""
+    from magicid.models.mgmica import DENSE_ABOVE, mgmica_context
+
+    assert load_params(None).model.mgmica_dense_above == DENSE_ABOVE  # params.yaml, config and code agree
+    dense = load_params(None, ["model.mgmica_path=dense", "model.mgmica_dense_above=0.7"])
+    backbone = copy.deepcopy(tiny_backbone)
+    adapter = MagicIDAdapter.create(backbone, dense)
+    assert (adapter.mgmica_context.path, adapter.mgmica_context.dense_above) == ("dense", 0.7)
+    assert mgmica_context(backbone.unet) is adapter.mgmica_context
+    adapter.save(tmp_path)
+    gather = load_params(None, ["model.mgmica_path=gather"])
+    loaded = MagicIDAdapter.load(tmp_path, copy.deepcopy(tiny_backbone), gather)
+    assert (loaded.mgmica_context.path, loaded.mgmica_context.dense_above) == ("gather", DENSE_ABOVE)
+    with pytest.raises(ConfigError, match="mgmica_path"):
+        load_params(None, ["model.mgmica_path=sparse"])

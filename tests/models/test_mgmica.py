@@ -1,4 +1,7 @@
-"""Invariants of MGMICA (masked multi-identity cross-attention): locality, stock equivalence, overlaps, CFG, grids."""
+"""Invariants of MGMICA (masked multi-identity cross-attention): locality, stock equivalence, overlaps, CFG, grids.
+
+The processor's invariants hold on both of its paths (gather -> attend -> scatter, and dense masked): the tests
+that run the processor take the `path` fixture and run once per path."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from magicid.errors import ModelInputError
 from magicid.models.mgmica import (
     MGMICAAttnProcessor,
+    _Dense,
+    _Pairs,
     clear_identities,
     dense_reference,
     grid_for_length,
@@ -26,12 +31,19 @@ from magicid.models.mgmica import (
 QUERY_DIM, CROSS_DIM, HEADS = 32, 16, 4
 
 
-def _layer(seed: int = 0) -> tuple[Attention, MGMICAAttnProcessor]:
+@pytest.fixture(params=["gather", "dense"])
+def path(request) -> str:
+    """The processor's path (`MGMICAContext.set_path`): every invariant must hold on both."""
+    return request.param
+
+
+def _layer(seed: int = 0, path: str = "gather") -> tuple[Attention, MGMICAAttnProcessor]:
     torch.manual_seed(seed)
     attn = Attention(
         query_dim=QUERY_DIM, cross_attention_dim=CROSS_DIM, heads=HEADS, dim_head=QUERY_DIM // HEADS
     )
     proc = MGMICAAttnProcessor(QUERY_DIM, CROSS_DIM)
+    proc.context.set_path(path)
     torch.nn.init.normal_(proc.to_k_id.weight)
     torch.nn.init.normal_(proc.to_v_id.weight)
     attn.set_processor(proc)
@@ -53,8 +65,8 @@ def _box_masks(batch: int, h: int, w: int, boxes) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_matches_dense_formula_with_soft_and_overlapping_masks():
-    attn, proc = _layer()
+def test_matches_dense_formula_with_soft_and_overlapping_masks(path):
+    attn, proc = _layer(path=path)
     h, w = 6, 9
     hidden, text = _inputs(2, h, w)
     tokens = torch.randn(2, 3, 4, CROSS_DIM)
@@ -67,8 +79,8 @@ def test_matches_dense_formula_with_soft_and_overlapping_masks():
 
 
 @torch.no_grad()
-def test_changing_one_identity_changes_nothing_outside_its_mask():
-    attn, proc = _layer()
+def test_changing_one_identity_changes_nothing_outside_its_mask(path):
+    attn, proc = _layer(path=path)
     h, w = 8, 8
     hidden, text = _inputs(1, h, w)
     masks = _box_masks(1, h, w, [(1, 4, 1, 4), (3, 7, 3, 7)])  # overlapping at (3, 3)
@@ -86,8 +98,8 @@ def test_changing_one_identity_changes_nothing_outside_its_mask():
 
 
 @torch.no_grad()
-def test_scale_zero_no_identities_and_empty_masks_equal_stock_processor():
-    attn, proc = _layer()
+def test_scale_zero_no_identities_and_empty_masks_equal_stock_processor(path):
+    attn, proc = _layer(path=path)
     hidden, text = _inputs(2, 5, 7)
     stock = AttnProcessor2_0()(attn, hidden, text)
     assert torch.equal(attn(hidden, encoder_hidden_states=text), stock)  # no identities
@@ -102,12 +114,12 @@ def test_scale_zero_no_identities_and_empty_masks_equal_stock_processor():
 
 
 @torch.no_grad()
-def test_unet_with_mgmica_equals_stock_unet_without_identities_or_at_scale_zero(tiny_backbone):
+def test_unet_with_mgmica_equals_stock_unet_without_identities_or_at_scale_zero(tiny_backbone, path):
     unet = copy.deepcopy(tiny_backbone.unet)
     g = torch.Generator().manual_seed(0)
     latents, text = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 64, generator=g)
     stock = unet(latents, 500, text).sample
-    install_mgmica(unet)
+    install_mgmica(unet, path=path)
     assert torch.equal(unet(latents, 500, text).sample, stock)
     tokens, masks = (
         torch.randn(2, 2, 4, 64, generator=g),
@@ -122,8 +134,8 @@ def test_unet_with_mgmica_equals_stock_unet_without_identities_or_at_scale_zero(
 
 
 @torch.no_grad()
-def test_overlap_rule_blends_identities_and_weights_sum_to_at_most_one():
-    attn, proc = _layer()
+def test_overlap_rule_blends_identities_and_weights_sum_to_at_most_one(path):
+    attn, proc = _layer(path=path)
     h, w = 6, 6
     hidden, text = _inputs(1, h, w)
     tokens = torch.randn(1, 2, 4, CROSS_DIM)
@@ -152,8 +164,8 @@ def test_overlap_rule_blends_identities_and_weights_sum_to_at_most_one():
 
 
 @torch.no_grad()
-def test_cfg_batches_broadcast_tokens_and_masks():
-    attn, proc = _layer()
+def test_cfg_batches_broadcast_tokens_and_masks(path):
+    attn, proc = _layer(path=path)
     h, w = 4, 6
     hidden, text = _inputs(4, h, w)  # CFG: 2 uncond + 2 cond
     tokens = torch.randn(2, 2, 4, CROSS_DIM)
@@ -241,9 +253,11 @@ def _capture_attn2_inputs(unet, latents, text):
     [((32, 32), (256, 256)), ((9, 13), (71, 103)), ((9, 13), (9, 13)), ((7, 5), (56, 40))],
 )
 @torch.no_grad()
-def test_masks_of_any_size_map_to_every_unet_layer_and_stay_local(tiny_backbone, latent_size, mask_size):
+def test_masks_of_any_size_map_to_every_unet_layer_and_stay_local(
+    tiny_backbone, latent_size, mask_size, path
+):
     unet = copy.deepcopy(tiny_backbone.unet)
-    install_mgmica(unet)
+    install_mgmica(unet, path=path)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, *latent_size, generator=g)
     text = torch.randn(1, 77, 64, generator=g)
@@ -274,9 +288,9 @@ def test_masks_of_any_size_map_to_every_unet_layer_and_stay_local(tiny_backbone,
     clear_identities(unet)
 
 
-def test_id_projections_are_trainable_and_text_weights_untouched(tiny_backbone):
+def test_id_projections_are_trainable_and_text_weights_untouched(tiny_backbone, path):
     unet = copy.deepcopy(tiny_backbone.unet)
-    projections = install_mgmica(unet)
+    projections = install_mgmica(unet, path=path)
     assert len(projections) == 6 and all(k.endswith("attn2") for k in projections)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(1, 1, 4, 64, generator=g, requires_grad=True)
@@ -291,8 +305,8 @@ def test_id_projections_are_trainable_and_text_weights_untouched(tiny_backbone):
 
 
 @torch.no_grad()
-def test_image_shaped_hidden_states_give_the_same_result_as_token_shaped_ones():
-    attn, proc = _layer()
+def test_image_shaped_hidden_states_give_the_same_result_as_token_shaped_ones(path):
+    attn, proc = _layer(path=path)
     h, w = 5, 6
     hidden, text = _inputs(2, h, w)
     proc.set_identities(
@@ -306,8 +320,8 @@ def test_image_shaped_hidden_states_give_the_same_result_as_token_shaped_ones():
 
 
 @torch.no_grad()
-def test_identity_keys_follow_weight_and_token_updates():
-    attn, proc = _layer()
+def test_identity_keys_follow_weight_and_token_updates(path):
+    attn, proc = _layer(path=path)
     hidden, text = _inputs(1, 4, 4)
     tokens, masks = torch.randn(1, 1, 4, CROSS_DIM), _box_masks(1, 4, 4, [(0, 2, 0, 2)])
     proc.set_identities(tokens, masks, latent_size=(4, 4))
@@ -321,10 +335,10 @@ def test_identity_keys_follow_weight_and_token_updates():
 
 
 @torch.no_grad()
-def test_fast_path_matches_dense_reference_with_cfg_halves_and_a_context_scale():
+def test_fast_path_matches_dense_reference_with_cfg_halves_and_a_context_scale(path):
     """Tokens and masks for half the batch (repeated to both CFG halves), the scale set on the context: the
     gathered processor and the module's dense formula agree."""
-    attn, proc = _layer(seed=3)
+    attn, proc = _layer(seed=3, path=path)
     h, w = 7, 5
     hidden, text = _inputs(4, h, w, seed=4)
     tokens = torch.randn(2, 2, 4, CROSS_DIM, generator=torch.Generator().manual_seed(5))
@@ -340,3 +354,56 @@ def test_fast_path_matches_dense_reference_with_cfg_halves_and_a_context_scale()
     assert not torch.allclose(
         dense_reference(attn, proc, hidden, text, tokens, masks, (h, w), scale=0.0), got
     )
+
+
+def test_auto_path_follows_the_load_and_the_threshold():
+    """`auto` picks the dense path where the largest mask fills at least `dense_above` of the masked band (the
+    query positions from the first to the last inside some mask), per layer grid, when the plan is built."""
+    _, proc = _layer(path="auto")
+    context = proc.context
+    context.set_path("auto", dense_above=0.4)
+    cpu = torch.device("cpu")
+    tokens = torch.randn(1, 2, 4, CROSS_DIM)
+    small = _box_masks(1, 16, 16, [(2, 4, 2, 4), (10, 12, 9, 11)])  # 2 x 2 cells each
+    context.set(tokens, small, latent_size=(16, 16))
+    plan = context.pairs((16, 16), 1, cpu)
+    band = (11 * 16 + 10 + 1) - (2 * 16 + 2)  # from the first masked position (2, 2) to one past (11, 10)
+    assert isinstance(plan, _Pairs) and plan.load == pytest.approx(4 / band)
+    halves = _box_masks(1, 16, 16, [(0, 8, 0, 16), (8, 16, 0, 16)])  # the whole image, 128 cells each
+    context.set(tokens, halves, latent_size=(16, 16))
+    plan = context.pairs((16, 16), 1, cpu)
+    assert isinstance(plan, _Dense) and plan.load == pytest.approx(0.5) and plan.rows == (0, 256)
+    assert isinstance(context.pairs((8, 8), 1, cpu), _Dense)  # every grid decides on its own resized masks
+    context.set_path("auto", dense_above=0.6)  # the same masks, a higher threshold: gather again
+    assert isinstance(context.pairs((16, 16), 1, cpu), _Pairs)
+    context.set_path("dense")
+    context.set(tokens, small, latent_size=(16, 16))
+    assert context.pairs((16, 16), 1, cpu).rows == (34, 187)
+    context.set_path("gather")
+    context.set(tokens, halves, latent_size=(16, 16))
+    assert isinstance(context.pairs((16, 16), 1, cpu), _Pairs)
+    with pytest.raises(ModelInputError, match="sparse"):
+        context.set_path("sparse")
+    with pytest.raises(ModelInputError, match="dense_above"):
+        context.set_path("auto", dense_above=0.0)
+
+
+def test_both_paths_give_the_same_values_and_gradients():
+    """Training runs the dense path through autograd (a band inside the image: `slice_scatter`); its gradients
+    match the gather path's."""
+    h, w = 8, 8
+    hidden, text = _inputs(2, h, w)
+    tokens = torch.randn(2, 2, 4, CROSS_DIM)
+    masks = _box_masks(2, h, w, [(2, 4, 1, 5), (3, 6, 4, 8)])  # overlapping, the band rows 2..5
+    masks[1, 1] *= 0.5
+    results = {}
+    for path in ("gather", "dense"):
+        attn, proc = _layer(seed=2, path=path)
+        hid, tok = hidden.clone().requires_grad_(), tokens.clone().requires_grad_()
+        proc.set_identities(tok, masks, latent_size=(h, w))
+        out = attn(hid, encoder_hidden_states=text)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[path] = (out.detach(), hid.grad, tok.grad, proc.to_k_id.weight.grad, proc.to_v_id.weight.grad)
+    assert isinstance(proc.context.pairs((h, w), 2, torch.device("cpu")), _Dense)  # the last one ran dense
+    for gathered, dense in zip(results["gather"], results["dense"], strict=True):
+        torch.testing.assert_close(dense, gathered, rtol=1e-5, atol=1e-5)
