@@ -9,8 +9,14 @@ One cross-attention layer at SD 1.5's highest attention resolution: 64x64 latent
   prepared by `IPAdapterMaskProcessor`.
 Calls are interleaved (stock, mgmica, ipadapter, stock, ...), repeated >= 30 times after a warm-up; figures are
 medians in ms at a fixed thread count. Targets: `mgmica_vs_stock_4ids` <= 1.15, `mgmica_vs_ipadapter_masked_4ids`
-<= 0.5. Then a whole UNet call, CFG batch 2, with MGMICA at 4 identities against the same UNet with stock
-processors (`unet_mgmica_vs_stock_4ids`): the tiny UNet at 256 px on CPU, SD 1.5's UNet shape at 512 px on CUDA.
+<= 0.5. MGMICA runs on its default path (`auto`, models/mgmica.py).
+Then MGMICA's two paths (gather -> attend -> scatter, dense masked) on the same layer with faces covering 5, 15,
+40 and 80 % of the image at 1, 2, 4 and 8 identities, paired with the stock call (`mgmica_dense_vs_stock_4ids_area40`,
+`mgmica_gather_vs_stock_...`, `mgmica_dense_vs_gather_...`, `mgmica_load_...`) and the crossover that sets
+`model.mgmica_dense_above` (`mgmica_dense_above_measured`).
+Then a whole UNet call, CFG batch 2, with MGMICA at 4 identities against the same UNet with stock processors
+(`unet_mgmica_vs_stock_4ids` on the default path, `unet_mgmica_{gather,dense}_vs_stock_4ids` on each): the tiny
+UNet at 256 px on CPU, SD 1.5's UNet shape at 512 px on CUDA.
 
 `--device cuda` (default dtype bfloat16): the same figures with a `gpu_` prefix, every call synchronised.
 Targets on one GPU (issue 25): `gpu_mgmica_vs_stock_4ids` <= 1.3, `gpu_unet_mgmica_vs_stock_4ids` <= 1.05.
@@ -82,10 +88,10 @@ def path_figures(
 ) -> dict[str, float]:
     """MGMICA's two paths against the stock processor on the same layer, faces covering `AREAS` of the image at
     `ID_COUNTS` identities: per (identities, area) the paired-ratio medians `mgmica_{path}_vs_stock_{n}ids_area{pct}`
-    and `mgmica_dense_vs_gather_...`, the load `auto` decides on (`mgmica_load_...`: gathered slots per row of the
-    dense band at this 64x64 grid), and `mgmica_dense_above_measured`: the smallest load from which on the dense
-    path was faster in every configuration (what `model.mgmica_dense_above` should be on this machine; nan when
-    the dense path never won at the highest load)."""
+    and `mgmica_dense_vs_gather_...`, the load `auto` decides on (`mgmica_load_...`: the largest mask's share of
+    the masked band at this 64x64 grid), and `mgmica_dense_above_measured`: the smallest load from which on the
+    dense path was faster in every configuration (what `model.mgmica_dense_above` should be on this machine; nan
+    when the dense path lost at the highest load)."""
     stock = AttnProcessor2_0()
     g = torch.Generator(device).manual_seed(1)
     configs = []
@@ -140,7 +146,9 @@ def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: in
     """A whole UNet call (CFG batch 2) with MGMICA at 4 identities vs the same UNet with stock processors.
 
     CPU: the tiny backbone's UNet at 256 px (32 x 32 latents); CUDA: SD 1.5's UNet shape (random weights) at
-    512 px (64 x 64 latents). Interleaved calls, medians in ms.
+    512 px (64 x 64 latents). Interleaved calls; times are medians in ms, ratios medians of per-repetition pairs.
+    MGMICA runs on `model.mgmica_path` (auto: `unet_mgmica_vs_stock_4ids`) and on each path forced
+    (`unet_mgmica_gather_vs_stock_4ids`, `unet_mgmica_dense_vs_stock_4ids`).
     """
     from magicid.config import load_params
     from magicid.models.adapter import MagicIDAdapter
@@ -187,28 +195,30 @@ def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: in
 
     runs = {"stock": stock, **{path: mgmica(path) for path in installed}}
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(warmup + reps):
-        for name, fn in runs.items():
-            ms = timed(fn, device)
-            if i >= warmup:
-                times[name].append(ms)
+    ratios: dict[str, list[float]] = {path: [] for path in installed}
+    for i in range(warmup + reps):  # interleaved; each path's ratio paired with the stock call just before it
+        ms = {name: timed(fn, device) for name, fn in runs.items()}
+        if i >= warmup:
+            for name in runs:
+                times[name].append(ms[name])
+            for path in installed:
+                ratios[path].append(ms[path] / ms["stock"])
     adapter.attach(unet)
     del adapter
-    median = {name: statistics.median(values) for name, values in times.items()}
     figures = {
-        "unet_stock_ms": median["stock"],
-        "unet_mgmica_4ids_ms": median["auto"],
-        "unet_mgmica_vs_stock_4ids": median["auto"] / median["stock"],
+        "unet_stock_ms": statistics.median(times["stock"]),
+        "unet_mgmica_4ids_ms": statistics.median(times["auto"]),
+        "unet_mgmica_vs_stock_4ids": statistics.median(ratios["auto"]),
     }
     for path in PATHS:
-        figures[f"unet_mgmica_{path}_vs_stock_4ids"] = median[path] / median["stock"]
+        figures[f"unet_mgmica_{path}_vs_stock_4ids"] = statistics.median(ratios[path])
     return figures
 
 
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="30 repetitions, 2 warm-ups (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="30 repetitions (the path sweep 10), 2 warm-ups")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (fixed for the run)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 60; --quick 30; >= 30)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (figures get a gpu_ prefix on CUDA)")
@@ -282,15 +292,22 @@ def main() -> None:
         figures[f"mgmica_vs_stock_{n}ids"] = mg / median["stock"]
         figures[f"mgmica_vs_ipadapter_masked_{n}ids"] = mg / ip
         figures[f"ipadapter_masked_vs_stock_{n}ids"] = ip / median["stock"]
-    figures.update(path_figures(attn, hidden, text, device, dtype, reps, warmup))
-    figures.update(unet_figures(device, dtype, max(10, reps // 3), warmup))
     print(f"{prefix}device: {device}")
     print(f"{prefix}dtype: {dtype_name}")
     print(f"{prefix}threads: {args.threads}")
     print(f"{prefix}repetitions: {reps}")
     print(f"{prefix}face_fraction: {FACE_FRACTION}")
-    for key, value in figures.items():
-        print(f"{prefix}{key}: {value:.3f}")
+
+    def report(
+        figures: dict[str, float],
+    ) -> None:  # each part as it ends: a time limit keeps what was measured
+        for key, value in figures.items():
+            print(f"{prefix}{key}: {value:.3f}", flush=True)
+
+    report(figures)
+    # The sweep is 48 configurations: --quick takes 10 pairs of each (a minute on one CPU thread).
+    report(path_figures(attn, hidden, text, device, dtype, 10 if args.quick else reps, warmup))
+    report(unet_figures(device, dtype, max(10, reps // 3), warmup))
 
 
 if __name__ == "__main__":

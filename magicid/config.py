@@ -242,12 +242,12 @@ class ModelParams(_Section):
     channels_last: bool = False
     # MGMICA's identity attention (models/mgmica.py): "gather" attends only at the query rows inside the masks
     # (cost follows face area), "dense" attends every identity at every row of the masked band in one batched
-    # product (cost follows the band), "auto" picks per layer grid when the identities are set: dense where the
-    # gathered slots (identities x largest mask) per band row are >= mgmica_dense_above. Same outputs to float
-    # rounding, the same exact locality. The threshold is the CPU crossover (README "On a GPU"; the GPU one is
-    # unmeasured); it equals mgmica.DENSE_ABOVE.
+    # product (no gather, no scatter; cost follows the band), "auto" picks per layer grid when the identities are
+    # set: dense where the largest mask fills >= mgmica_dense_above of the band. Same outputs to float rounding,
+    # the same exact locality. 0.9 is the CPU crossover (README "On a GPU"; the GPU one is unmeasured); it equals
+    # mgmica.DENSE_ABOVE.
     mgmica_path: Literal["auto", "gather", "dense"] = "auto"
-    mgmica_dense_above: float = Field(0.5, gt=0)
+    mgmica_dense_above: float = Field(0.9, gt=0)
 
     @field_validator("resolution")
     @classmethod

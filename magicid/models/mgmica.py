@@ -11,13 +11,32 @@ tokens T_i (B, n, T, C) and face masks M_i resized to the layer's token grid, a 
   query and output projection. Two hooks that live only during the stock call take the query `to_q` already
   computed and add the ID term to the input of `to_out[0]` (where IP-Adapter adds it), so neither projection
   runs twice.
-- Gather -> attend -> scatter: only query rows inside some mask are gathered, and each identity attends only at
-  its own positions, all identities in one batched SDPA over (batch x identity, positions): the extra cost
-  follows face area, not image area. Rows outside every mask are never written.
+- Two paths compute the ID term, with the same result (to float rounding) and the same exact locality:
+  - gather -> attend -> scatter (`gather`): only query rows inside some mask are gathered, and each identity
+    attends only at its own positions, all identities in one batched SDPA over (batch x identity, positions),
+    scatter-added back: the extra cost follows face area, not image area. Rows outside every mask are never
+    written.
+  - dense masked (`dense`): every identity at every query position of the masked band (the positions from the
+    first to the last inside some mask: a slice, no gather, no scatter), all identities' tokens in one score
+    matmul, a softmax per identity, the overlap weights folded into the probabilities and one matmul with the
+    stacked values (attention and the weighted sum at once). Where w_i = 0 identity i adds exactly 0.
+  - `auto` (the default, `model.mgmica_path`) chooses per layer grid when that grid's plan is built (once per
+    identities, never inside a UNet call): dense where the largest mask fills at least `model.mgmica_dense_above`
+    of the band. Dense does n x (band / largest mask) times gather's arithmetic, gather adds a gather and a
+    scatter: so dense pays where one mask fills the band or where launches, not arithmetic, set the pace.
+    Measured on CPU (`benchmarks/bench_attention.py`, SD 1.5's 64x64 layer, CFG batch 2, 1 thread, 60 paired
+    repetitions, medians, dense / gather): 1.01-1.02 at 1 identity with faces 5-40 % of the image, 0.95 at 1
+    identity and 80 % (the largest mask 0.91 of the band), 1.00-1.04 at 2, 1.04-1.10 at 4 and 1.15-1.21 at 8
+    identities (the 1-identity, 80 % case read 0.98-1.02 in shorter runs: parity); at the 32x32, 16x16 and 8x8
+    grids 0.96-1.05; the whole tiny UNet with 4 identities 1.05-1.08x stock dense, 1.02-1.05x gather. So the CPU
+    threshold is 0.9: dense only where one face fills the band, where the two are at parity. On a GPU the crossover
+    is unmeasured: `bench_attention --device cuda` prints it (`gpu_mgmica_dense_above_measured`).
+    Operators a steady-state call adds to the stock processor: gather 6, dense 7 (neither reads back to the host).
 
 The file reads top to bottom: the formula (`dense_reference`, the whole mechanism in a dozen plain lines, which
-the tests hold the fast path to), the processor (the same formula, gathered), its identity context, the grid
-helpers (mask grids, area resize, the overlap rule), and installation on a UNet.
+the tests hold both paths to), the processor (the same formula, gathered or dense), its identity context (which
+builds each grid's plan and chooses the path), the grid helpers (mask grids, area resize, the overlap rule), and
+installation on a UNet.
 
 Why two hooks rather than one straight `__call__` (as diffusers' `IPAdapterAttnProcessor2_0`): a straight
 `__call__` would copy `AttnProcessor2_0`'s body (group norm, spatial norm, residual, rescale, head reshapes) into
@@ -119,7 +138,8 @@ def dense_reference(
 
     Every query position attends to every identity and the weights w_i (the masks resized to the layer grid by
     area, then the overlap rule) zero what lies outside M_i: a loop over identities, O(n * N) where the
-    processor's gather -> attend -> scatter is O(mask area). The reference the processor is tested against.
+    processor's gather path is O(mask area) and its dense path O(n * band). The reference both paths are tested
+    against.
 
     Args:
         attn: the diffusers `Attention` layer (its `to_q`, `to_out`, `norm_q` / `norm_k` where set).
@@ -317,11 +337,12 @@ class MGMICAAttnProcessor(nn.Module):
     def _dense(
         self, attn: Attention, plan: _Dense, query: torch.Tensor, attended: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """Dense masked: every identity at every query row of the band `plan.rows` (the rows from the first to
-        the last masked row, a slice: no gather, no scatter), in one batched attention over (B x heads).
+        """Dense masked: every identity at every query row of the band `plan.rows` (the query positions from the
+        first to the last inside some mask, a slice: no gather, no scatter), in one batched attention over
+        (B x heads).
 
         Each identity's softmax runs over its own T tokens, so all identities' keys fit in one score matrix
-        (rows x n * T): one matmul, a softmax over each T-slice, the overlap weights x scale folded into the
+        (rows x T * n): one matmul, a softmax over each T-slice, the overlap weights x scale folded into the
         probabilities, and one matmul with the stacked values does the n attentions and the weighted sum at once
         (the query is read once, not once per identity as an SDPA over (B * n) would). A row outside mask i has
         weight exactly 0 for identity i, so identity i adds exactly 0 there: the locality is the gather path's.
@@ -332,7 +353,7 @@ class MGMICAAttnProcessor(nn.Module):
         start, stop = plan.rows
         rows = stop - start
 
-        # The band's query rows, heads split: (B * heads, rows, d) (the reshape is the one copy).
+        # The band's query rows, heads split: (B * heads, rows, d) (the reshape copies them once).
         q = query[:, start:stop].view(batch, rows, heads, head_dim)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
@@ -429,10 +450,10 @@ class _Dense:
 
 
 MGMICA_PATHS = ("auto", "gather", "dense")
-# `auto`: the dense path where the gathered slots (identities x the largest mask, in cells) are at least this
-# fraction of the dense band's rows. Set from the CPU crossover of benchmarks/bench_attention.py (module docstring);
-# the GPU crossover is unmeasured. `model.mgmica_dense_above` in params.yaml.
-DENSE_ABOVE = 0.5
+# `auto`: the dense path where the largest mask fills at least this fraction of the masked band (at a layer's grid).
+# The CPU crossover of benchmarks/bench_attention.py (module docstring); the GPU crossover is unmeasured.
+# `model.mgmica_dense_above` in params.yaml.
+DENSE_ABOVE = 0.9
 
 
 @dataclass
@@ -455,7 +476,7 @@ class MGMICAContext:
     fixed_latent_size: bool = False
     scale: float | None = None
     calls: int = 0
-    path: str = "auto"  # gather | dense | auto (per grid, from the mask areas: `set_path`)
+    path: str = "auto"  # gather | dense | auto (per grid, from the mask extents: `set_path`)
     dense_above: float = DENSE_ABOVE  # auto's threshold (`set_path`)
     hook: object | None = field(default=None, repr=False)  # the UNet pre-hook handle (`install_mgmica`)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -523,7 +544,7 @@ class MGMICAContext:
     def set_path(self, path: str, dense_above: float | None = None) -> None:
         """Choose how the processors compute the ID attention: `gather` (gather -> attend -> scatter over the
         rows inside the masks), `dense` (every identity at every row of the masked band) or `auto` (per layer
-        grid: dense where the gathered slots are at least `dense_above` of the band's rows, else gather).
+        grid: dense where the largest mask fills at least `dense_above` of the band, else gather).
 
         Raises:
             ModelInputError: an unknown path or a threshold <= 0.

@@ -70,5 +70,7 @@ def test_a_steady_state_call_reads_nothing_back_and_adds_few_operators(path):
     reads = {name: count for name, count in steady_all.items() if name in HOST_READS}
     assert not reads, f"a steady-state MGMICA call reads values back to the host: {reads}"
     kernels = Counter({n: c for n, c in (steady - baseline).items() if n not in NO_KERNEL})
-    assert sum(kernels.values()) <= ADDED_OPERATORS[path], f"MGMICA adds these to the stock call: {dict(kernels)}"
+    assert sum(kernels.values()) <= ADDED_OPERATORS[path], (
+        f"MGMICA adds these to the stock call: {dict(kernels)}"
+    )
     torch.testing.assert_close(proc(attn, hidden, text), proc(attn, hidden, text), rtol=0, atol=0)
