@@ -130,16 +130,27 @@ def path_figures(
                 ratios.setdefault(f"mgmica_{path}_vs_stock_{name}", []).append(ms[path] / ms["stock"])
             ratios.setdefault(f"mgmica_dense_vs_gather_{name}", []).append(ms["dense"] / ms["gather"])
     figures = {key: statistics.median(values) for key, values in ratios.items()}
-    by_load = sorted((load, figures[f"mgmica_dense_vs_gather_{name}"]) for name, load, _ in configs)
-    crossover = math.nan
-    for load, _ in reversed(by_load):  # walk down while dense wins everywhere at and above this load
-        if any(ratio > 1 for other, ratio in by_load if other >= load):
-            break
-        crossover = load
     for name, load, _ in configs:
         figures[f"mgmica_load_{name}"] = load
-    figures["mgmica_dense_above_measured"] = crossover
+    figures["mgmica_dense_above_measured"] = dense_above_measured(
+        [(load, figures[f"mgmica_dense_vs_gather_{name}"]) for name, load, _ in configs]
+    )
     return figures
+
+
+def dense_above_measured(load_and_ratio: list[tuple[float, float]]) -> float:
+    """The smallest load from which on the dense path was faster (dense / gather < 1) in every configuration with
+    that load or more; nan when it was not faster at the highest load.
+
+    Args:
+        load_and_ratio: (load, dense / gather time) of each measured configuration.
+    """
+    crossover = math.nan
+    for load, _ in sorted(load_and_ratio, reverse=True):  # walk down while dense wins at and above this load
+        if any(ratio >= 1 for other, ratio in load_and_ratio if other >= load):
+            break
+        crossover = load
+    return crossover
 
 
 def unet_figures(device: torch.device, dtype: torch.dtype, reps: int, warmup: int) -> dict[str, float]:
