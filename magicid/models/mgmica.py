@@ -22,8 +22,9 @@ tokens T_i (B, n, T, C) and face masks M_i resized to the layer's token grid, a 
     stacked values (attention and the weighted sum at once). Where w_i = 0 identity i adds exactly 0.
   - `auto` (the default, `model.mgmica_path`) chooses per layer grid when that grid's plan is built (once per
     identities, never inside a UNet call): dense where the largest mask fills at least `model.mgmica_dense_above`
-    of the band. Dense does n x (band / largest mask) times gather's arithmetic, gather adds a gather and a
-    scatter: so dense pays where one mask fills the band or where launches, not arithmetic, set the pace.
+    of the band. Dense does band / (largest mask) times gather's attention arithmetic (gather pads every identity
+    to the largest mask), gather adds a gather and a scatter: so dense pays where one mask fills the band, or
+    where launches, not arithmetic, set the pace.
     Measured on CPU (`benchmarks/bench_attention.py`, SD 1.5's 64x64 layer, CFG batch 2, 1 thread, 60 paired
     repetitions, medians, dense / gather): 1.01-1.02 at 1 identity with faces 5-40 % of the image, 0.95 at 1
     identity and 80 % (the largest mask 0.91 of the band), 1.00-1.04 at 2, 1.04-1.10 at 4 and 1.15-1.21 at 8
@@ -241,8 +242,9 @@ class MGMICAAttnProcessor(nn.Module):
 
         Runs `AttnProcessor2_0` unchanged. With identities, two hooks live for the duration of that call only:
         one keeps the query `attn.to_q` computes anyway (no second `to_q`), one adds the masked ID attention to
-        the input of `attn.to_out[0]` at the gathered rows (as IP-Adapter adds before `to_out`: no second
-        output projection). Rows outside every mask are never written.
+        the input of `attn.to_out[0]` (as IP-Adapter adds before `to_out`: no second output projection), at the
+        gathered rows (gather path) or over the masked band (dense path). Rows outside every mask are never
+        written (gather) or get exactly +0 (dense).
         """
         if self.context.tokens is None:
             return self.text_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -466,8 +468,8 @@ class MGMICAContext:
     calls: processor calls that saw identities since they were set (a check that MGMICA ran at all).
 
     Setting the same token and mask tensors again (the same objects: treat them as immutable once set) keeps the
-    per-layer gather/scatter indices, so a denoising loop may set and clear its identities around
-    every UNet call at no cost.
+    per-layer plans (gather/scatter indices or dense bands, and the path chosen), so a denoising loop may set and
+    clear its identities around every UNet call at no cost.
     """
 
     tokens: torch.Tensor | None = None
@@ -719,7 +721,7 @@ def install_mgmica(
     Args:
         unet: a diffusers `UNet2DConditionModel` (or any model with `attn_processors` / `set_attn_processor`).
         scale: identity-branch scale of every layer.
-        path: `gather`, `dense` or `auto` (per layer grid from the mask areas; `MGMICAContext.set_path`).
+        path: `gather`, `dense` or `auto` (per layer grid from the mask extents; `MGMICAContext.set_path`).
         dense_above: `auto`'s threshold (`model.mgmica_dense_above`).
 
     Returns:
