@@ -15,11 +15,12 @@ downloaded; or a real SD 1.5 folder with `--backbone PATH` / `MAGICID_SD15_PATH`
 precision (default bf16). First the batch sweep (4, 8, 16) with every lever on (cached latents, fused AdamW, 4 loader
 workers): `gpu_train_steps_per_s_sd15_b<N>`, `gpu_train_images_per_s_sd15_b<N>`, `gpu_train_peak_gib_sd15_b<N>` (peak
 CUDA memory allocated) and `gpu_train_images_per_s_sd15` (the best batch; target on one GPU, issue 25: >= 25), then,
-at the best batch, each lever off in turn: `gpu_train_images_per_s_sd15_no_<lever>` and
-`gpu_train_speedup_sd15_<lever>` (all-on over lever-off) for `cache_latents`, `fused` (vs foreach, torch's CUDA
-default) and `workers` (vs 0), and `gpu_train_images_per_s_sd15_default` (params' defaults but the GPU ones: no cache,
-0 workers; fused is the CUDA default). Lines are flushed as they come, so a stage cut by its time limit keeps what it
-printed; `--quick` fits gpu_check.sh's 75 s stage.
+at the best batch (`--quick`: batch 4), each lever off in turn: `gpu_train_images_per_s_sd15_no_<lever>` and
+`gpu_train_speedup_sd15_<lever>` (all-on over lever-off, same batch) for `cache_latents`, `fused` (vs foreach, torch's
+CUDA default) and `workers` (vs 0), and `gpu_train_images_per_s_sd15_default` with `gpu_train_speedup_sd15_all`
+(params' defaults: no cache, 0 workers; fused is the CUDA default). Lines are flushed as they come, so a stage cut by
+its time limit keeps what it printed; `--quick` starts no lever run after 55 s (it says which it skipped), for
+gpu_check.sh's 75 s stage.
 
 Prints `name: value` lines only.
 """
@@ -50,6 +51,7 @@ CPU_LEVERS = {
 }
 # CUDA: every lever on, and each one's "off" setting (the rest on).
 GPU_ALL_ON = ["train.cache_latents=true", "train.optimizer_impl=fused", "train.loader_workers=4"]
+QUICK_BUDGET_S = 55  # --quick: no lever run starts after this (the sweep's figures come first)
 GPU_LEVER_OFF = {
     "cache_latents": "train.cache_latents=false",
     "fused": "train.optimizer_impl=foreach",
@@ -195,24 +197,35 @@ def cuda(args, steps: int, warmup: int) -> None:
         tmp = Path(tmp_name)
         # 2 steps an epoch at batch 16 (4 at 8, 8 at 4): from the second epoch on, most non-clone samples are cached.
         root = synthetic_set(tmp, 32, 512)
-        best, best_batch = 0.0, 4
+        sweep: dict[int, float] = {}
         for batch in (4, 8, 16):
             images, peak = one(tmp, root, batch, GPU_ALL_ON, "all")
+            sweep[batch] = images
             emit(f"gpu_train_steps_per_s_sd15_b{batch}", f"{images / batch:.3f}")
             emit(f"gpu_train_images_per_s_sd15_b{batch}", f"{images:.2f}")
             emit(f"gpu_train_peak_gib_sd15_b{batch}", f"{peak:.2f}")
-            if images > best:
-                best, best_batch = images, batch
-        emit("gpu_train_images_per_s_sd15", f"{best:.2f}")
+        best_batch = max(sweep, key=sweep.get)
+        emit("gpu_train_images_per_s_sd15", f"{sweep[best_batch]:.2f}")
         emit("gpu_train_best_batch_sd15", str(best_batch))
-        for lever, off in GPU_LEVER_OFF.items():
-            settings = [s for s in GPU_ALL_ON if s.split("=")[0] != off.split("=")[0]] + [off]
-            images, _ = one(tmp, root, best_batch, settings, f"no-{lever}")
-            emit(f"gpu_train_images_per_s_sd15_no_{lever}", f"{images:.2f}")
-            emit(f"gpu_train_speedup_sd15_{lever}", f"{best / images:.3f}")
-        images, _ = one(tmp, root, best_batch, ["train.loader_workers=0"], "default")
-        emit("gpu_train_images_per_s_sd15_default", f"{images:.2f}")
-        emit("gpu_train_speedup_sd15_all", f"{best / images:.3f}")
+        # Each lever off in turn (the rest on), against the sweep's run at the same batch: the best batch, or batch
+        # 4 with --quick, whose runs also stop once QUICK_BUDGET_S has passed (gpu_check.sh's stage is 75 s).
+        batch = 4 if args.quick else best_batch
+        emit("gpu_train_lever_batch_sd15", str(batch))
+        ablations = {
+            lever: [s for s in GPU_ALL_ON if s.split("=")[0] != off.split("=")[0]] + [off]
+            for lever, off in GPU_LEVER_OFF.items()
+        }
+        ablations["all"] = ["train.loader_workers=0"]  # params' defaults (fused AdamW is the CUDA default)
+        for lever, settings in ablations.items():
+            if args.quick and time.perf_counter() - started > QUICK_BUDGET_S:
+                emit("gpu_train_skipped", f"{lever} (--quick stops after {QUICK_BUDGET_S} s; run without it)")
+                continue
+            images, peak = one(tmp, root, batch, settings, f"no-{lever}")
+            name = "default" if lever == "all" else f"no_{lever}"
+            emit(f"gpu_train_images_per_s_sd15_{name}", f"{images:.2f}")
+            emit(f"gpu_train_speedup_sd15_{lever}", f"{sweep[batch] / images:.3f}")
+            if lever == "all":
+                emit(f"gpu_train_peak_gib_sd15_default_b{batch}", f"{peak:.2f}")
     emit("gpu_train_bench_seconds", f"{time.perf_counter() - started:.0f}")
 
 

@@ -339,29 +339,33 @@ def diffusion_loss(
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
 
 
-def resolve_optimizer_impl(choice: str, device: torch.device) -> str:
-    """The AdamW implementation `train.optimizer_impl` names on `device`: `auto` is fused on CUDA (one kernel for all
-    weights) and torch's own CPU default, the for-loop, on a CPU (a run on a CPU keeps the bits it had before the
-    option existed); the others as named.
+def resolve_optimizer_impl(choice: str, device: torch.device, mixed_precision: str = "no") -> str:
+    """The AdamW implementation `train.optimizer_impl` names on `device` in `mixed_precision`: `auto` is fused on CUDA
+    (one kernel for all weights) and torch's own CPU default, the for-loop, on a CPU (a run on a CPU keeps the bits it
+    had before the option existed). With fp16's gradient scaler `auto` takes foreach (torch's CUDA default): a fused
+    AdamW skips an overflowing step inside its kernel, where accelerate cannot see it, so the LR scheduler would
+    advance on the steps the scaler skips (fp16's first steps often overflow); `fused` asked by name runs anyway.
 
     Raises:
         ConfigError: an unknown choice.
     """
     if choice == "auto":
-        return "fused" if device.type == "cuda" else "for_loop"
+        if device.type != "cuda":
+            return "for_loop"
+        return "foreach" if mixed_precision == "fp16" else "fused"
     if choice not in OPTIMIZER_IMPLS:
         raise ConfigError(f"train.optimizer_impl={choice!r}: use auto, {', '.join(OPTIMIZER_IMPLS)}")
     return choice
 
 
 def build_optimizer(
-    groups: list[dict[str, Any]], params: Params, device: torch.device
+    groups: list[dict[str, Any]], params: Params, device: torch.device, mixed_precision: str = "no"
 ) -> tuple[torch.optim.AdamW, str]:
     """AdamW over `groups` (`train.lr`, `train.weight_decay`) in `train.optimizer_impl`'s implementation; returns it
     and the implementation's name. The three implement the same update and differ in float rounding only
     (tests/training/test_train_throughput.py holds them to each other); accelerate's gradient scaler (fp16) handles a
-    fused one (`_step_supports_amp_scaling`)."""
-    impl = resolve_optimizer_impl(params.train.optimizer_impl, device)
+    fused one (`_step_supports_amp_scaling`; `resolve_optimizer_impl` says what accelerate then misses)."""
+    impl = resolve_optimizer_impl(params.train.optimizer_impl, device, mixed_precision)
     flags = {
         "fused": {"fused": True},
         "foreach": {"foreach": True},
@@ -518,7 +522,7 @@ def _train_locked(
     groups = [{"params": adapter_weights, "lr": cfg.lr}]
     if unet_weights:
         groups.append({"params": unet_weights, "lr": cfg.unet_lr})
-    optimizer, optimizer_impl = build_optimizer(groups, params, accelerator.device)
+    optimizer, optimizer_impl = build_optimizer(groups, params, accelerator.device, mixed_precision)
     # The LR schedule spans the configured run (`train.steps`), not this call's `--steps`: stopping early and
     # resuming later must follow the same schedule as one uninterrupted run.
     horizon = max(cfg.steps, total_steps)

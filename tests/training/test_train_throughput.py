@@ -49,9 +49,12 @@ def _assert_close(reference, other, loss_rtol: float, weight_atol: float, what: 
 
 def test_auto_picks_fused_adamw_on_cuda_and_the_for_loop_on_a_cpu():
     assert resolve_optimizer_impl("auto", torch.device("cuda", 0)) == "fused"
-    assert (
-        resolve_optimizer_impl("auto", torch.device("cpu")) == "for_loop"
-    )  # torch's CPU default: the same bits
+    assert resolve_optimizer_impl("auto", torch.device("cuda", 0), "bf16") == "fused"
+    # fp16's scaler: a fused step skips overflows inside its kernel, unseen by accelerate's LR scheduler.
+    assert resolve_optimizer_impl("auto", torch.device("cuda", 0), "fp16") == "foreach"
+    assert resolve_optimizer_impl("fused", torch.device("cuda", 0), "fp16") == "fused"
+    # On a CPU, torch's own default: the bits of runs made before the option.
+    assert resolve_optimizer_impl("auto", torch.device("cpu"), "bf16") == "for_loop"
     assert resolve_optimizer_impl("foreach", torch.device("cuda")) == "foreach"
     with pytest.raises(ConfigError, match="optimizer_impl"):
         resolve_optimizer_impl("adam8bit", torch.device("cpu"))
