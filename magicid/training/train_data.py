@@ -105,7 +105,8 @@ class LatentCache:
             entry = self._entries.get(key)
             if entry is None:
                 posterior = self.vae.encode(pixels[i : i + 1]).latent_dist  # alone: a function of the pixels
-                entry = self._entries[key] = (posterior.mean[0], posterior.std[0])
+                # mean is a view of the encoder's (1, 8, h, w) output (mean and log-variance): kept alone, not that.
+                entry = self._entries[key] = (posterior.mean[0].clone(), posterior.std[0])
                 self.encoded += 1
             else:
                 self.hits += 1
@@ -179,7 +180,7 @@ def build_train_data(
 ) -> TrainData:
     """The run's samples and loaders: `dataset` (and `val_dataset`) when given, else the version's train split (and
     its val split, when `train.eval_every` > 0 and it has one). `log`: where a missing val split is reported
-    (`accelerate.print`: once, on the main process). `pin_memory`: batches in page-locked memory (CUDA runs: their
+    (`accelerator.print`: once, on the main process). `pin_memory`: batches in page-locked memory (CUDA runs: their
     copies to the device then need not block)."""
     cfg = params.train
     custom_dataset = dataset is not None
