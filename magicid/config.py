@@ -240,6 +240,10 @@ class ModelParams(_Section):
     controlnet_cfg: Literal["both", "conditional"] = "both"
     # UNet, VAE and ControlNet weights in channels_last memory format (faster convolutions on tensor-core GPUs).
     channels_last: bool = False
+    # torch.compile (inductor) for generation and DIIR: none | unet (UNet + MMF ControlNet) | all (also the VAE's
+    # encoder and decoder). Opt-in: the first calls compile (tens of seconds to minutes); MGMICA stays eager
+    # (`magicid.models.compilation`, README "On a GPU").
+    compile: Literal["none", "unet", "all"] = "none"
 
     @field_validator("resolution")
     @classmethod
@@ -327,6 +331,8 @@ class TrainParams(_Section):
     # The backbone's UNet trains jointly with the adapter at this LR (null: the backbone stays frozen).
     unet_lr: float | None = Field(None, gt=0)
     loader_workers: int = Field(0, ge=0)
+    # torch.compile of the UNet and the MMF ControlNet in training: none | unet (`magicid.models.compilation`).
+    compile: Literal["none", "unet"] = "none"
 
     @field_validator("init_from")
     @classmethod
@@ -374,6 +380,8 @@ class FitParams(_Section):
     color_jitter: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+    # torch.compile of the UNet in the fit's UNet phase: none | unet (a speed setting: not part of `fit_key`).
+    compile: Literal["none", "unet"] = "none"
     quality: FitQualityParams = FitQualityParams()
 
     @field_validator("resolution", "vae_resolution")
