@@ -118,6 +118,7 @@ def test_compiled_generation_equals_eager_and_mgmica_stays_local(fresh_backbone)
     pipe = MagicIDPipeline.from_backbone(fresh_backbone, adapter, params)
     pipe.set_progress_bar_config(disable=True)
     assert is_compiled(unet) and is_compiled(adapter.controlnet) and not is_compiled(fresh_backbone.vae.decoder)
+    generate(pipe, _identities(0, dim))  # warm-up: the first calls compile (and recompile once, see below)
     compiled, masks, before = generate(pipe, _identities(0, dim))
     again, _, _ = generate(pipe, _identities(0, dim))
     assert np.array_equal(compiled, again), "a compiled generation is not repeatable with the same seed"
@@ -141,9 +142,11 @@ def test_compiled_generation_equals_eager_and_mgmica_stays_local(fresh_backbone)
 
 @pytest.mark.slow
 def test_mgmica_layers_are_the_only_graph_breaks(fresh_backbone):
-    """torch._dynamo.explain on the UNet with identities set: one break per MGMICA layer (the disabled processor
-    call), nothing else; and the explained graphs' output equals eager exactly (the eager backend)."""
+    """torch._dynamo.explain on the UNet with identities set: every break is the disabled MGMICA processor call
+    (a break inside a nested module splits each enclosing frame too: the tiny UNet's 6 layers give 19), and with
+    the stock processors the UNet is one graph."""
     import torch._dynamo
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
     from magicid.models.mgmica import set_identities
 
@@ -156,13 +159,13 @@ def test_mgmica_layers_are_the_only_graph_breaks(fresh_backbone):
     masks = torch.zeros(2, 2, 8, 8)
     masks[:, 0, :4, :4] = masks[:, 1, 4:, 4:] = 1.0
     set_identities(unet, torch.randn(2, 2, 4, fresh_backbone.cross_attention_dim, generator=g), masks)
+    assert len(mgmica_processors(unet)) == 6
     with torch.no_grad():
-        eager = unet(latents, 500, encoder_hidden_states=text).sample
         explained = torch._dynamo.explain(unet)(latents, 500, encoder_hidden_states=text)
+        reasons = [str(b.reason) for b in explained.break_reasons]
+        assert explained.graph_break_count > 0 and reasons
+        assert all("MGMICAAttnProcessor.__call__" in r for r in reasons), reasons
+        unet.set_attn_processor(AttnProcessor2_0())
+        stock = torch._dynamo.explain(unet)(latents, 500, encoder_hidden_states=text)
         torch._dynamo.reset()
-    n_layers = len(mgmica_processors(unet))
-    assert n_layers > 0
-    reasons = [str(b.reason) for b in explained.break_reasons]
-    assert explained.graph_break_count == n_layers, reasons
-    assert all("MGMICAAttnProcessor.__call__" in r for r in reasons), reasons
-    assert torch.equal(unet(latents, 500, encoder_hidden_states=text).sample, eager)
+    assert stock.graph_break_count == 0 and stock.graph_count == 1
