@@ -52,7 +52,9 @@ def no_cxx(monkeypatch):
 def test_unsupported_cpu_setup_stops_with_an_error_before_compiling(fresh_backbone, no_cxx):
     params = _params("model.compile=unet")
     adapter = _adapter(fresh_backbone, params)
-    with pytest.raises(CompileUnsupportedError, match=r"model.compile=unet.*C\+\+ compiler.*model.compile=none"):
+    with pytest.raises(
+        CompileUnsupportedError, match=r"model.compile=unet.*C\+\+ compiler.*model.compile=none"
+    ):
         MagicIDPipeline.from_backbone(fresh_backbone, adapter, params)
     assert not is_compiled(fresh_backbone.unet) and not is_compiled(adapter.controlnet)
     with pytest.raises(CompileUnsupportedError, match="train.compile=unet"):
@@ -117,7 +119,9 @@ def test_compiled_generation_equals_eager_and_mgmica_stays_local(fresh_backbone)
 
     pipe = MagicIDPipeline.from_backbone(fresh_backbone, adapter, params)
     pipe.set_progress_bar_config(disable=True)
-    assert is_compiled(unet) and is_compiled(adapter.controlnet) and not is_compiled(fresh_backbone.vae.decoder)
+    assert (
+        is_compiled(unet) and is_compiled(adapter.controlnet) and not is_compiled(fresh_backbone.vae.decoder)
+    )
     generate(pipe, _identities(0, dim))  # warm-up: the first calls compile (and recompile once, see below)
     compiled, masks, before = generate(pipe, _identities(0, dim))
     again, _, _ = generate(pipe, _identities(0, dim))
