@@ -41,12 +41,17 @@ def _identities(seed: int, dim: int) -> list[np.ndarray]:
     return list(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
 
 
-@pytest.fixture()
-def no_cxx(monkeypatch):
+def _without_cxx():
     """Inductor's C++ compiler search pointed at a name that is on no PATH (a CPU machine without g++)."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("magicid-test-no-such-cxx",))
+    return inductor_config.patch({"cpp.cxx": ("magicid-test-no-such-cxx",)})
+
+
+@pytest.fixture()
+def no_cxx():
+    with _without_cxx():
+        yield
 
 
 def test_unsupported_cpu_setup_stops_with_an_error_before_compiling(fresh_backbone, no_cxx):
@@ -173,3 +178,18 @@ def test_mgmica_layers_are_the_only_graph_breaks(fresh_backbone):
         stock = torch._dynamo.explain(unet)(latents, 500, encoder_hidden_states=text)
         torch._dynamo.reset()
     assert stock.graph_break_count == 0 and stock.graph_count == 1
+
+
+def test_train_compile_compiles_the_denoiser_in_place_and_refuses_an_unsupported_setup(tmp_path):
+    from magicid.training.synthetic import write_synthetic_idzoom
+    from magicid.training.trainer import _build_models, train
+
+    params = load_params(None, [*TINY_BACKBONE, "model.resolution=64", "model.id_crop_size=32",
+                                "train.compile=unet", f"train.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    root = write_synthetic_idzoom(tmp_path / "v1", n_images=2, crop_size=64, seed=0)
+    with _without_cxx(), pytest.raises(CompileUnsupportedError, match="train.compile=unet"):
+        train(params, root, progress=False, track=False)
+    backbone, module, _, _ = _build_models(params, None, torch.device("cpu"), "no", init=False)
+    # Compiled lazily (nothing runs here) and in place: the module's state-dict keys are the eager ones.
+    assert is_compiled(backbone.unet) and is_compiled(module.adapter.controlnet)
+    assert not any("_orig_mod" in key for key in module.state_dict())
