@@ -1,7 +1,8 @@
 """torch.compile on CUDA (`model.compile`, `train.compile`, `fit.compile`; `magicid.models.compilation`): compiled
 generation is repeatable and close to eager with MGMICA identities in bf16, MGMICA stays exactly local inside the
 compiled UNet, and compiled training and fitting give eager's losses within tolerance. Needs Triton (torch's CUDA
-wheels ship it); each test compiles the tiny models once (tens of seconds)."""
+wheels ship it); each test compiles the tiny models once (tens of seconds), so they are also marked `slow`:
+`scripts/gpu_check.sh` runs them in their own stage with `--compile` (or `--full`), `make test-gpu` always."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from tests.gpu.conftest import GPU_MARKS
 
-pytestmark = GPU_MARKS
+pytestmark = [*GPU_MARKS, pytest.mark.slow]
 
 SIDE = 128
 BOXES = [(10, 20, 50, 60), (70, 20, 110, 60)]
