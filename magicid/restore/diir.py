@@ -155,7 +155,7 @@ class DIIR:
         `MagicIDPipeline`, ...).
 
         Reuses the pipeline's modules (no copy); a pipeline that carries an `adapter` attribute lends it
-        unless one is given.
+        unless one is given. `params.model.compile` compiles them in place as `from_backbone` does.
         """
         missing = [
             n
@@ -167,6 +167,9 @@ class DIIR:
                 f"DIIR.from_pipe: {type(pipe).__name__} lacks {', '.join(missing)} (an SD pipeline is needed)"
             )
         adapter = adapter if adapter is not None else getattr(pipe, "adapter", None)
+        if params is not None:
+            controlnet = getattr(adapter, "controlnet", None)
+            compile_denoiser(params.model.compile, "model.compile", pipe.unet, controlnet, pipe.vae)
         diir = cls(
             pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, adapter, analyzer, params,
             text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None),

@@ -193,3 +193,16 @@ def test_train_compile_compiles_the_denoiser_in_place_and_refuses_an_unsupported
     # Compiled lazily (nothing runs here) and in place: the module's state-dict keys are the eager ones.
     assert is_compiled(backbone.unet) and is_compiled(module.adapter.controlnet)
     assert not any("_orig_mod" in key for key in module.state_dict())
+
+
+def test_diir_compiles_what_model_compile_names(fresh_backbone):
+    from magicid.restore.diir import DIIR
+
+    params = _params("model.compile=all")
+    adapter = _adapter(fresh_backbone, params)
+    with _without_cxx(), pytest.raises(CompileUnsupportedError, match="model.compile=all"):
+        DIIR.from_backbone(fresh_backbone, adapter=adapter, params=params)
+    DIIR.from_backbone(fresh_backbone, adapter=adapter, params=params)  # compiled lazily: nothing runs here
+    vae = fresh_backbone.vae
+    assert all(is_compiled(m) for m in (fresh_backbone.unet, adapter.controlnet, vae.encoder, vae.decoder))
+    assert not is_compiled(fresh_backbone.text_encoder)
