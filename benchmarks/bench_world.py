@@ -453,9 +453,10 @@ def load_subject(name: str, params: Params, ctx: Context) -> Subject:
 
 def train_5_step(params: Params, data_dir: Path, workdir: Path, steps: int) -> Path:
     """An adapter trained `steps` steps from scratch on the world's backbone (UNet frozen), on world scenes."""
-    from magicid.data.world import CompositeWorld, WorldDataset
+    from magicid.data.world import CompositeWorld
     from magicid.models.backbone import load_backbone
     from magicid.training.trainer import train
+    from magicid.training.world_dataset import WorldDataset
 
     world_cfg = params.fit_world
     train_cfg = params.train.model_copy(

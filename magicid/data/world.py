@@ -18,12 +18,12 @@ cropped (`background_zoom`), flipped and tinted (`background_tint`). What a scen
 - the landmark map and the skeleton map, drawn by the project's renderers (`imaging/conditions.py`). A pasted face
   has no body, so its skeleton is the face figure of a pose (points 0-10 from its landmarks: `head_skeleton`),
   which is how a real pose map draws a head and how `boxes_from_skeleton_map` finds faces; no body is invented;
-- box masks (`training.dataset.box_mask`, as the trainer builds them) and the trainer's caption (`caption_for`).
+- box masks (`imaging.boxes.box_mask`, as the trainer builds them) and the trainer's caption (`caption_for`).
 
 One compositor: faces are pasted with `imaging.composite.paste` (the sample set's group photos and Clone Face
 Tuning use it too) through each face's soft elliptical cut-out (`imaging.composite.face_alpha`), so scenes hold
 no square seams to learn. Clone Face samples from the world (`CompositeWorld.clone_sample`) use Clone Face
-Tuning's placement rule (`clone_face.place_clones`) and the same pasting.
+Tuning's placement rule (`imaging.layout.place_clones`) and the same pasting.
 
 Ingredients are data, so they are part of the IDZoom version (DVC versions them, `validation.py` checks them,
 `forget` removes a person's): `build-data` writes them (`data/world_ingredients.py`): `world/cutouts.parquet`
@@ -45,14 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from magicid.config import CloneFaceParams, Params
 from magicid.data import manifest as mf
 from magicid.data.world_ingredients import BACKGROUNDS, CUTOUTS
 from magicid.errors import DataError
+from magicid.imaging.boxes import box_mask
+from magicid.imaging.layout import caption_for, check_clone_params, place_clones
 
 
 @dataclasses.dataclass
@@ -70,7 +70,7 @@ class WorldSample:
         landmarks: float32 (n, N, 2) landmarks moved with each face (N = 478 for the offline backend).
         kps5: float32 (n, 5, 2).
         skeleton_map, landmark_map: uint8 (R, R, 3) condition maps.
-        masks: float32 (n, R, R) face-box masks in {0, 1} (`training.dataset.box_mask`).
+        masks: float32 (n, R, R) face-box masks in {0, 1} (`imaging.boxes.box_mask`).
         caption: the trainer's caption for n faces.
         paste_boxes: int64 (n, 4) the squares the face crops were pasted into (may reach past the image).
         face_ids, reference_ids: the pasted face and the reference face per face (faces.parquet ids).
@@ -451,7 +451,6 @@ class CompositeWorld:
     ) -> WorldSample:
         """Faces sorted left to right, condition maps, masks and caption: the scene as a `WorldSample`."""
         from magicid.imaging.conditions import head_skeleton, render_landmark_map, render_skeleton_map
-        from magicid.training.dataset import box_mask, caption_for
 
         size = self.resolution
         order = sorted(range(len(faces)), key=lambda i: float(faces[i]["box"][0] + faces[i]["box"][2]))
@@ -504,10 +503,9 @@ class CompositeWorld:
 
     def clone_sample(self, index: int, clone: CloneFaceParams) -> WorldSample:
         """A Clone Face Tuning scene: one identity's face crop pasted k times (`train.clone_face`: k range, crop
-        side range), at `clone_face.place_clones`' non-overlapping squares, through its cut-out; a pure function
+        side range), at `imaging.layout.place_clones`' non-overlapping squares, through its cut-out; a pure function
         of (seed, index, clone settings)."""
         from magicid.imaging.composite import Placement
-        from magicid.training.clone_face import check_clone_params, place_clones
 
         if int(index) < 0:
             raise ValueError(f"world index must be >= 0, got {index}")
@@ -526,88 +524,3 @@ class CompositeWorld:
                  for square, mirror in zip(squares, mirrors, strict=True)]  # fmt: skip
         image, faces = self._compose(items, background, rng)
         return self._sample(faces, [reference] * k, image, background_id)
-
-
-class WorldDataset(Dataset):
-    """World scenes as training items: exactly the dict `IDZoomDataset.__getitem__` returns (same keys, dtypes,
-    value ranges), so `collate_idzoom` and the trainer take it unchanged.
-
-    Item `i` of epoch `e` is scene `e * length + i` (a new scene every epoch: the world is unbounded); with
-    probability `clone_params.prob` (decided from `(seed, e, i)`) it is instead a Clone Face scene of the world,
-    fed as one identity whose mask is the union of its clones (as `IDZoomDataset`'s clone samples).
-
-    Args:
-        world: the scenes.
-        length: items per epoch.
-        clone_params: Clone Face settings (default: the world's `train.clone_face`; `prob` 0 disables).
-        seed: seeds the clone decision (default: the world's seed).
-    """
-
-    def __init__(
-        self,
-        world: CompositeWorld,
-        length: int,
-        clone_params: CloneFaceParams | None = None,
-        seed: int | None = None,
-    ) -> None:
-        from magicid.training.clone_face import check_clone_params
-
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        self.world = world
-        self.length = int(length)
-        self.clone_params = clone_params or world.params.train.clone_face
-        if self.clone_params.prob > 0:
-            check_clone_params(self.clone_params)
-        self.seed = world.seed if seed is None else int(seed)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.length
-
-    def set_epoch(self, epoch: int) -> None:
-        """New scenes (and clone draws) each epoch, as `IDZoomDataset.set_epoch`."""
-        self.epoch = int(epoch)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from magicid.training.dataset import to_signed, to_unit
-
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} items")
-        scene = self.epoch * self.length + int(index)
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        clone = self.clone_params.prob > 0 and rng.random() < self.clone_params.prob
-        sample = self.world.clone_sample(scene, self.clone_params) if clone else self.world.sample(scene)
-        # (n, C, C, 3) uint8 -> (n, 3, C, C) in [-1, 1], as `to_signed` does for one crop (numpy, then torch)
-        crops = torch.from_numpy(
-            sample.crops.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0)
-        )
-        item = {
-            "pixel_values": to_signed(sample.image),
-            "skeleton": to_unit(sample.skeleton_map),
-            "landmark": to_unit(sample.landmark_map),
-        }
-        if clone:
-            union = torch.from_numpy(sample.masks.max(axis=0))
-            item.update({
-                "id_embeddings": torch.from_numpy(sample.embeddings[:1].copy()),
-                "id_crops": crops[:1],
-                "id_masks": union[None],
-                "face_mask": union,
-                "n_ids": 1,
-                "is_clone": True,
-                "clone_boxes": torch.from_numpy(sample.paste_boxes),
-                "image_id": f"world-clone:{scene}",
-            })  # fmt: skip
-        else:
-            item.update({
-                "id_embeddings": torch.from_numpy(sample.embeddings),
-                "id_crops": crops,
-                "id_masks": torch.from_numpy(sample.masks),
-                "face_mask": torch.from_numpy(sample.masks.max(axis=0)),
-                "n_ids": len(sample.identities),
-                "is_clone": False,
-                "image_id": f"world:{scene}",
-            })  # fmt: skip
-        item["caption"] = sample.caption
-        return item

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,3 +97,12 @@ def draw_boxes(
     for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         draw.rectangle([float(v) for v in box], outline=tuple(colour), width=line)
     return out
+
+
+def box_mask(box: np.ndarray, size: int) -> np.ndarray:
+    """float32 (size, size) mask of the pixels whose centres lie inside `box` (x0, y0, x1, y1), at least 1 px."""
+    x0, y0 = math.floor(box[0] + 0.5), math.floor(box[1] + 0.5)
+    x1, y1 = max(x0 + 1, math.floor(box[2] + 0.5)), max(y0 + 1, math.floor(box[3] + 0.5))
+    mask = np.zeros((size, size), dtype=np.float32)
+    mask[max(0, y0) : min(size, y1), max(0, x0) : min(size, x1)] = 1.0
+    return mask

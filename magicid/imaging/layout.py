@@ -3,12 +3,15 @@ implies, and the face-mesh template drawn in boxes (no mediapipe needed: `imagin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 
+from magicid.config import CloneFaceParams
+from magicid.errors import ConfigError
 from magicid.imaging.boxes import Box, check_boxes
 
 
@@ -88,3 +91,61 @@ def render_box_landmarks(height: int, width: int, boxes: Sequence[Box]) -> np.nd
 
     array = check_boxes(boxes, height, width)
     return render_landmark_map(height, width, [template_landmarks(box) for box in array])
+
+
+_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+
+
+def caption_for(n_people: int) -> str:
+    """The fixed training caption of a sample with `n_people` faces ("a photo of a person", "... of three people")."""
+    if n_people <= 1:
+        return "a photo of a person"
+    return f"a photo of {_NUMBER_WORDS.get(n_people, str(n_people))} people"
+
+
+# Clone Face Tuning's placement rule (`magicid.training.clone_face`; the composite world's clone scenes use it too).
+def check_clone_params(params: CloneFaceParams) -> None:
+    """Raise `ConfigError` when `k_max` clones of side `scale_max` cannot all fit in their grid cells."""
+    grid = math.ceil(math.sqrt(params.k_max))
+    if params.scale_max > 1.0 / grid + 1e-9:
+        raise ConfigError(
+            f"train.clone_face.scale_max={params.scale_max} is too large for k_max={params.k_max}: clones are "
+            f"placed in a {grid}x{grid} grid, so scale_max must be <= 1/{grid} = {1.0 / grid:.4f} "
+            "(lower scale_max or k_max)"
+        )
+
+
+def place_clones(
+    size: int, k: int, scale_min: float, scale_max: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Non-overlapping square boxes for `k` clones on a `size x size` canvas (the grid rule in the module doc).
+
+    Args:
+        size: canvas side in pixels.
+        k: number of clones (>= 1).
+        scale_min, scale_max: clone side as a fraction of `size`; `scale_max <= 1 / ceil(sqrt(k))`.
+        rng: the only source of randomness (same generator state, same boxes).
+
+    Returns:
+        int64 (k, 4) boxes x0, y0, x1, y1 (exclusive ends), pairwise disjoint, inside the canvas.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    grid = math.ceil(math.sqrt(k))
+    cell = size // grid
+    max_side = int(round(scale_max * size))
+    if max_side > cell:
+        raise ConfigError(
+            f"clone side {max_side}px (scale_max={scale_max} of {size}px) exceeds the {cell}px grid cell for k={k}; "
+            f"use scale_max <= {cell / size:.4f}"
+        )
+    cells = rng.permutation(grid * grid)[:k]
+    boxes = np.zeros((k, 4), dtype=np.int64)
+    for i, index in enumerate(cells):
+        side = int(round(rng.uniform(scale_min, scale_max) * size))
+        side = max(1, min(side, cell))
+        row, col = divmod(int(index), grid)
+        x0 = col * cell + int(rng.integers(0, cell - side + 1))
+        y0 = row * cell + int(rng.integers(0, cell - side + 1))
+        boxes[i] = (x0, y0, x0 + side, y0 + side)
+    return boxes

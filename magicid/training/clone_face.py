@@ -6,7 +6,8 @@ built from one identity's zoomed face crop (IDZoom `crops/<face_id>.png`):
 
 1. `k` is drawn uniformly from `[k_min, k_max]` (`train.clone_face`), and each clone's side from
    `[scale_min, scale_max] * image side`.
-2. Placement rule (non-overlapping by construction): the canvas is split into a `g x g` grid with
+2. Placement rule (`imaging.layout.place_clones`, shared with the composite world's clone scenes; non-overlapping
+   by construction): the canvas is split into a `g x g` grid with
    `g = ceil(sqrt(k))`; the clones take `k` distinct cells drawn at random and a uniformly random position
    inside their cell. A clone never exceeds its cell, so `scale_max <= 1 / ceil(sqrt(k_max))` is required
    (checked: `ConfigError` otherwise) and no clone is ever shrunk to fit.
@@ -28,7 +29,6 @@ times as much as the background (for every sample, clone or not).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from magicid.config import CloneFaceParams
-from magicid.errors import ConfigError
+from magicid.imaging.layout import check_clone_params, place_clones
 
 
 @dataclasses.dataclass
@@ -62,53 +62,6 @@ class CloneFaceSample:
     @property
     def k(self) -> int:
         return int(self.boxes.shape[0])
-
-
-def check_clone_params(params: CloneFaceParams) -> None:
-    """Raise `ConfigError` when `k_max` clones of side `scale_max` cannot all fit in their grid cells."""
-    grid = math.ceil(math.sqrt(params.k_max))
-    if params.scale_max > 1.0 / grid + 1e-9:
-        raise ConfigError(
-            f"train.clone_face.scale_max={params.scale_max} is too large for k_max={params.k_max}: clones are "
-            f"placed in a {grid}x{grid} grid, so scale_max must be <= 1/{grid} = {1.0 / grid:.4f} "
-            "(lower scale_max or k_max)"
-        )
-
-
-def place_clones(
-    size: int, k: int, scale_min: float, scale_max: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Non-overlapping square boxes for `k` clones on a `size x size` canvas (the grid rule in the module doc).
-
-    Args:
-        size: canvas side in pixels.
-        k: number of clones (>= 1).
-        scale_min, scale_max: clone side as a fraction of `size`; `scale_max <= 1 / ceil(sqrt(k))`.
-        rng: the only source of randomness (same generator state, same boxes).
-
-    Returns:
-        int64 (k, 4) boxes x0, y0, x1, y1 (exclusive ends), pairwise disjoint, inside the canvas.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    grid = math.ceil(math.sqrt(k))
-    cell = size // grid
-    max_side = int(round(scale_max * size))
-    if max_side > cell:
-        raise ConfigError(
-            f"clone side {max_side}px (scale_max={scale_max} of {size}px) exceeds the {cell}px grid cell for k={k}; "
-            f"use scale_max <= {cell / size:.4f}"
-        )
-    cells = rng.permutation(grid * grid)[:k]
-    boxes = np.zeros((k, 4), dtype=np.int64)
-    for i, index in enumerate(cells):
-        side = int(round(rng.uniform(scale_min, scale_max) * size))
-        side = max(1, min(side, cell))
-        row, col = divmod(int(index), grid)
-        x0 = col * cell + int(rng.integers(0, cell - side + 1))
-        y0 = row * cell + int(rng.integers(0, cell - side + 1))
-        boxes[i] = (x0, y0, x0 + side, y0 + side)
-    return boxes
 
 
 def clone_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:

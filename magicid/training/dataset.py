@@ -17,7 +17,6 @@ an embedding of the wrong shape, or a box outside its image raises `DataError` n
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,11 @@ from torch.utils.data import Dataset, Sampler
 from magicid.config import Params
 from magicid.data.manifest import read_manifest
 from magicid.errors import DataError
-from magicid.training.clone_face import check_clone_params, flat_background, make_clone_face_sample
+from magicid.imaging.boxes import box_mask
+from magicid.imaging.layout import caption_for, check_clone_params
+from magicid.training.clone_face import flat_background, make_clone_face_sample
 
-_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 _BOX_TOLERANCE = 1e-3  # pixels: float rounding in the manifest, not real overflow
-
-
-def caption_for(n_people: int) -> str:
-    """The fixed training caption of a sample with `n_people` faces ("a photo of a person", "... of three people")."""
-    if n_people <= 1:
-        return "a photo of a person"
-    return f"a photo of {_NUMBER_WORDS.get(n_people, str(n_people))} people"
 
 
 def _read_tables(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -155,15 +148,6 @@ class Letterbox:
             ],
             dtype=np.float32,
         )
-
-
-def box_mask(box: np.ndarray, size: int) -> np.ndarray:
-    """float32 (size, size) mask of the pixels whose centres lie inside `box` (x0, y0, x1, y1), at least 1 px."""
-    x0, y0 = math.floor(box[0] + 0.5), math.floor(box[1] + 0.5)
-    x1, y1 = max(x0 + 1, math.floor(box[2] + 0.5)), max(y0 + 1, math.floor(box[3] + 0.5))
-    mask = np.zeros((size, size), dtype=np.float32)
-    mask[max(0, y0) : min(size, y1), max(0, x0) : min(size, x1)] = 1.0
-    return mask
 
 
 # Conversions in numpy, then one `torch.from_numpy`: the same float32 values as torch's div/sub, without torch's

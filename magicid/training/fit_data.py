@@ -100,7 +100,8 @@ def load_fit_data(data_dir: str | Path, fit: FitParams) -> FitData:
     from PIL import Image
 
     from magicid.data.version import dataset_version
-    from magicid.training.dataset import Letterbox, caption_for
+    from magicid.imaging.layout import caption_for
+    from magicid.training.dataset import Letterbox
 
     root = Path(data_dir)
     if not (root / "images.parquet").is_file() or not (root / "faces.parquet").is_file():

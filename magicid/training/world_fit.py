@@ -123,8 +123,8 @@ def default_world(dataset_dir: Path, params: Params, resolution: int, seed: int)
 
 
 def default_dataset(world, length: int, clone_params, seed: int):
-    """The world's training samples as `IDZoomDataset` items (`magicid.data.world.WorldDataset`)."""
-    from magicid.data.world import WorldDataset
+    """The world's training samples as `IDZoomDataset` items (`magicid.training.world_dataset.WorldDataset`)."""
+    from magicid.training.world_dataset import WorldDataset
 
     return WorldDataset(world, length, clone_params=clone_params, seed=seed)
 

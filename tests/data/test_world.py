@@ -13,8 +13,9 @@ import torch
 
 from magicid.data import manifest as mf
 from magicid.data import world_ingredients as wi
-from magicid.data.world import CompositeWorld, WorldDataset
+from magicid.data.world import CompositeWorld
 from magicid.errors import DataError
+from magicid.training.world_dataset import WorldDataset
 
 RES = 128
 N_SCENES = 60
@@ -139,7 +140,7 @@ def test_boxes_are_exact_inside_the_image_and_sized_as_asked(sample_world_dir, w
 
 
 def test_masks_and_condition_maps_align_with_the_boxes(scenes):
-    from magicid.training.dataset import box_mask
+    from magicid.imaging.boxes import box_mask
 
     for s in scenes:
         n = len(s.identities)

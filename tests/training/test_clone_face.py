@@ -9,13 +9,8 @@ import torch.nn.functional as F
 
 from magicid.config import CloneFaceParams
 from magicid.errors import ConfigError
-from magicid.training.clone_face import (
-    check_clone_params,
-    face_weight_map,
-    make_clone_face_sample,
-    place_clones,
-    weighted_diffusion_loss,
-)
+from magicid.imaging.layout import check_clone_params, place_clones
+from magicid.training.clone_face import face_weight_map, make_clone_face_sample, weighted_diffusion_loss
 
 PARAMS = CloneFaceParams(prob=1.0, k_min=2, k_max=4, scale_min=0.15, scale_max=0.35)
 

@@ -20,10 +20,11 @@ from PIL import Image
 
 from magicid.config import CloneFaceParams, Params
 from magicid.data.manifest import read_manifest
+from magicid.imaging.boxes import box_mask
 from magicid.imaging.conditions import render_landmark_map
+from magicid.imaging.layout import caption_for, place_clones
 from magicid.imaging.mesh_template import MESH_TEMPLATE_XY
-from magicid.training.clone_face import make_clone_face_sample, place_clones
-from magicid.training.dataset import box_mask, caption_for
+from magicid.training.clone_face import make_clone_face_sample
 
 _KPS5 = (468, 473, 1, 61, 291)  # mesh indices of the eye centres (irises), nose tip, mouth corners
 
