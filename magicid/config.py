@@ -380,8 +380,9 @@ class FitParams(_Section):
     color_jitter: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-    # torch.compile of the UNet in the fit's UNet phase: none | unet (a speed setting: not part of `fit_key`).
-    compile: Literal["none", "unet"] = "none"
+    # torch.compile of the UNet in the fit's UNet phase: none | unet | unet_cudagraphs (CUDA only: mode
+    # "reduce-overhead"); a speed setting, not part of `fit_key`.
+    compile: Literal["none", "unet", "unet_cudagraphs"] = "none"
     quality: FitQualityParams = FitQualityParams()
 
     @field_validator("resolution", "vae_resolution")

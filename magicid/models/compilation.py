@@ -5,7 +5,10 @@ backbone fitter's UNet phase):
 
 - `none` (default): eager, as before;
 - `unet`: the UNet and the MMF ControlNet (the modules a denoising step runs);
-- `all` (`model.compile` only): also the VAE's encoder and decoder.
+- `all` (`model.compile` only): also the VAE's encoder and decoder;
+- `unet_cudagraphs` (`fit.compile` only, CUDA only): the UNet with inductor's `mode="reduce-overhead"`, which
+  replays its kernels as CUDA graphs (one launch for many): for the fit's tiny UNet, whose steps on a GPU are bound
+  by launching many small kernels; the caller marks each step (`torch.compiler.cudagraph_mark_step_begin`).
 
 How: `nn.Module.compile()` in place (inductor, default mode), so state-dict keys, `.to()`, saving and loading are
 unchanged (`torch.compile(module)` would wrap it and prefix every key with `_orig_mod.`). A module already compiled
@@ -52,7 +55,7 @@ __all__ = [
     "is_compiled",
 ]
 
-COMPILE_SETTINGS = ("none", "unet", "all")
+COMPILE_SETTINGS = ("none", "unet", "all", "unet_cudagraphs")
 # Enough for SD 1.5's distinct block shapes in generation, CFG and training together (module docstring).
 RECOMPILE_LIMIT = 64
 
@@ -108,11 +111,11 @@ def is_compiled(module: nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 
 
-def compile_module(module: nn.Module) -> bool:
-    """`module.compile()` unless already compiled; True when it compiled it now."""
+def compile_module(module: nn.Module, mode: str | None = None) -> bool:
+    """`module.compile(mode=mode)` unless already compiled; True when it compiled it now."""
     if is_compiled(module):
         return False
-    module.compile()
+    module.compile(mode=mode)
     return True
 
 
@@ -126,7 +129,8 @@ def compile_denoiser(
     """Apply a `*.compile` setting to the modules of a denoising step (in place).
 
     Args:
-        setting: `none`, `unet` (UNet + ControlNet) or `all` (also the VAE's encoder and decoder).
+        setting: `none`, `unet` (UNet + ControlNet), `all` (also the VAE's encoder and decoder) or
+            `unet_cudagraphs` (as `unet`, CUDA graphs: CUDA only).
         setting_name: the config key it came from (`model.compile`), for errors.
         unet: the diffusers UNet (MGMICA processors, if installed, stay eager).
         controlnet: the MMF ControlNet, or None.
@@ -136,7 +140,8 @@ def compile_denoiser(
         The names of the modules compiled by this call (`unet`, `controlnet`, `vae.encoder`, `vae.decoder`).
 
     Raises:
-        ConfigError: an unknown setting. CompileUnsupportedError: see `check_compile_supported`.
+        ConfigError: an unknown setting. CompileUnsupportedError: see `check_compile_supported`; CUDA graphs
+            asked for off CUDA.
     """
     if setting not in COMPILE_SETTINGS:
         raise ConfigError(f"{setting_name}={setting}: use one of {', '.join(COMPILE_SETTINGS)}")
@@ -144,6 +149,14 @@ def compile_denoiser(
         return []
     device = next(unet.parameters()).device
     check_compile_supported(device, f"{setting_name}={setting}")
+    mode = None
+    if setting == "unet_cudagraphs":
+        if device.type != "cuda":
+            raise CompileUnsupportedError(
+                f"{setting_name}={setting}: CUDA graphs need the model on CUDA, it is on {device.type}; use "
+                f"{setting_name}=unet (or none)"
+            )
+        mode = "reduce-overhead"
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -152,4 +165,4 @@ def compile_denoiser(
         targets.append(("controlnet", controlnet))
     if setting == "all" and vae is not None:
         targets += [("vae.encoder", vae.encoder), ("vae.decoder", vae.decoder)]
-    return [name for name, module in targets if compile_module(module)]
+    return [name for name, module in targets if compile_module(module, mode)]

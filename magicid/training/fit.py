@@ -493,6 +493,7 @@ class BackboneFitter:
         # figure); on a GPU the tiny UNet's forward/backward is bound by launching its many small kernels, which
         # compilation fuses (README "On a GPU"). In place: the saved weights and checkpoints are as without.
         compile_denoiser(fit.compile, "fit.compile", unet)
+        self._cuda_graphs = fit.compile == "unet_cudagraphs"
         # fused: one kernel over all parameters; the default on CPU is a Python loop over them, a tenth of a step.
         self.vae_opt = torch.optim.AdamW(vae.parameters(), lr=fit.vae_lr, weight_decay=0.0, fused=True)
         self.unet_opt = torch.optim.AdamW(
@@ -722,6 +723,8 @@ class BackboneFitter:
         unet.train().requires_grad_(True)
         while self.step < fit.unet_steps:
             t0 = time.perf_counter()
+            if self._cuda_graphs:  # a new step: the previous step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             generator = phase_generator(self.params.seed, "unet", self.step, device)
             latents, picture = bank.sample(
                 fit.unet_batch, fit.face_prob, scaling_factor, generator, fit.unet_augment_prob

@@ -88,7 +88,8 @@ def test_compiled_generation_on_cuda_is_repeatable_close_to_eager_and_local():
     assert not torch.equal(out_before[1, ~outside], out_after[1, ~outside])
 
 
-def test_compiled_fit_on_cuda_matches_eager(tmp_path):
+@pytest.mark.parametrize("setting", ["unet", "unet_cudagraphs"])
+def test_compiled_fit_on_cuda_matches_eager(tmp_path, setting):
     from magicid.config import load_params
     from magicid.training.fit import fit_backbone
     from magicid.training.synthetic import write_synthetic_idzoom
@@ -99,12 +100,16 @@ def test_compiled_fit_on_cuda_matches_eager(tmp_path):
             "fit.log_every=2"]  # fmt: skip
     eager = fit_backbone(load_params(None, base), data, tmp_path / "a", progress=False, track=False)
     compiled = fit_backbone(
-        load_params(None, [*base, "fit.compile=unet"]), data, tmp_path / "b", progress=False, track=False
+        load_params(None, [*base, f"fit.compile={setting}"]),
+        data,
+        tmp_path / "b",
+        progress=False,
+        track=False,
     )
     assert all(math.isfinite(v) for v in compiled.unet_losses.values())
     for step, loss in eager.unet_losses.items():
         assert compiled.unet_losses[step] == pytest.approx(loss, rel=1e-2), step
-    print(f"fit on CUDA: eager {eager.timings['unet']}, compiled {compiled.timings['unet']}")
+    print(f"fit on CUDA: eager {eager.timings['unet']}, {setting} {compiled.timings['unet']}")
 
 
 def test_compiled_training_on_cuda_runs_and_matches_eager(tmp_path):

@@ -80,6 +80,17 @@ def test_settings_are_typed_and_unknown_values_refused():
         compile_denoiser("fast", "model.compile", torch.nn.Linear(1, 1))
 
 
+def test_cuda_graphs_are_for_the_fit_on_cuda_only(fresh_backbone):
+    assert _params("fit.compile=unet_cudagraphs").fit.compile == "unet_cudagraphs"
+    with pytest.raises(ConfigError):
+        _params("model.compile=unet_cudagraphs")
+    with pytest.raises(
+        CompileUnsupportedError, match="fit.compile=unet_cudagraphs: CUDA graphs need the model on CUDA"
+    ):
+        compile_denoiser("unet_cudagraphs", "fit.compile", fresh_backbone.unet)
+    assert not is_compiled(fresh_backbone.unet)
+
+
 def test_compile_settings_are_not_part_of_the_fit_keys():
     from magicid.training.fit import fit_key
 
