@@ -331,6 +331,15 @@ class TrainParams(_Section):
     # The backbone's UNet trains jointly with the adapter at this LR (null: the backbone stays frozen).
     unet_lr: float | None = Field(None, gt=0)
     loader_workers: int = Field(0, ge=0)
+    # Batches each loader worker keeps ready (DataLoader prefetch_factor; only with loader_workers > 0, whose workers
+    # then persist across epochs).
+    loader_prefetch: int = Field(2, ge=1)
+    # AdamW's implementation (`trainer.resolve_optimizer_impl`): auto = fused on CUDA (foreach with fp16's gradient
+    # scaler), torch's for-loop on CPU (today's bits); the others as named. They differ only in float rounding.
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    # Encode each deterministic sample's pixels with the frozen VAE once and reuse its posterior (mean, std)
+    # (`train_data.LatentCache`); memory: 2 x 4 x (resolution/8)^2 values per distinct image on the device.
+    cache_latents: bool = False
     # torch.compile of the UNet and the MMF ControlNet in training: none | unet (`magicid.models.compilation`).
     compile: Literal["none", "unet"] = "none"
 

@@ -178,7 +178,10 @@ class IDZoomDataset(Dataset):
     Each item is a dict:
         pixel_values (3, R, R) in [-1, 1]; skeleton, landmark (3, R, R) in [0, 1];
         id_embeddings (n, D) float32; id_crops (n, 3, S, S) in [-1, 1]; id_masks (n, R, R) in {0, 1};
-        face_mask (R, R) the union of the faces; n_ids, is_clone, image_id, caption.
+        face_mask (R, R) the union of the faces; n_ids, is_clone, image_id, caption;
+        latent_key: a name for the pixels (two items with the same key have identical pixel_values: a non-clone
+            sample is its letterboxed image, a function of the index), None for a Clone Face sample (drawn afresh);
+            `train.cache_latents` encodes a keyed sample once (`train_data.LatentCache`).
 
     Raises:
         DataError: a missing table/file, a wrong embedding shape, a box outside its image, an empty split.
@@ -325,6 +328,7 @@ class IDZoomDataset(Dataset):
             "is_clone": False,
             "image_id": item.image_id,
             "caption": caption_for(len(item.faces)),
+            "latent_key": f"idzoom:{item.image_id}",
         }
 
     def _clone_sample(
@@ -366,6 +370,7 @@ class IDZoomDataset(Dataset):
             "clone_boxes": torch.from_numpy(sample.boxes),  # (k, 4) the pasted crops' squares, x0 y0 x1 y1
             "image_id": item.image_id,
             "caption": caption_for(sample.k),
+            "latent_key": None,  # placement drawn per (seed, epoch, index): new pixels each time
         }
 
 
@@ -375,7 +380,8 @@ def collate_idzoom(samples: list[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         pixel_values (B, 3, R, R); skeleton, landmark (B, 3, R, R); face_mask (B, R, R);
         id_embeddings (B, n, D); id_crops (B, n, 3, S, S); id_masks (B, n, R, R) (zeros where padded);
-        id_valid (B, n) bool; n_ids (B,) long; is_clone (B,) bool; image_id, caption: lists.
+        id_valid (B, n) bool; n_ids (B,) long; is_clone (B,) bool; image_id, caption, latent_key: lists (an item
+        without `latent_key` counts as None: never cached).
     """
     n_max = max(s["n_ids"] for s in samples)
     batch = len(samples)
@@ -403,6 +409,7 @@ def collate_idzoom(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "is_clone": torch.tensor([s["is_clone"] for s in samples], dtype=torch.bool),
         "image_id": [s["image_id"] for s in samples],
         "caption": [s["caption"] for s in samples],
+        "latent_key": [s.get("latent_key") for s in samples],
     }
 
 

@@ -30,6 +30,13 @@ step s+1 sees exactly what an uninterrupted run saw.
 
 Device: under `accelerate launch` the device (and process count) is accelerate's; otherwise `model.device`.
 
+Throughput (issue 25), each a `train:` key that leaves the results as they are up to float rounding: AdamW's
+implementation (`train.optimizer_impl`, `build_optimizer`: fused on CUDA by default); the frozen VAE's posterior of
+each deterministic sample encoded once (`train.cache_latents`, `train_data.LatentCache`; the latent is still drawn
+per step from it with the same draws); loader workers that persist and prefetch (`train.loader_workers`,
+`train.loader_prefetch`), pinned batches copied without blocking on CUDA. Caption states are cached always
+(`TextEncoderCache`).
+
 Several processes (`accelerate launch --num_processes N`, DDP): accelerate's prepared loader shards the data order by
 batch (process p takes batches p, p+N, ... of `EpochShuffleSampler`'s order), the MMF mode is a function of the step,
 and Clone Face samples and every random draw follow the sample, not the process: N processes at `train.batch_size` B
@@ -78,7 +85,7 @@ from magicid.training.clone_face import face_weight_map, weighted_diffusion_loss
 from magicid.training.generators import step_generator
 from magicid.training.mmf import MMFSchedule
 from magicid.training.tracking import RunTracker
-from magicid.training.train_data import TextEncoderCache, TrainData, build_train_data
+from magicid.training.train_data import LatentCache, TextEncoderCache, TrainData, build_train_data
 from magicid.utils import atomic_write_dir, atomic_write_text, set_seed
 
 VALIDATION_STREAM = (
@@ -105,6 +112,9 @@ class TrainResult:
         unet_dir: the trained UNet (diffusers folder) when `train.unet_lr` trained it, else None.
         step_overhead_ms: median host time of a step outside forward/backward/optimizer (waiting for the batch,
             the step's generator and conditions, reading the loss, logging), checkpoints and validation excluded.
+        vae_encoded: training samples the VAE encoded in this call (every sample without `train.cache_latents`).
+        latent_cache_hits: training samples whose posterior came from the latent cache in this call.
+        optimizer_impl: the AdamW implementation that ran (`build_optimizer`).
     """
 
     run_id: str | None
@@ -119,6 +129,9 @@ class TrainResult:
     val_losses: dict[int, float] = dataclasses.field(default_factory=dict)
     unet_dir: Path | None = None
     step_overhead_ms: float = float("nan")
+    vae_encoded: int = 0
+    latent_cache_hits: int = 0
+    optimizer_impl: str = ""
 
 
 class MagicIDTrainingModule(nn.Module):
@@ -255,6 +268,7 @@ def diffusion_loss(
     face_loss_weight: float,
     dropout: ConditionDropoutParams | None = None,
     null_text: torch.Tensor | None = None,
+    latent_cache: LatentCache | None = None,
 ) -> torch.Tensor:
     """The face-region weighted diffusion loss of one batch (scalar, float32).
 
@@ -269,19 +283,25 @@ def diffusion_loss(
         face_loss_weight: `train.face_loss_weight`.
         dropout: `train.condition_dropout` (None: no dropout, e.g. the validation loss); needs `null_text`
             (1, 77, C), the empty prompt's embeddings. Drawn from `generator` after the noise and timesteps.
+        latent_cache: the posteriors of keyed samples encoded once (`train.cache_latents`; None: the VAE encodes the
+            batch). The latent sample is drawn from the posterior with the same draws either way.
     """
     vae, scheduler = backbone.vae, backbone.scheduler
     device = backbone.unet.device
     with torch.no_grad():
         pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
-        posterior = vae.encode(pixels).latent_dist
-        batch_size, sample_shape = posterior.mean.shape[0], tuple(posterior.mean.shape[1:])
+        if latent_cache is None:
+            posterior = vae.encode(pixels).latent_dist
+            mean, std = posterior.mean, posterior.std
+        else:
+            mean, std = latent_cache.moments(pixels, batch["latent_key"])
+        batch_size, sample_shape = mean.shape[0], tuple(mean.shape[1:])
 
         def randn(n: int, g: torch.Generator) -> torch.Tensor:
             return torch.randn((n, *sample_shape), generator=g, device=g.device)
 
-        eps = _draw(generator, batch_size, randn).to(device=device, dtype=posterior.mean.dtype)
-        latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
+        eps = _draw(generator, batch_size, randn).to(device=device, dtype=mean.dtype)
+        latents = (mean + std * eps) * vae.config.scaling_factor
     latents = latents.float()
     noise = _draw(generator, batch_size, randn).to(device)
     timesteps = _draw(
@@ -315,6 +335,45 @@ def diffusion_loss(
     )
     weight = face_weight_map(batch["face_mask"], tuple(latents.shape[-2:]), face_loss_weight)
     return weighted_diffusion_loss(prediction, target, weight)
+
+
+OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
+
+
+def resolve_optimizer_impl(choice: str, device: torch.device, mixed_precision: str = "no") -> str:
+    """The AdamW implementation `train.optimizer_impl` names on `device` in `mixed_precision`: `auto` is fused on CUDA
+    (one kernel for all weights) and torch's own CPU default, the for-loop, on a CPU (a run on a CPU keeps the bits it
+    had before the option existed). With fp16's gradient scaler `auto` takes foreach (torch's CUDA default): a fused
+    AdamW skips an overflowing step inside its kernel, where accelerate cannot see it, so the LR scheduler would
+    advance on the steps the scaler skips (fp16's first steps often overflow); `fused` asked by name runs anyway.
+
+    Raises:
+        ConfigError: an unknown choice.
+    """
+    if choice == "auto":
+        if device.type != "cuda":
+            return "for_loop"
+        return "foreach" if mixed_precision == "fp16" else "fused"
+    if choice not in OPTIMIZER_IMPLS:
+        raise ConfigError(f"train.optimizer_impl={choice!r}: use auto, {', '.join(OPTIMIZER_IMPLS)}")
+    return choice
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], params: Params, device: torch.device, mixed_precision: str = "no"
+) -> tuple[torch.optim.AdamW, str]:
+    """AdamW over `groups` (`train.lr`, `train.weight_decay`) in `train.optimizer_impl`'s implementation; returns it
+    and the implementation's name. The three implement the same update and differ in float rounding only
+    (tests/training/test_train_throughput.py holds them to each other); accelerate's gradient scaler (fp16) handles a
+    fused one (`_step_supports_amp_scaling`; `resolve_optimizer_impl` says what accelerate then misses)."""
+    impl = resolve_optimizer_impl(params.train.optimizer_impl, device, mixed_precision)
+    flags = {
+        "fused": {"fused": True},
+        "foreach": {"foreach": True},
+        "for_loop": {"foreach": False, "fused": False},
+    }[impl]
+    cfg = params.train
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **flags), impl
 
 
 def _lr_scheduler(params: Params, optimizer: torch.optim.Optimizer, total_steps: int, processes: int):
@@ -452,12 +511,19 @@ def _train_locked(
     )
     adapter_weights = [p for p in module.adapter.parameters() if p.requires_grad]
     trainable = adapter_weights + unet_weights
-    data = build_train_data(params, data_dir, dataset, val_dataset, log=accelerator.print)
+    data = build_train_data(
+        params,
+        data_dir,
+        dataset,
+        val_dataset,
+        log=accelerator.print,
+        pin_memory=accelerator.device.type == "cuda",
+    )
 
     groups = [{"params": adapter_weights, "lr": cfg.lr}]
     if unet_weights:
         groups.append({"params": unet_weights, "lr": cfg.unet_lr})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer, optimizer_impl = build_optimizer(groups, params, accelerator.device, mixed_precision)
     # The LR schedule spans the configured run (`train.steps`), not this call's `--steps`: stopping early and
     # resuming later must follow the same schedule as one uninterrupted run.
     horizon = max(cfg.steps, total_steps)
@@ -488,6 +554,7 @@ def _train_locked(
                 "num_processes": accelerator.num_processes,
                 "init_from_resolved": init_label or "none",
                 "train_samples": type(data.dataset).__name__,
+                "optimizer_impl_resolved": optimizer_impl,
             }
         )
         tracker.log_dataset(data.images_df, data_dir, data.version, data.origin)
@@ -520,6 +587,9 @@ def _train_locked(
         val_losses=done.val_losses,
         unet_dir=unet_dir,
         step_overhead_ms=1000 * statistics.median(done.overheads) if done.overheads else float("nan"),
+        vae_encoded=done.vae_encoded,
+        latent_cache_hits=done.latent_cache_hits,
+        optimizer_impl=optimizer_impl,
     )
 
 
@@ -529,7 +599,7 @@ def _make_accelerator(params: Params, out_dir: Path):
     checkpoints by accelerate's automatic naming (`checkpoints/checkpoint_<step>`), pruned to
     `train.keep_checkpoints`."""
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
     cfg = params.train
     launched = launched_by_accelerate()
@@ -553,6 +623,8 @@ def _make_accelerator(params: Params, out_dir: Path):
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision,
+        # CUDA: the loader pins its batches (`build_train_data`), so their copies to the device need not block.
+        dataloader_config=DataLoaderConfiguration(non_blocking=device.type == "cuda"),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.grad_accum, sync_with_dataloader=False
         ),
@@ -655,6 +727,8 @@ class LoopResult:
     overheads: list[float]
     checkpointed_at: int | None
     seconds: float
+    vae_encoded: int = 0
+    latent_cache_hits: int = 0
 
 
 def run_steps(run: TrainRun, tracker: RunTracker, step: int, total_steps: int, progress: bool) -> LoopResult:
@@ -668,6 +742,9 @@ def run_steps(run: TrainRun, tracker: RunTracker, step: int, total_steps: int, p
     schedule = MMFSchedule.from_params(params)
     texts = TextEncoderCache(run.backbone)
     null_text = texts([""])  # (1, 77, C): what text dropout and CFG's unconditional branch both use
+    # The frozen VAE's posteriors of deterministic samples, encoded once (`train.cache_latents`); its counts are the
+    # training steps' only (validation fills and reads it too).
+    latents = LatentCache(run.backbone.vae) if cfg.cache_latents else None
     loader = data.loader
     done = LoopResult(step, {}, {}, {}, {}, [], None, float("nan"))
     per_epoch = len(loader)
@@ -680,8 +757,7 @@ def run_steps(run: TrainRun, tracker: RunTracker, step: int, total_steps: int, p
     start_time = time.perf_counter()
     try:
         while step < total_steps:
-            loader.set_epoch(epoch)
-            data.dataset.set_epoch(epoch)
+            loader.set_epoch(epoch)  # the sampler's order; the epoch travels to the samples with each index
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             skip = 0
             last, overhead = time.perf_counter(), 0.0
@@ -695,6 +771,7 @@ def run_steps(run: TrainRun, tracker: RunTracker, step: int, total_steps: int, p
                 )
                 condition = schedule.condition_at(step, batch["skeleton"], batch["landmark"])
                 compute_start = time.perf_counter()
+                counts_before = (latents.encoded, latents.hits) if latents is not None else None
                 with accelerator.accumulate(module):
                     loss = diffusion_loss(
                         module,
@@ -706,6 +783,7 @@ def run_steps(run: TrainRun, tracker: RunTracker, step: int, total_steps: int, p
                         cfg.face_loss_weight,
                         dropout=cfg.condition_dropout,
                         null_text=null_text,
+                        latent_cache=latents,
                     )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -714,6 +792,11 @@ def run_steps(run: TrainRun, tracker: RunTracker, step: int, total_steps: int, p
                     run.lr_scheduler.step()
                     run.optimizer.zero_grad(set_to_none=True)
                 compute_end = time.perf_counter()
+                if counts_before is None:
+                    done.vae_encoded += len(batch["caption"])
+                else:
+                    done.vae_encoded += latents.encoded - counts_before[0]
+                    done.latent_cache_hits += latents.hits - counts_before[1]
                 running += loss.detach() / cfg.grad_accum
                 micro_in_step += 1
                 overhead += compute_start - last
@@ -756,6 +839,7 @@ def run_steps(run: TrainRun, tracker: RunTracker, step: int, total_steps: int, p
                         params.seed,
                         cfg.face_loss_weight,
                         accelerator.device,
+                        latent_cache=latents,
                     )
                     tracker.metrics({"val_loss": done.val_losses[step]}, step)
                 if step % _METRICS_FLUSH_EVERY == 0:
@@ -877,20 +961,29 @@ def validation_loss(
     seed: int,
     face_loss_weight: float,
     device: torch.device,
+    latent_cache: LatentCache | None = None,
 ) -> float:
     """Mean diffusion loss over the val split: fused conditions, no dropout, fixed noise per batch (comparable
-    across steps). Every process computes it over the whole split (it is small); the main process logs it."""
+    across steps). Every process computes it over the whole split (it is small); the main process logs it.
+    `latent_cache`: the run's (`train.cache_latents`): the val samples are clean, so each is encoded once."""
     from accelerate.utils import send_to_device
 
     from magicid.models.conditioning import make_condition
 
     losses, weights = [], []
     for index, batch in enumerate(loader):
-        batch = send_to_device(batch, device)
+        batch = send_to_device(batch, device, non_blocking=device.type == "cuda")  # pinned on CUDA
         condition = make_condition(batch["skeleton"], batch["landmark"], "fused")
         generator = step_generator(seed, VALIDATION_STREAM, index, 0, device=device)
         loss = diffusion_loss(
-            module, backbone, batch, condition, texts(batch["caption"]), generator, face_loss_weight
+            module,
+            backbone,
+            batch,
+            condition,
+            texts(batch["caption"]),
+            generator,
+            face_loss_weight,
+            latent_cache=latent_cache,
         )
         losses.append(float(loss))
         weights.append(len(batch["caption"]))

@@ -93,4 +93,5 @@ class WorldDataset(Dataset):
                 "image_id": f"world:{scene}",
             })  # fmt: skip
         item["caption"] = sample.caption
+        item["latent_key"] = None  # a new scene every epoch: nothing to reuse (`train.cache_latents`)
         return item

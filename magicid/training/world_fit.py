@@ -80,6 +80,9 @@ _KEY_EXCLUDED_FIELDS = {
         "log_checkpoints",
         "keep_checkpoints",
         "loader_workers",
+        "loader_prefetch",
+        "optimizer_impl",  # float rounding only (auto on CPU is today's for-loop), as mixed_precision below
+        "cache_latents",  # the same posterior, encoded once (float rounding of the VAE's batch only)
         "checkpoint_every",
         "log_every",
         "eval_every",

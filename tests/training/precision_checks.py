@@ -30,11 +30,14 @@ def check_loss_falls(tiny_train_params, root: Path, device: str, dtype: str, ste
     return losses
 
 
-def check_resume_exact(tiny_train_params, root: Path, device: str, dtype: str) -> None:
-    """4 steps straight vs 2 steps, then --resume to 4: the same losses and the same adapter, bit for bit."""
+def check_resume_exact(
+    tiny_train_params, root: Path, device: str, dtype: str, extra: tuple[str, ...] = ()
+) -> None:
+    """4 steps straight vs 2 steps, then --resume to 4: the same losses and the same adapter, bit for bit. `extra`:
+    further overrides of both runs (the throughput levers)."""
     common = (
         f"model.device={device}", f"model.dtype={dtype}", "train.steps=4", "train.checkpoint_every=2",
-        "train.lr=1e-3", "train.eval_every=0", "train.clone_face.prob=0.5",
+        "train.lr=1e-3", "train.eval_every=0", "train.clone_face.prob=0.5", *extra,
     )  # fmt: skip
     straight = train(tiny_train_params(*common, out=f"straight-{dtype}"), root, progress=False, track=False)
     resumed_params = tiny_train_params(*common, out=f"resumed-{dtype}")
