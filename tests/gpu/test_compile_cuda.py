@@ -75,7 +75,7 @@ def test_compiled_generation_on_cuda_is_repeatable_close_to_eager_and_local():
     print(
         f"compiled vs eager (bf16, [0, 1] pixels): max {difference.max():.4f}, mean {difference.mean():.5f}"
     )
-    assert difference.mean() < 0.01  # bf16: fused kernels round differently; the same picture
+    assert difference.mean() < 0.02  # bf16: fused kernels round differently (CPU bf16: mean 0.005, max 0.07)
 
     changed = _identities(0, dim)
     changed[1] = _identities(7, dim)[1]
