@@ -11,6 +11,12 @@ warm-up and not timed (mean step times over the rest; medians for the overhead).
 Prints `name: value` lines (with a `gpu_` prefix on CUDA): `fit_vae_steps_per_s`, `fit_unet_steps_per_s_b4`,
 `fit_unet_steps_per_s_b32`, `fit_unet_bare_steps_per_s_b32`, `fit_loop_vs_bare_b32` (loop step time / bare step
 time), `fit_step_overhead_ms` (median host time of a UNet step outside forward/backward/optimizer, batch 32).
+
+`--compile unet [unet_cudagraphs]` (`fit.compile`) runs the batch-32 loop once more per setting with the UNet
+compiled: `fit_compile_first_step_s` (the first UNet step, compilation included), `fit_unet_compiled_steps_per_s_b32`,
+`fit_compiled_vs_eager_b32` (compiled / eager step time; the loops run one after the other, not interleaved) and
+`fit_compiled_loss_max_abs_diff` (largest difference of the logged UNet losses: float reordering only); with
+`unet_cudagraphs` (CUDA only) the same names with `cudagraphs` for `compile` / `compiled`.
 """
 
 from __future__ import annotations
@@ -36,17 +42,26 @@ def _sync(device: torch.device) -> None:
 
 
 def fit_loop(
-    data_dir: Path, workdir: Path, device: str, dtype: str, unet_batch: int, steps: int, warmup: int
+    data_dir: Path,
+    workdir: Path,
+    device: str,
+    dtype: str,
+    unet_batch: int,
+    steps: int,
+    warmup: int,
+    compile_setting: str = "none",
 ):
     """Run the fitter for `steps` VAE and `steps` UNet steps; returns (fitter, VAE and UNet mean step seconds)."""
     params = load_params(
         None, [f"model.device={device}", f"model.dtype={dtype}", "fit.checkpoint_every=1000000"]
     )
-    fit = params.fit.model_copy(update={"vae_steps": steps, "unet_steps": steps, "unet_batch": unet_batch})
+    fit = params.fit.model_copy(
+        update={"vae_steps": steps, "unet_steps": steps, "unet_batch": unet_batch, "compile": compile_setting}
+    )
     data = load_fit_data(data_dir, fit)
     tracker = RunTracker(params, enabled=False)
     fitter = BackboneFitter(
-        params, fit, data, "bench", workdir / f"state{unet_batch}", tracker, progress=False
+        params, fit, data, "bench", workdir / f"state{unet_batch}{compile_setting}", tracker, progress=False
     )
     fitter.run()
     _sync(fitter.device)
@@ -84,6 +99,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (model.dtype)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", nargs="*", default=[], choices=("unet", "unet_cudagraphs"),
+                        help="also run the batch-32 loop with the UNet compiled, once per fit.compile setting")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,12 +113,26 @@ def main() -> None:
         fitter, _, unet32_s = fit_loop(data_dir, workdir, args.device, args.dtype, 32, steps, warmup)
         overhead_ms = 1000 * statistics.median(fitter.timer.overhead_s["unet"][warmup:])
         bare_s = bare_unet_step_s(fitter, 32, steps, warmup)
+        compiled = {}
+        for setting in args.compile:
+            compiled_fitter, _, compiled_s = fit_loop(
+                data_dir, workdir, args.device, args.dtype, 32, steps, warmup, setting
+            )
+            losses, compiled_losses = fitter.losses["unet"], compiled_fitter.losses["unet"]
+            loss_diff = max(abs(losses[step] - compiled_losses[step]) for step in losses)
+            compiled[setting] = (compiled_fitter.timer.step_s["unet"][0], compiled_s, loss_diff)
     print(f"{prefix}fit_vae_steps_per_s: {1 / vae_s:.2f}")
     print(f"{prefix}fit_unet_steps_per_s_b4: {1 / unet4_s:.2f}")
     print(f"{prefix}fit_unet_steps_per_s_b32: {1 / unet32_s:.2f}")
     print(f"{prefix}fit_unet_bare_steps_per_s_b32: {1 / bare_s:.2f}")
     print(f"{prefix}fit_loop_vs_bare_b32: {unet32_s / bare_s:.3f}")
     print(f"{prefix}fit_step_overhead_ms: {overhead_ms:.2f}")
+    for setting, (first_s, compiled_s, loss_diff) in compiled.items():
+        what, done = ("compile", "compiled") if setting == "unet" else ("cudagraphs", "cudagraphs")
+        print(f"{prefix}fit_{what}_first_step_s: {first_s:.1f}")
+        print(f"{prefix}fit_unet_{done}_steps_per_s_b32: {1 / compiled_s:.2f}")
+        print(f"{prefix}fit_{done}_vs_eager_b32: {compiled_s / unet32_s:.3f}")
+        print(f"{prefix}fit_{done}_loss_max_abs_diff: {loss_diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ steps, guidance and seed. Calls alternate (MagicID, stock, ...), medians after a
 Levers, each timed against the default MagicID call in alternation, with how far its image moves (max and mean
 absolute difference of the uint8 images):
 - `controlnet_once`: `model.controlnet_cfg=conditional` (the ControlNet once a step for both CFG halves);
-- `channels_last`: UNet, VAE and ControlNet in channels_last memory format.
+- `channels_last`: UNet, VAE and ControlNet in channels_last memory format;
+- `compile` (with `--compile unet|all`, `model.compile`): torch.compile of the UNet and ControlNet (`all`: and the
+  VAE). The first compiled call is timed on its own (`compile_first_call_s`, compilation included); then compiled
+  and eager calls alternate (the compiled graphs kept, switched per call), and the compiled MagicID call is also
+  timed against the stock pipeline over the same compiled UNet (`compiled_magicid_vs_compiled_stock`) and the
+  eager stock one (`compiled_magicid_vs_stock`).
 
 CPU (default): the tiny backbone at 256 px, 10 steps, float32. `--device cuda`: SD 1.5's shapes with random weights
 (`magicid.models.sd15_shapes`) at 512 px, 30 steps, bfloat16 by default, synchronised timing, peak memory; every
@@ -27,6 +32,7 @@ import torch
 from magicid.config import load_params
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import resolve_device, resolve_dtype
+from magicid.models.compilation import COMPILE_SETTINGS, compile_denoiser
 from magicid.models.mgmica import mgmica_context
 from magicid.models.pipeline import MagicIDPipeline
 
@@ -54,12 +60,55 @@ def _perturb(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
             p.add_((torch.randn(p.shape, generator=g) * std).to(p.device, p.dtype))
 
 
+def compile_figures(
+    setting, backbone, adapter, magicid, baseline, out, pairs, device, label
+) -> dict[str, float]:
+    """The `compile` lever: compile (timed once), then compiled vs eager MagicID calls in alternation, and the
+    compiled MagicID call against the stock pipeline compiled and eager. The images of the eager default call are
+    in `out["magicid"]`."""
+    vae = backbone.vae
+    compiled = compile_denoiser(setting, "model.compile", backbone.unet, adapter.controlnet, vae)
+    named = {"unet": backbone.unet, "controlnet": adapter.controlnet, "vae.encoder": vae.encoder,
+             "vae.decoder": vae.decoder}  # fmt: skip
+    modules = [named[name] for name in compiled]
+    graphs = [module._compiled_call_impl for module in modules]
+
+    def use_compiled(on: bool) -> None:
+        # The compiled callables stay built; switching them off runs the modules eager (no recompilation).
+        for module, graph in zip(modules, graphs, strict=True):
+            module._compiled_call_impl = graph if on else None
+
+    figures = {"compile_first_call_s_" + label: timed_s(lambda: magicid("compile"), device)}
+    baseline()  # the stock pipeline's own compilation (stock processors: another graph), untimed
+    ratios, vs_stock, vs_compiled_stock = [], [], []
+    for _ in range(pairs):
+        use_compiled(False)
+        eager_s = timed_s(magicid, device)
+        stock_s = timed_s(baseline, device)
+        use_compiled(True)
+        compiled_s = timed_s(lambda: magicid("compile"), device)
+        compiled_stock_s = timed_s(baseline, device)
+        ratios.append(compiled_s / eager_s)
+        vs_stock.append(compiled_s / stock_s)
+        vs_compiled_stock.append(compiled_s / compiled_stock_s)
+    use_compiled(False)
+    figures[f"compile_vs_default_{label}"] = statistics.median(ratios)
+    figures[f"compiled_magicid_vs_stock_{label}"] = statistics.median(vs_stock)
+    figures[f"compiled_magicid_vs_compiled_stock_{label}"] = statistics.median(vs_compiled_stock)
+    difference = np.abs(out["compile"].astype(np.int16) - out["magicid"].astype(np.int16))
+    figures[f"compile_image_max_abs_diff_{label}"] = float(difference.max())
+    figures[f"compile_image_mean_abs_diff_{label}"] = float(difference.mean())
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 timed pairs instead of 7")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--compile", default="none", choices=COMPILE_SETTINGS,
+                        help="also time torch.compile (model.compile): unet = UNet + ControlNet, all = + VAE")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -156,6 +205,10 @@ def main() -> None:
             difference = np.abs(out[name].astype(np.int16) - reference.astype(np.int16))
             figures[f"{name}_image_max_abs_diff_{label}"] = float(difference.max())
             figures[f"{name}_image_mean_abs_diff_{label}"] = float(difference.mean())
+        if args.compile != "none":
+            figures.update(
+                compile_figures(args.compile, backbone, adapter, magicid, baseline, out, pairs, device, label)
+            )
     print(f"{prefix}dtype: {dtype_name}")
     print(f"{prefix}steps: {steps}")
     for key, value in figures.items():

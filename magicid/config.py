@@ -248,6 +248,10 @@ class ModelParams(_Section):
     # mgmica.DENSE_ABOVE.
     mgmica_path: Literal["auto", "gather", "dense"] = "auto"
     mgmica_dense_above: float = Field(0.9, gt=0)
+    # torch.compile (inductor) for generation and DIIR: none | unet (UNet + MMF ControlNet) | all (also the VAE's
+    # encoder and decoder). Opt-in: the first calls compile (tens of seconds to minutes); MGMICA stays eager
+    # (`magicid.models.compilation`, README "On a GPU").
+    compile: Literal["none", "unet", "all"] = "none"
 
     @field_validator("resolution")
     @classmethod
@@ -344,6 +348,8 @@ class TrainParams(_Section):
     # Encode each deterministic sample's pixels with the frozen VAE once and reuse its posterior (mean, std)
     # (`train_data.LatentCache`); memory: 2 x 4 x (resolution/8)^2 values per distinct image on the device.
     cache_latents: bool = False
+    # torch.compile of the UNet and the MMF ControlNet in training: none | unet (`magicid.models.compilation`).
+    compile: Literal["none", "unet"] = "none"
 
     @field_validator("init_from")
     @classmethod
@@ -391,6 +397,9 @@ class FitParams(_Section):
     color_jitter: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+    # torch.compile of the UNet in the fit's UNet phase: none | unet | unet_cudagraphs (CUDA only: mode
+    # "reduce-overhead"); a speed setting, not part of `fit_key`.
+    compile: Literal["none", "unet", "unet_cudagraphs"] = "none"
     quality: FitQualityParams = FitQualityParams()
 
     @field_validator("resolution", "vae_resolution")

@@ -45,7 +45,8 @@ this file, and the stock equivalence at scale 0 and every later diffusers fix wo
 copy is kept in step. The hooks let the text branch stay diffusers' own code, called; they are registered and
 removed inside each call (`try/finally`), so nothing outlives it. What they cost: a reader must know that
 `to_q`'s output is captured and `to_out[0]`'s input is amended, which `__call__` says in its docstring, and
-`torch.compile` breaks its graph at per-call hooks. If the team compiles the UNet, that is the time to switch.
+`torch.compile` cannot trace them: `__call__` is `torch.compiler.disable`d, so in a compiled UNet (`model.compile`,
+`magicid.models.compilation`) each MGMICA layer runs eager, one graph break, and the rest compiles around it.
 
 No identity K/V cache: the ID keys and values (n x T tokens, T = 4) are recomputed at every call. A cache keyed
 on the tokens and the projections' `Tensor._version` (torch-private) was measured on `benchmarks/bench_attention.py`'s
@@ -230,6 +231,9 @@ class MGMICAAttnProcessor(nn.Module):
     def clear_identities(self) -> None:
         self.context.set(None, None)
 
+    # Eager inside a compiled UNet (`magicid.models.compilation`): dynamo cannot trace the per-call hooks and the
+    # data-dependent gather; the layer is one graph break and the rest of the UNet compiles around it.
+    @torch.compiler.disable
     def __call__(
         self,
         attn: Attention,

@@ -38,6 +38,7 @@ from magicid.imaging.layout import (
     render_box_landmarks,
 )
 from magicid.models.adapter import MagicIDAdapter
+from magicid.models.compilation import compile_denoiser
 from magicid.models.conditioning import embed_condition, make_condition
 from magicid.models.denoise import StepConditions, guided_prediction
 from magicid.models.text import encode_prompts
@@ -117,17 +118,23 @@ class MagicIDPipeline(DiffusionPipeline):
     def from_backbone(cls, backbone, adapter: MagicIDAdapter | None, params) -> MagicIDPipeline:
         """Build from a `Backbone`, an adapter (or None) and `Params` (crop, feather and face-backend settings).
 
+        `model.compile` compiles the backbone's UNet and the adapter's ControlNet (`all`: also the VAE) in place
+        (`magicid.models.compilation`); the first generation then pays the compilation.
+
         Raises:
             ConfigError: an SDXL backbone (MagicIDPipeline is SD 1.x; SDXL is supported for DIIR only).
+            CompileUnsupportedError: `model.compile` where inductor cannot run (no C++ compiler / Triton).
         """
         backbone.require_sd1("MagicIDPipeline (generation)")
+        controlnet = adapter.controlnet if adapter is not None else None
+        compile_denoiser(params.model.compile, "model.compile", backbone.unet, controlnet, backbone.vae)
         pipe = cls(
             vae=backbone.vae,
             text_encoder=backbone.text_encoder,
             tokenizer=backbone.tokenizer,
             unet=backbone.unet,
             scheduler=backbone.scheduler,
-            controlnet=adapter.controlnet if adapter is not None else None,
+            controlnet=controlnet,
             adapter=adapter,
             id_crop_size=params.model.id_crop_size,
             crop_margin=params.data.crop_margin,

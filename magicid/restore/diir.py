@@ -37,6 +37,7 @@ from magicid.errors import MagicIDError
 from magicid.imaging.crops import zoom_crop
 from magicid.imaging.images import as_uint8_image
 from magicid.models.backbone import TINY_SOURCES
+from magicid.models.compilation import compile_denoiser
 from magicid.models.denoise import StepConditions
 from magicid.restore.conditions import (
     PromptConditions,
@@ -154,7 +155,7 @@ class DIIR:
         `MagicIDPipeline`, ...).
 
         Reuses the pipeline's modules (no copy); a pipeline that carries an `adapter` attribute lends it
-        unless one is given.
+        unless one is given. `params.model.compile` compiles them in place as `from_backbone` does.
         """
         missing = [
             n
@@ -166,6 +167,9 @@ class DIIR:
                 f"DIIR.from_pipe: {type(pipe).__name__} lacks {', '.join(missing)} (an SD pipeline is needed)"
             )
         adapter = adapter if adapter is not None else getattr(pipe, "adapter", None)
+        if params is not None:
+            controlnet = getattr(adapter, "controlnet", None)
+            compile_denoiser(params.model.compile, "model.compile", pipe.unet, controlnet, pipe.vae)
         diir = cls(
             pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, adapter, analyzer, params,
             text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None),
@@ -180,7 +184,11 @@ class DIIR:
                       params: Any | None = None) -> DIIR:  # fmt: skip
         """DIIR over a `magicid.models.backbone.Backbone` (SD 1.x or SDXL: its second encoder passed on). The
         tiny backbones built in code (`TINY_SOURCES`) have no native size, so they keep `diir.buckets` as they
-        are; a loaded one keeps its floor."""
+        are; a loaded one keeps its floor. `params.model.compile` compiles the UNet, the adapter's ControlNet and
+        (`all`) the VAE in place (`magicid.models.compilation`)."""
+        if params is not None:
+            controlnet = getattr(adapter, "controlnet", None)
+            compile_denoiser(params.model.compile, "model.compile", backbone.unet, controlnet, backbone.vae)
         return cls(
             backbone.unet, backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.scheduler, adapter,
             analyzer, params, text_encoder_2=backbone.text_encoder_2, tokenizer_2=backbone.tokenizer_2,

@@ -75,6 +75,7 @@ from magicid.config import FitParams, Params
 from magicid.errors import ConfigError
 from magicid.locks import output_lock
 from magicid.models.backbone import Backbone, resolve_device, resolve_dtype
+from magicid.models.compilation import compile_denoiser
 from magicid.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from magicid.training.fit_data import FACE_CROP_CAPTION, FitData, to_signed
 from magicid.training.generators import step_generator
@@ -390,7 +391,7 @@ def fit_key(params: Params, fit: FitParams, version: str) -> dict[str, Any]:
     inputs = {
         "dataset_version": version,
         "seed": params.seed,
-        "fit": fit.model_dump(mode="json"),
+        "fit": fit.model_dump(mode="json", exclude={"compile"}),  # a speed setting: the same weights
         "tiny": dataclasses.asdict(TinyBackboneConfig(seed=params.seed)),
     }
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -488,6 +489,11 @@ class BackboneFitter:
         backbone.scheduler.register_to_config(prediction_type=fit.prediction_type)
         self.backbone = backbone.to(device=self.device)  # float32 weights: autocast runs the half precision
         vae, unet = backbone.vae, backbone.unet
+        # fit.compile: the loop's own host work is well under a millisecond a step (bench_fit_loop's overhead
+        # figure); on a GPU the tiny UNet's forward/backward is bound by launching its many small kernels, which
+        # compilation fuses (README "On a GPU"). In place: the saved weights and checkpoints are as without.
+        compile_denoiser(fit.compile, "fit.compile", unet)
+        self._cuda_graphs = fit.compile == "unet_cudagraphs"
         # fused: one kernel over all parameters; the default on CPU is a Python loop over them, a tenth of a step.
         self.vae_opt = torch.optim.AdamW(vae.parameters(), lr=fit.vae_lr, weight_decay=0.0, fused=True)
         self.unet_opt = torch.optim.AdamW(
@@ -717,6 +723,8 @@ class BackboneFitter:
         unet.train().requires_grad_(True)
         while self.step < fit.unet_steps:
             t0 = time.perf_counter()
+            if self._cuda_graphs:  # a new step: the previous step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             generator = phase_generator(self.params.seed, "unet", self.step, device)
             latents, picture = bank.sample(
                 fit.unet_batch, fit.face_prob, scaling_factor, generator, fit.unet_augment_prob

@@ -72,6 +72,7 @@ from magicid.errors import ConfigError
 from magicid.locks import output_lock
 from magicid.models.adapter import MagicIDAdapter
 from magicid.models.backbone import Backbone, load_backbone, resolve_device
+from magicid.models.compilation import compile_denoiser
 from magicid.models.conditioning import MODE_IDS
 from magicid.models.denoise import IdentityConditions, StepConditions, guided_prediction, null_identity
 from magicid.training.checkpoints import (
@@ -667,6 +668,8 @@ def _build_models(
         for weight in unet_weights:
             weight.requires_grad_(True)
     module = MagicIDTrainingModule(adapter, backbone.unet, unet_weights or None)
+    # In place (state-dict keys unchanged: checkpoints and the saved adapter are as without); MGMICA stays eager.
+    compile_denoiser(cfg.compile, "train.compile", backbone.unet, adapter.controlnet)
     return backbone, module, unet_weights, init_label
 
 

@@ -72,6 +72,7 @@ _KEY_EXCLUDED_FIELDS = {
         "dtype",
         "controlnet_cfg",
         "channels_last",
+        "compile",
     ),
     "train": (
         "out_dir",
@@ -86,8 +87,9 @@ _KEY_EXCLUDED_FIELDS = {
         "log_every",
         "eval_every",
         "mixed_precision",
+        "compile",
     ),
-    "fit": ("out_dir", "splits", "quality", "checkpoint_every", "log_every"),
+    "fit": ("out_dir", "splits", "quality", "checkpoint_every", "log_every", "compile"),
     "fit_world": ("out_dir", "checkpoint_every", "log_every", "eval_every", "val_samples", "max_megabytes"),
     "data": ("raw_dir", "out_dir", "workers", "max_pixels"),
 }
