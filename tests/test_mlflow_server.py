@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from s3_helpers import S3_ENV, _bucket, s3_server  # noqa: F401 - s3_server is a fixture
-from tiny_settings import TINY_BACKBONE
+from tiny_settings import TINY_TRAIN_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -95,13 +95,7 @@ def test_train_register_evaluate_promote_against_a_postgresql_server_with_s3_art
         f"tracking.artifact_root=s3://{BUCKET}/magicid",
         "tracking.experiment=server-test",
         "promotion.model_name=server-test",
-        "model.resolution=64",
-        "model.device=cpu",
-        "model.id_crop_size=32",
-        *TINY_BACKBONE,  # not params.yaml's shipped world
-        "train.batch_size=2",
-        "train.steps=2",
-        "train.checkpoint_every=2",
+        *TINY_TRAIN_RUN,
         f"train.out_dir={tmp_path / 'train'}",
         "eval.reference_split=train",
         "eval.n_people=[1]",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_settings import TINY_BACKBONE
+from tiny_settings import TINY_TRAIN_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,13 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _tiny(tmp_path: Path, *extra: str) -> list[str]:
     """Overrides for a tiny CPU run writing under `tmp_path`."""
     return [
-        "model.resolution=64",
-        "model.device=cpu",
-        "model.id_crop_size=32",
-        *TINY_BACKBONE,  # not params.yaml's shipped world
-        "train.batch_size=2",
-        "train.steps=2",
-        "train.checkpoint_every=2",
+        *TINY_TRAIN_RUN,
         f"train.out_dir={tmp_path / 'train'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"tracking.artifact_root={tmp_path / 'mlartifacts'}",

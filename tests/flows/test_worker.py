@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_settings import TINY_BACKBONE
+from tiny_settings import TINY_TRAIN_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "magicid-test-pool"
@@ -84,13 +84,7 @@ def test_a_worker_in_another_process_runs_the_retrain_deployment_from_a_process_
         wait_healthy(api_url, process=server)
         tracking = tmp_path / "mlflow.db"
         overrides = [
-            "model.resolution=64",
-            "model.device=cpu",
-            "model.id_crop_size=32",
-            *TINY_BACKBONE,  # not params.yaml's shipped world
-            "train.batch_size=2",
-            "train.steps=2",
-            "train.checkpoint_every=2",
+            *TINY_TRAIN_RUN,
             f"train.out_dir={tmp_path / 'train'}",
             f"tracking.uri=sqlite:///{tracking}",
             f"tracking.artifact_root={tmp_path / 'mlartifacts'}",

@@ -19,15 +19,6 @@ def fit_data(tmp_path_factory):
     return write_synthetic_idzoom(tmp_path_factory.mktemp("fitdata") / "v1", n_images=3, crop_size=64, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core host two contending threads are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def fit_params(tmp_path):
     from magicid.config import load_params

@@ -5,16 +5,7 @@ tiny UNet's forward and backward (~2-3 min on 2 shared CPU cores)."""
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
